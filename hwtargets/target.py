@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Tier:
-    """One memory tier. `capacity_bytes` is for the whole chip; `per_unit` tiers are split by units."""
+    """One memory tier. `capacity_bytes` is whole-chip; a `per_unit` tier is split across units."""
 
     name: str
     capacity_bytes: int
@@ -18,6 +18,12 @@ class Tier:
     latency_s: float = 0.0
     energy_pj_per_byte: float | None = None
     read_only: bool = False
+    persistent: bool | None = None
+
+    @property
+    def holds_tensors(self) -> bool:
+        """Whether tensors may stay here between ops: `persistent`, by default not `per_unit`."""
+        return (not self.per_unit) if self.persistent is None else self.persistent
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,16 @@ class Target:
         return [t.name for t in self.tiers].index(name)
 
     def peak(self, dtype: str) -> float:
-        """Peak FLOP/s for `dtype`; falls back to the f32 figure, then to the slowest listed."""
+        """Peak FLOP/s for `dtype`.
+
+        Falls back to the dtype's family ("f8E4M3FN" -> "f8", "f4E2M1FN" -> "f4", "ui8" -> "i8"),
+        then to the f32 figure, then to the slowest listed.
+        """
         if dtype in self.peak_flops_per_s:
             return self.peak_flops_per_s[dtype]
+        family = dtype[:2] if dtype.startswith(("f8", "f4")) else dtype.removeprefix("u")
+        if family in self.peak_flops_per_s:
+            return self.peak_flops_per_s[family]
         if "f32" in self.peak_flops_per_s:
             return self.peak_flops_per_s["f32"]
         return min(self.peak_flops_per_s.values())
@@ -69,6 +82,19 @@ class Target:
                 return link.bytes_per_s
         a, b = self.tier(src), self.tier(dst)
         return min(a.read_bytes_per_s, b.write_bytes_per_s)
+
+    @property
+    def residency_tiers(self) -> tuple[Tier, ...]:
+        """Tiers a placement may put tensors in (fastest first)."""
+        return tuple(t for t in self.tiers if t.holds_tensors)
+
+    @property
+    def scratch_tier(self) -> Tier | None:
+        """The per-core on-chip tier that bounds a fused group's working set (its tile budget)."""
+        for t in self.tiers:
+            if t.per_unit:
+                return t
+        return None
 
     @property
     def main_tier(self) -> Tier:
