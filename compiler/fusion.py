@@ -1,0 +1,54 @@
+"""Fusion decisions as data: which ops run as one kernel and which tensors never reach memory.
+
+The fusion pass (passes/fusion.py) produces a `Fusion`; the cost model, the placement strategies and
+the verifier read it. Without fusion every op is its own group and every tensor is materialized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tiermap.compiler.ir import Program
+from tiermap.compiler.plan import TileChoice
+
+
+@dataclass(frozen=True)
+class FusionGroup:
+    """Ops that run as one kernel.
+
+    `internal` tensors are produced and consumed inside the group and are not materialized.
+    `reads_per_input` says how many times the tiled kernel reads each external input (1 unless
+    tiling re-reads it, as FlashAttention re-reads K and V once per query block).
+    """
+
+    id: str
+    kind: str
+    op_ids: tuple[str, ...]
+    internal: frozenset[str] = frozenset()
+    reads_per_input: Mapping[str, float] = field(default_factory=dict, hash=False)
+    working_set_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """All fusion groups of a program (only multi-op groups are listed)."""
+
+    groups: tuple[FusionGroup, ...] = ()
+    tiles: tuple[TileChoice, ...] = ()
+
+    def group_of(self) -> dict[str, FusionGroup]:
+        """Map op id → its group, for ops that are fused."""
+        return {op_id: g for g in self.groups for op_id in g.op_ids}
+
+    def unmaterialized(self) -> frozenset[str]:
+        """Tensors that never reach memory."""
+        out: set[str] = set()
+        for g in self.groups:
+            out |= g.internal
+        return frozenset(out)
+
+    @staticmethod
+    def none(program: Program) -> Fusion:
+        """No fusion: every op alone, every tensor materialized."""
+        return Fusion()
