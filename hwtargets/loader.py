@@ -54,6 +54,7 @@ TIER_KEYS = (
     "latency_s",
     "energy_pj_per_byte",
     "read_only",
+    "persistent",
 )
 LINK_KEYS = ("src", "dst", "bytes_per_s")
 
@@ -76,6 +77,7 @@ _HINTS: dict[str, str] = {
     "latency_s": "the access latency in seconds, e.g. latency_s = 5e-7",
     "energy_pj_per_byte": "the access energy in picojoules per byte, e.g. 3.9",
     "read_only": "true for a tier that only holds constants (flash: weights only)",
+    "persistent": "true if tensors may stay in this tier between ops (default: not per_unit)",
     "src": "the name of a tier listed under [[tiers]]",
     "dst": "the name of a tier listed under [[tiers]]",
     "bytes_per_s": "the link bandwidth in bytes/s, e.g. bytes_per_s = 25e9",
@@ -587,6 +589,7 @@ class _Checker:
         write_bytes_per_s = self.number(table, "write_bytes_per_s", path)
         per_unit = self.boolean(table, "per_unit", path)
         read_only = self.boolean(table, "read_only", path)
+        persistent = self.boolean(table, "persistent", path)
         latency_s = self.number(table, "latency_s", path, required=False, allow_zero=True)
         energy = self.number(table, "energy_pj_per_byte", path, required=False, allow_zero=True)
         if len(self.problems) > before:
@@ -602,6 +605,7 @@ class _Checker:
             latency_s=latency_s or 0.0,
             energy_pj_per_byte=energy,
             read_only=bool(read_only),
+            persistent=persistent,
         )
 
     def links(self, data: Mapping[str, Any]) -> list[Link] | None:
@@ -684,6 +688,8 @@ def dumps_target(target: Target) -> str:
             out.append(f"energy_pj_per_byte = {_toml_float(tier.energy_pj_per_byte)}")
         if tier.read_only:
             out.append("read_only = true")
+        if tier.persistent is not None:
+            out.append(f"persistent = {str(tier.persistent).lower()}")
     for link in target.links:
         out += ["", "[[links]]", f"src = {_toml_str(link.src)}", f"dst = {_toml_str(link.dst)}"]
         out.append(f"bytes_per_s = {_toml_float(link.bytes_per_s)}")
