@@ -1,0 +1,145 @@
+"""The pass protocol, the immutable pipeline state and the pass manager.
+
+A pass is a frozen dataclass: `name` (kebab-case, the snake_case of its file name), its options as
+fields, and `run(state) -> state` returning a new `PipelineState` (built with
+`dataclasses.replace`). The `PassManager` runs passes in order, re-checks the state after each one
+(IR and analysis invariants; the independent plan verifier once a plan exists), records each
+pass's wall time and wraps unexpected failures in `PassError(pass_name, message)`. Errors the user
+must see as they are (`InfeasiblePlacementError`, `HardwareSpecError`, any other `TiermapError`)
+pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+from tiermap.compiler.fusion import Fusion
+from tiermap.compiler.ir import Program
+from tiermap.compiler.plan import Plan
+from tiermap.errors import PassError, TiermapError
+from tiermap.hwtargets.target import Target
+
+if TYPE_CHECKING:
+    from tiermap.passes.liveness import Liveness
+    from tiermap.passes.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    """Everything the passes know about one program on one target. Immutable; passes replace it.
+
+    Attributes:
+        program: the program being planned (steps are the schedule order).
+        target: the hardware target.
+        fusion: fusion decisions (no fusion until a fusion pass runs).
+        objective: what placement minimises: "time" (predicted seconds) or "energy".
+        schedule: the op order, set by the `schedule` pass.
+        liveness: live ranges and live bytes per step, set by the `liveness` pass.
+        plan: the placement, set by the `place-tiers` pass.
+        pass_wall_s: wall-clock seconds of each pass run so far (not deterministic).
+    """
+
+    program: Program
+    target: Target
+    fusion: Fusion = field(default_factory=Fusion)
+    objective: str = "time"
+    schedule: Schedule | None = None
+    liveness: Liveness | None = None
+    plan: Plan | None = None
+    pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
+
+
+@runtime_checkable
+class Pass(Protocol):
+    """A compiler pass: a frozen dataclass with a kebab-case `name` and `run(state) -> state`."""
+
+    name: ClassVar[str]
+
+    def run(self, state: PipelineState) -> PipelineState:
+        """Return a new state; never mutate `state`."""
+        ...
+
+
+def check_state(state: PipelineState, after: str) -> None:
+    """Re-check the state's invariants after pass `after`; raises PassError naming the fault.
+
+    Checks: op steps equal their positions, every op reads defined values, the schedule (when
+    set) is a topological order of all ops, liveness (when set) matches the program, and the plan
+    (when set) passes the independent verifier.
+    """
+    program = state.program
+    for index, op in enumerate(program.ops):
+        if op.step != index:
+            raise PassError(after, f"op {op.id} has step {op.step} at position {index}")
+        for vid in op.inputs:
+            if vid not in program.values:
+                raise PassError(after, f"op {op.id} (step {index}) reads undefined value {vid}")
+    if state.schedule is not None:
+        from tiermap.passes.schedule import check_topological
+
+        check_topological(program, state.schedule.op_ids, after)
+    if state.liveness is not None:
+        from tiermap.passes.liveness import check_liveness
+
+        check_liveness(program, state.liveness, after)
+    if state.plan is not None:
+        from tiermap.passes.verify import verify_plan
+
+        try:
+            verify_plan(state.plan, program)
+        except PassError as exc:
+            raise PassError(after, f"plan does not verify: {exc}") from exc
+
+
+class PassManager:
+    """Runs passes in order, verifying after each and timing each.
+
+    Args:
+        passes: the passes, in the order they run.
+        verify_each: re-check the state after every pass (default True).
+    """
+
+    def __init__(self, passes: Sequence[Pass], verify_each: bool = True) -> None:
+        names = [p.name for p in passes]
+        for p in passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"{p!r} is not a Pass (needs a `name` and `run(state)`)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"pass names repeat in the pipeline: {names}")
+        self.passes = tuple(passes)
+        self.verify_each = verify_each
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.passes)
+
+    def run(self, state: PipelineState) -> PipelineState:
+        """Run every pass on `state`; the returned state's plan carries `pass_wall_s`."""
+        wall_s: dict[str, float] = dict(state.pass_wall_s)
+        for p in self.passes:
+            t0 = time.perf_counter()
+            try:
+                new_state = p.run(state)
+            except TiermapError:
+                raise
+            except Exception as exc:
+                raise PassError(p.name, f"{type(exc).__name__}: {exc}") from exc
+            if not isinstance(new_state, PipelineState):
+                raise PassError(p.name, f"returned {type(new_state).__name__}, not PipelineState")
+            wall_s[p.name] = time.perf_counter() - t0
+            if self.verify_each:
+                t1 = time.perf_counter()
+                try:
+                    check_state(new_state, p.name)
+                except TiermapError:
+                    raise
+                except Exception as exc:
+                    raise PassError(p.name, f"state check: {type(exc).__name__}: {exc}") from exc
+                wall_s["verify-each"] = wall_s.get("verify-each", 0.0) + time.perf_counter() - t1
+            state = replace(new_state, pass_wall_s=dict(wall_s))
+        if state.plan is not None:
+            state = replace(state, plan=replace(state.plan, pass_wall_s=dict(wall_s)))
+        return state
