@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from tiermap.hwtargets.target import Link, Target, Tier
 
@@ -658,7 +658,7 @@ class _Checker:
         return links if good else None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -702,7 +702,14 @@ def _toml_str(value: str) -> str:
 
 
 def _toml_float(value: float) -> str:
-    text = repr(float(value))
+    """The shortest text that reads back as exactly `value`; large and tiny ones as 1.5e+12."""
+    value = float(value)
+    text = repr(value)
     if not math.isfinite(value):
         raise ValueError(f"cannot write a non-finite number ({text}) to a target file")
+    if value != 0 and not 1e-4 <= abs(value) < 1e6:
+        for digits in range(17):
+            short = f"{value:.{digits}e}"
+            if float(short) == value:
+                return short
     return text
