@@ -1,0 +1,463 @@
+"""Charts of a plan (matplotlib): roofline, tier occupancy, placement timeline, traffic by strategy,
+and capacity sweeps.
+
+Every function returns a `matplotlib.figure.Figure` built without pyplot, so nothing depends on a
+display or a global backend (figures render with Agg); notebooks show the returned figure.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tiermap.report import (
+    fmt_bytes,
+    fmt_time_s,
+    occupancy_bytes,
+    write_atomic,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from tiermap.compiler.ir import Program
+    from tiermap.compiler.plan import Plan
+    from tiermap.hwtargets.target import Target
+
+# Fastest tier first: warm to cool.
+_TIER_COLOURS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#7f7f7f")
+
+
+def tier_colours(target: Target) -> dict[str, str]:
+    """A colour per tier of `target`, fastest first (red, orange, green, blue, ...)."""
+    return {t.name: _TIER_COLOURS[i % len(_TIER_COLOURS)] for i, t in enumerate(target.tiers)}
+
+
+def new_figure(width_in: float = 8.0, height_in: float = 4.5) -> Figure:
+    """A Figure with an Agg canvas, independent of pyplot and of any display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def png_base64(fig: Figure, dpi: int = 90) -> str:
+    """The figure as base64 PNG, for `<img src="data:image/png;base64,...">`."""
+    return base64.b64encode(png_bytes(fig, dpi=dpi)).decode("ascii")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Write the figure as PNG (or SVG/PDF by suffix) atomically; returns the path."""
+    out = Path(path)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    write_atomic(out, buf.getvalue())
+    return out
+
+
+def _dominant_dtype(plan: Plan) -> str:
+    """The dtype the most FLOPs are computed in (from the attached program, else f32)."""
+    if plan.program is None:
+        return "f32"
+    flops_by_dtype: dict[str, float] = {}
+    for op in plan.program.ops:
+        flops_by_dtype[op.dtype] = flops_by_dtype.get(op.dtype, 0.0) + op.flops
+    if not flops_by_dtype or max(flops_by_dtype.values()) <= 0:
+        return "f32"
+    return max(flops_by_dtype, key=lambda k: flops_by_dtype[k])
+
+
+# --- roofline ------------------------------------------------------------------------------------
+
+
+def roofline(plan: Plan, ax: Axes | None = None) -> Figure:
+    """Each op at (FLOPs per byte moved, FLOPs per predicted second) under the target's roofs.
+
+    Roofs: the compute peak of the program's main dtype (other dtypes dashed) and one slanted roof
+    per tier (intensity x read bandwidth). Points are coloured by the tier that carries most of
+    the op's bytes; ops without FLOPs or bytes are left out.
+    """
+    fig = new_figure() if ax is None else ax.figure
+    ax = ax or fig.add_subplot()
+    target = plan.target
+    colours = tier_colours(target)
+    dtype = _dominant_dtype(plan)
+    peak = target.peak(dtype)
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for op in plan.ops:
+        moved = sum(op.bytes_by_tier.values())
+        if op.flops <= 0 or moved <= 0 or op.predicted_time_s <= 0:
+            continue
+        tier = max(op.bytes_by_tier, key=lambda k: op.bytes_by_tier[k])
+        xs, ys = points.setdefault(tier, ([], []))
+        xs.append(op.flops / moved)
+        ys.append(op.flops / op.predicted_time_s)
+    all_x = [x for xs, _ in points.values() for x in xs]
+    lo = min(all_x + [1e-2]) / 4
+    hi = max(all_x + [peak / min(t.read_bytes_per_s for t in target.tiers) * 4])
+    grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    for tier in target.tiers:
+        roof = [min(peak, x * tier.read_bytes_per_s) for x in grid]
+        ax.plot(grid, roof, color=colours[tier.name], lw=1.5,
+                label=f"{tier.name} roof ({_rate(tier.read_bytes_per_s)})")
+    for name, value in target.peak_flops_per_s.items():
+        if name != dtype and value != peak:
+            ax.axhline(value, color="0.6", ls="--", lw=0.8)
+            ax.annotate(f"{name} peak", (grid[1], value), fontsize=7, color="0.4",
+                        va="bottom")
+    for tier, (xs, ys) in points.items():
+        ax.scatter(xs, ys, s=12, alpha=0.7, color=colours.get(tier, "k"), edgecolors="none",
+                   label=f"ops, most bytes in {tier} ({len(xs)})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("operational intensity (FLOP / byte moved)")
+    ax.set_ylabel("attained FLOP/s (predicted)")
+    ax.set_title(f"Roofline: {plan.program_name} on {target.name} ({dtype} peak "
+                 f"{peak:.3g} FLOP/s)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+def _rate(rate_bytes_per_s: float) -> str:
+    from tiermap.report import fmt_rate_bytes_per_s
+
+    return fmt_rate_bytes_per_s(rate_bytes_per_s)
+
+
+# --- occupancy -----------------------------------------------------------------------------------
+
+
+def occupancy(plan: Plan, top_tensors: int = 6) -> Figure:
+    """Bytes resident in each tier at every step, stacked by tensor (the largest `top_tensors` of
+    each tier, the rest as "other"), with the tier's capacity as a dashed line."""
+    occ = occupancy_bytes(plan)
+    tiers = [t for t in plan.target.tiers if max(occ.get(t.name, [0]), default=0) > 0]
+    fig = new_figure(8.0, 1.2 + 2.0 * max(len(tiers), 1))
+    if not tiers:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no tensor is resident in any tier", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    axes = fig.subplots(len(tiers), 1, sharex=True, squeeze=False)[:, 0]
+    steps = list(range(plan.num_steps + 1))
+    colours = tier_colours(plan.target)
+    for ax, tier in zip(axes, tiers, strict=True):
+        scale, unit = _byte_scale(max(max(occ[tier.name]), 1))
+        sizes: dict[str, int] = {}
+        for tensor in plan.tensors:
+            if any(r.tier == tier.name for r in tensor.residency):
+                sizes[tensor.id] = tensor.nbytes
+        top = sorted(sizes, key=lambda tid: (-sizes[tid], tid))[:top_tensors]
+        by_id = {t.id: t for t in plan.tensors}
+        base = [0.0] * (plan.num_steps + 1)
+        cmap = _cmap(len(top))
+        for i, tid in enumerate(top):
+            row = [0.0] * (plan.num_steps + 1)
+            for r in by_id[tid].residency:
+                if r.tier == tier.name:
+                    for s in range(max(r.from_step, 0), min(r.to_step, plan.num_steps - 1) + 1):
+                        row[s] += by_id[tid].nbytes / scale
+            row[-1] = row[-2] if plan.num_steps else 0.0
+            upper = [b + v for b, v in zip(base, row, strict=True)]
+            ax.fill_between(steps, base, upper, step="post", color=cmap[i], lw=0,
+                            label=f"{tid} {_shape_text(by_id[tid])}")
+            base = upper
+        total = [v / scale for v in occ[tier.name]] + [occ[tier.name][-1] / scale]
+        ax.fill_between(steps, base, [max(b, t) for b, t in zip(base, total, strict=True)],
+                        step="post", color="0.8", lw=0, label="other")
+        ax.step(steps, total, where="post", color=colours[tier.name], lw=1.0)
+        cap = tier.capacity_bytes / scale
+        if cap <= 1.5 * max(total):
+            ax.axhline(cap, color=colours[tier.name], ls="--", lw=1.2)
+            ax.annotate(f"capacity {fmt_bytes(tier.capacity_bytes)}", (0, cap), fontsize=7,
+                        va="bottom")
+        else:
+            ax.set_title(f"capacity {fmt_bytes(tier.capacity_bytes)} (off scale)", fontsize=7,
+                         loc="right")
+        ax.set_ylabel(f"{tier.name} ({unit})")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.grid(True, alpha=0.2)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"Tier occupancy: {plan.program_name} on {plan.target.name} ({plan.strategy})",
+                 fontsize=10)
+    return fig
+
+
+def _byte_scale(max_bytes: float) -> tuple[float, str]:
+    for scale, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if max_bytes >= scale:
+            return float(scale), unit
+    return 1.0, "B"
+
+
+def _cmap(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
+def _shape_text(tensor: Any) -> str:
+    return f"{tensor.dtype}[{','.join(str(d) for d in tensor.shape)}]"
+
+
+# --- placement timeline --------------------------------------------------------------------------
+
+
+def placement_timeline(plan: Plan, top_tensors: int = 24) -> Figure:
+    """The largest tensors as rows, one bar per residency interval coloured by tier; a transfer
+    is a black-edged hatched bar over its steps with an arrow towards its destination tier."""
+    from matplotlib.patches import Patch
+
+    tensors = sorted((t for t in plan.tensors if t.materialized and t.residency),
+                     key=lambda t: (-t.nbytes, t.id))[:top_tensors]
+    fig = new_figure(9.0, 1.5 + 0.28 * max(len(tensors), 1))
+    ax = fig.add_subplot()
+    colours = tier_colours(plan.target)
+    transfers: dict[str, list[Any]] = {}
+    for x in plan.transfers:
+        transfers.setdefault(x.tensor, []).append(x)
+    for row, tensor in enumerate(tensors):
+        for r in tensor.residency:
+            ax.barh(row, r.to_step - r.from_step + 1, left=r.from_step, height=0.6,
+                    color=colours.get(r.tier, "0.5"), alpha=0.85)
+        for x in transfers.get(tensor.id, []):
+            ax.barh(row, x.end_step - x.start_step + 1, left=x.start_step, height=0.8,
+                    fill=False, hatch="///", edgecolor="k", lw=0.8)
+            faster = plan.target.tier_index(x.dst) < plan.target.tier_index(x.src)
+            ax.annotate("▲" if faster else "▼", (x.end_step + 1, row), fontsize=7,
+                        va="center", color=colours.get(x.dst, "k"))
+    ax.set_yticks(range(len(tensors)))
+    ax.set_yticklabels([f"{t.id} {_shape_text(t)} ({fmt_bytes(t.nbytes)})" for t in tensors],
+                       fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(plan.num_steps, 1))
+    ax.set_xlabel("step")
+    handles = [Patch(color=colours[t.name], label=t.name) for t in plan.target.tiers
+               if any(r.tier == t.name for tp in tensors for r in tp.residency)]
+    handles.append(Patch(fill=False, hatch="///", edgecolor="k",
+                         label="transfer (▲ to a faster tier, ▼ to a slower one)"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"Placement of the {len(tensors)} largest tensors: {plan.program_name} on "
+                 f"{plan.target.name} ({plan.strategy})", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.2)
+    return fig
+
+
+# --- traffic by strategy -------------------------------------------------------------------------
+
+
+def traffic_comparison(plans: Mapping[str, Plan] | Sequence[Plan]) -> Figure:
+    """Bytes moved per tier for several plans of one program (e.g. naive, greedy, mip), grouped
+    by tier; the legend gives each plan's predicted time."""
+    named = dict(plans) if isinstance(plans, Mapping) else {p.strategy: p for p in plans}
+    fig = new_figure(8.0, 4.0)
+    ax = fig.add_subplot()
+    if not named:
+        ax.text(0.5, 0.5, "no plans", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    first = next(iter(named.values()))
+    tiers = [t.name for t in first.target.tiers]
+    for p in named.values():
+        tiers += [name for name in p.traffic_bytes if name not in tiers]
+    peak = max((v for p in named.values() for v in p.traffic_bytes.values()), default=1.0)
+    scale, unit = _byte_scale(max(peak, 1.0))
+    width = 0.8 / len(named)
+    cmap = _cmap(len(named))
+    for i, (label, p) in enumerate(named.items()):
+        xs = [j + (i - (len(named) - 1) / 2) * width for j in range(len(tiers))]
+        ys = [p.traffic_bytes.get(name, 0.0) / scale for name in tiers]
+        ax.bar(xs, ys, width=width, color=cmap[i],
+               label=f"{label}: {fmt_time_s(p.predicted_time_s)}")
+    ax.set_xticks(range(len(tiers)))
+    ax.set_xticklabels(tiers)
+    ax.set_ylabel(f"traffic ({unit})")
+    ax.set_title(f"Traffic per tier: {first.program_name} on {first.target.name}", fontsize=10)
+    ax.legend(fontsize=8, title="plan: predicted time", title_fontsize=8)
+    ax.grid(True, axis="y", alpha=0.2)
+    return fig
+
+
+# --- all of them ---------------------------------------------------------------------------------
+
+PLOT_FILES = ("roofline.png", "occupancy.png", "timeline.png", "traffic.png")
+
+
+def save_plots(plan: Plan, out_dir: str | os.PathLike[str],
+               compare: Mapping[str, Plan] | None = None) -> dict[str, Path]:
+    """Write roofline.png, occupancy.png, timeline.png and traffic.png into `out_dir`.
+
+    `compare` adds other plans of the same program (e.g. {"naive": ..., "greedy": ...}) to the
+    traffic chart; without it, the chart shows this plan alone.
+    """
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    plans = dict(compare or {})
+    plans.setdefault(plan.strategy, plan)
+    makers: dict[str, Callable[[], Figure]] = {
+        "roofline.png": lambda: roofline(plan),
+        "occupancy.png": lambda: occupancy(plan),
+        "timeline.png": lambda: placement_timeline(plan),
+        "traffic.png": lambda: traffic_comparison(plans),
+    }
+    return {name: save_figure(make(), folder / name) for name, make in makers.items()}
+
+
+# --- capacity sweep ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One capacity of the swept tier and the plan found for it (None if nothing fits)."""
+
+    capacity_bytes: int
+    plan: Plan | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Plans of one program for a range of capacities of one tier of a target."""
+
+    target_name: str
+    tier: str
+    points: tuple[SweepPoint, ...]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per capacity: predicted, naive and greedy times, bound, traffic by tier."""
+        out = []
+        for pt in self.points:
+            row: dict[str, Any] = {"capacity_bytes": pt.capacity_bytes}
+            if pt.plan is None:
+                row["error"] = pt.error
+            else:
+                row.update(predicted_time_s=pt.plan.predicted_time_s,
+                           lower_bound_s=pt.plan.lower_bound_s,
+                           **{f"{k}_time_s": v for k, v in pt.plan.baselines.items()},
+                           **{f"traffic_{k}_bytes": v for k, v in pt.plan.traffic_bytes.items()})
+            out.append(row)
+        return out
+
+    def plot(self) -> Figure:
+        """Predicted time (and baselines, bound) and traffic per tier against the capacity."""
+        fig = new_figure(10.0, 4.0)
+        ax_t, ax_b = fig.subplots(1, 2)
+        ok = [(p.capacity_bytes, p.plan) for p in self.points if p.plan is not None]
+        caps = [cap for cap, _ in ok]
+        series: dict[str, list[float]] = {}
+        for _, plan in ok:
+            series.setdefault(plan.strategy, []).append(plan.predicted_time_s)
+            for name, value in plan.baselines.items():
+                if name != plan.strategy:
+                    series.setdefault(name, []).append(value)
+            series.setdefault("lower bound", []).append(plan.lower_bound_s)
+        for label, ys in series.items():
+            if len(ys) == len(caps):
+                ax_t.plot(caps, ys, marker="o", ms=3, label=label,
+                          ls=":" if label == "lower bound" else "-")
+        bad = [p.capacity_bytes for p in self.points if p.plan is None]
+        for cap in bad:
+            ax_t.axvline(cap, color="r", alpha=0.3)
+        ax_t.set_xscale("log", base=2)
+        ax_t.set_yscale("log")
+        ax_t.set_xlabel(f"{self.tier} capacity (bytes)")
+        ax_t.set_ylabel("predicted time (s)")
+        ax_t.set_title(f"{self.target_name}: time vs {self.tier} size"
+                       + (" (red: infeasible)" if bad else ""), fontsize=10)
+        ax_t.legend(fontsize=8)
+        ax_t.grid(True, which="both", alpha=0.2)
+        tiers: list[str] = []
+        for _, plan in ok:
+            tiers += [k for k in plan.traffic_bytes if k not in tiers]
+        for name in tiers:
+            ys = [plan.traffic_bytes.get(name, 0.0) for _, plan in ok]
+            if any(ys):
+                ax_b.plot(caps, ys, marker="o", ms=3, label=name)
+        ax_b.set_xscale("log", base=2)
+        ax_b.set_yscale("symlog", linthresh=1.0)
+        ax_b.set_xlabel(f"{self.tier} capacity (bytes)")
+        ax_b.set_ylabel("traffic (bytes)")
+        ax_b.set_title("traffic per tier", fontsize=10)
+        ax_b.legend(fontsize=8)
+        ax_b.grid(True, which="both", alpha=0.2)
+        return fig
+
+    def _repr_html_(self) -> str:
+        from tiermap.report import _html_table
+
+        rows = []
+        for pt in self.points:
+            if pt.plan is None:
+                rows.append([fmt_bytes(pt.capacity_bytes), "infeasible", "-", "-", "-"])
+                continue
+            rows.append([fmt_bytes(pt.capacity_bytes), fmt_time_s(pt.plan.predicted_time_s),
+                         fmt_time_s(pt.plan.baselines.get("greedy")),
+                         fmt_time_s(pt.plan.baselines.get("naive")),
+                         fmt_time_s(pt.plan.lower_bound_s)])
+        table = _html_table([f"{self.tier} capacity", "predicted", "greedy", "naive",
+                             "lower bound"], rows)
+        return table + f'<img src="data:image/png;base64,{png_base64(self.plot())}"/>'
+
+
+def with_capacity(target: Target, tier: str, capacity_bytes: int) -> Target:
+    """A copy of `target` whose tier `tier` holds `capacity_bytes`, named "sn40l@sram=1.00MiB"."""
+    target.tier(tier)  # raises KeyError naming the known tiers
+    tiers = tuple(dataclasses.replace(t, capacity_bytes=int(capacity_bytes)) if t.name == tier
+                  else t for t in target.tiers)
+    label = fmt_bytes(capacity_bytes).replace(" ", "")
+    return dataclasses.replace(target, tiers=tiers, name=f"{target.name}@{tier}={label}",
+                               path=None)
+
+
+def sweep(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target,
+          tier: str, capacities_bytes: Sequence[int], strategy: str = "mip",
+          time_limit_s: float = 5.0, seed: int = 0, **kwargs: Any) -> Sweep:
+    """Plan one program for each capacity of `tier` (the rest of `target` unchanged).
+
+    The program is lowered once. A capacity for which nothing fits is kept as a point without a
+    plan (its error message in `error`), so a sweep can start below the smallest feasible size.
+    """
+    import tiermap
+    from tiermap.errors import InfeasiblePlacementError
+
+    base = tiermap.target(target)
+    base.tier(tier)
+    if callable(fn_or_program) and not isinstance(fn_or_program, tiermap.Program):
+        program = tiermap.lower(fn_or_program, *args, platform=base.platform, **kwargs)
+    else:
+        program = fn_or_program
+    points = []
+    for cap in capacities_bytes:
+        try:
+            p = tiermap.plan(program, target=with_capacity(base, tier, cap), strategy=strategy,
+                             time_limit_s=time_limit_s, seed=seed)
+            points.append(SweepPoint(int(cap), p))
+        except InfeasiblePlacementError as exc:
+            points.append(SweepPoint(int(cap), None, str(exc)))
+    return Sweep(target_name=base.name, tier=tier, points=tuple(points))
+
+
+__all__ = [
+    "PLOT_FILES", "Sweep", "SweepPoint", "new_figure", "occupancy", "placement_timeline",
+    "png_base64", "png_bytes", "roofline", "save_figure", "save_plots", "sweep", "tier_colours",
+    "traffic_comparison", "with_capacity",
+]

@@ -1,0 +1,512 @@
+"""Plan summaries: per-tier tables, costliest tensors, markdown reports and notebook HTML.
+
+Everything here reads a `Plan` (see `tiermap.compiler.plan` for its semantics) and returns data or
+text; nothing is printed. The CLI prints `rich_summary(plan)`; notebooks show `plan_html(plan)`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from tiermap.compiler.plan import Plan, TensorPlan, Transfer
+
+# --- units ---------------------------------------------------------------------------------------
+
+
+def fmt_bytes(num_bytes: float) -> str:
+    """Bytes with a binary prefix: 1536 -> "1.50 KiB"."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+def fmt_time_s(time_s: float | None) -> str:
+    """Seconds with an SI prefix: 1.2e-5 -> "12.0 µs"."""
+    if time_s is None or not math.isfinite(time_s):
+        return "-"
+    if time_s == 0:
+        return "0 s"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")):
+        if abs(time_s) >= scale or unit == "ns":
+            return f"{time_s / scale:.3g} {unit}"
+    return f"{time_s:.3g} s"
+
+
+def fmt_rate_bytes_per_s(rate_bytes_per_s: float) -> str:
+    """Bandwidth with a decimal prefix: 1.6e12 -> "1.6 TB/s"."""
+    for scale, unit in ((1e15, "PB/s"), (1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s")):
+        if rate_bytes_per_s >= scale:
+            return f"{rate_bytes_per_s / scale:.3g} {unit}"
+    return f"{rate_bytes_per_s:.3g} B/s"
+
+
+def fmt_flops_per_s(rate_flops_per_s: float) -> str:
+    """FLOP/s with a decimal prefix: 3.12e14 -> "312 TFLOP/s"."""
+    for scale, unit in ((1e15, "PFLOP/s"), (1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s")):
+        if rate_flops_per_s >= scale:
+            return f"{rate_flops_per_s / scale:.3g} {unit}"
+    return f"{rate_flops_per_s:.3g} FLOP/s"
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and `os.replace`.
+
+    Readers never see a half-written file; the parent folder is created if missing.
+    """
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- views of a plan -----------------------------------------------------------------------------
+
+
+def tier_at_step(tensor: TensorPlan, step: int) -> str | None:
+    """The first tier of `tensor.residency` holding it at `step` (None if none, e.g. fused)."""
+    for res in tensor.residency:
+        if res.from_step <= step <= res.to_step:
+            return res.tier
+    return None
+
+
+def usable_tier(plan: Plan, tensor: TensorPlan, step: int,
+                transfers: Sequence[Transfer] | None = None) -> str | None:
+    """The fastest tier where `tensor` is usable at `step` (a copy counts once its transfer ends).
+
+    `transfers` may pass the tensor's own transfers when calling this in a loop.
+    """
+    if transfers is None:
+        transfers = [x for x in plan.transfers if x.tensor == tensor.id]
+    arriving = {x.dst for x in transfers if x.start_step <= step <= x.end_step}
+    tiers = [r.tier for r in tensor.residency
+             if r.from_step <= step <= r.to_step and r.tier not in arriving]
+    if not tiers:
+        return tier_at_step(tensor, step)
+    order = {t.name: i for i, t in enumerate(plan.target.tiers)}
+    return min(tiers, key=lambda name: order.get(name, len(order)))
+
+
+def step_times_s(plan: Plan) -> list[float]:
+    """Predicted time of every step: max(op time, per link the transfers' shares at that step)."""
+    op_time_s = [0.0] * plan.num_steps
+    for op in plan.ops:
+        if 0 <= op.step < plan.num_steps:
+            op_time_s[op.step] += op.predicted_time_s
+    link_share_s: dict[tuple[str, str], list[float]] = {}
+    for x in plan.transfers:
+        key = tuple(sorted((x.src, x.dst)))
+        shares = link_share_s.setdefault((key[0], key[1]), [0.0] * plan.num_steps)
+        first, last = max(x.start_step, 0), min(x.end_step, plan.num_steps - 1)
+        if last < first:
+            continue
+        per_step_s = transfer_time_s(plan, x.src, x.dst, x.bytes) / (last - first + 1)
+        for step in range(first, last + 1):
+            shares[step] += per_step_s
+    return [max([op_time_s[s]] + [sh[s] for sh in link_share_s.values()])
+            for s in range(plan.num_steps)]
+
+
+def transfer_time_s(plan: Plan, src: str, dst: str, num_bytes: float) -> float:
+    """Seconds to copy `num_bytes` from tier `src` to tier `dst` over their link."""
+    try:
+        rate = plan.target.link_bytes_per_s(src, dst)
+    except KeyError:
+        return 0.0
+    return num_bytes / rate if rate > 0 else 0.0
+
+
+def occupancy_bytes(plan: Plan) -> dict[str, list[int]]:
+    """Bytes resident in each tier at each step (every tier of the target, fastest first)."""
+    delta: dict[str, list[int]] = {t.name: [0] * (plan.num_steps + 1) for t in plan.target.tiers}
+    for tensor in plan.tensors:
+        if not tensor.materialized:
+            continue
+        for res in tensor.residency:
+            row = delta.setdefault(res.tier, [0] * (plan.num_steps + 1))
+            first = max(res.from_step, 0)
+            last = min(res.to_step, plan.num_steps - 1)
+            if last < first:
+                continue
+            row[first] += tensor.nbytes
+            row[last + 1] -= tensor.nbytes
+    out: dict[str, list[int]] = {}
+    for tier, row in delta.items():
+        running, values = 0, []
+        for s in range(plan.num_steps):
+            running += row[s]
+            values.append(running)
+        out[tier] = values
+    return out
+
+
+@dataclass(frozen=True)
+class TierRow:
+    """One line of the per-tier table."""
+
+    name: str
+    capacity_bytes: int
+    per_unit: bool
+    holds_tensors: bool
+    peak_bytes: int
+    traffic_bytes: float
+    time_s: float
+
+    @property
+    def peak_fraction(self) -> float:
+        return self.peak_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
+
+
+def tier_rows(plan: Plan) -> list[TierRow]:
+    """Capacity, peak occupancy, traffic and traffic time (at read bandwidth) of every tier."""
+    occupancy = occupancy_bytes(plan)
+    rows = []
+    for tier in plan.target.tiers:
+        traffic = float(plan.traffic_bytes.get(tier.name, 0.0))
+        rate = tier.read_bytes_per_s
+        rows.append(TierRow(
+            name=tier.name, capacity_bytes=tier.capacity_bytes, per_unit=tier.per_unit,
+            holds_tensors=tier.holds_tensors,
+            peak_bytes=max(occupancy.get(tier.name, [0]), default=0),
+            traffic_bytes=traffic, time_s=traffic / rate if rate > 0 else 0.0,
+        ))
+    return rows
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    """A tensor and the memory time its reads, writes and transfers take on the plan's tiers."""
+
+    id: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    tiers: tuple[str, ...]
+    memory_time_s: float
+    transfer_bytes: int
+
+
+def tensor_costs(plan: Plan) -> list[TensorCost]:
+    """Every materialized tensor's memory time, costliest first.
+
+    Memory time = each read at its usable tier's read bandwidth + the write at its tier's write
+    bandwidth + its transfers at link bandwidth. It ranks tensors; steps overlap, so it is not
+    additive into `predicted_time_s`.
+    """
+    tiers = {t.name: t for t in plan.target.tiers}
+    by_id = {t.id: t for t in plan.tensors}
+    time_s: dict[str, float] = {t.id: 0.0 for t in plan.tensors if t.materialized}
+    own: dict[str, list[Transfer]] = {}
+    for x in plan.transfers:
+        own.setdefault(x.tensor, []).append(x)
+    for op in plan.ops:
+        for tid in dict.fromkeys(op.inputs):
+            tensor = by_id.get(tid)
+            if tensor is None or not tensor.materialized:
+                continue
+            name = usable_tier(plan, tensor, op.step, own.get(tid, []))
+            if name in tiers and tiers[name].read_bytes_per_s > 0:
+                time_s[tid] += tensor.nbytes / tiers[name].read_bytes_per_s
+        for tid in op.outputs:
+            tensor = by_id.get(tid)
+            if tensor is None or not tensor.materialized:
+                continue
+            name = tier_at_step(tensor, op.step)
+            if name in tiers and tiers[name].write_bytes_per_s > 0:
+                time_s[tid] += tensor.nbytes / tiers[name].write_bytes_per_s
+    moved: dict[str, int] = {}
+    for x in plan.transfers:
+        if x.tensor in time_s:
+            time_s[x.tensor] += transfer_time_s(plan, x.src, x.dst, x.bytes)
+            moved[x.tensor] = moved.get(x.tensor, 0) + x.bytes
+    out = [
+        TensorCost(id=t.id, shape=tuple(t.shape), dtype=t.dtype, nbytes=t.nbytes,
+                   tiers=tuple(dict.fromkeys(r.tier for r in t.residency)),
+                   memory_time_s=time_s[t.id], transfer_bytes=moved.get(t.id, 0))
+        for t in plan.tensors if t.materialized
+    ]
+    out.sort(key=lambda c: (-c.memory_time_s, -c.nbytes, c.id))
+    return out
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """A fusion group: its kind (from the tiling choice if tiled), ops and tile parameters."""
+
+    group: str
+    num_ops: int
+    kinds: tuple[str, ...]
+    predicted_time_s: float
+    tile_kind: str = ""
+    params: Mapping[str, int] | None = None
+    traffic_bytes: float | None = None
+    lower_bound_bytes: float | None = None
+    reference_bytes: float | None = None
+
+
+def group_rows(plan: Plan) -> list[GroupRow]:
+    """Fusion groups with more than one op, plus tiled groups, in schedule order."""
+    ops_by_group: dict[str, list[Any]] = {}
+    for op in sorted(plan.ops, key=lambda o: o.step):
+        if op.fusion_group:
+            ops_by_group.setdefault(op.fusion_group, []).append(op)
+    tiles = {c.group: c for c in plan.tiles}
+    rows = []
+    for group, ops in ops_by_group.items():
+        tile = tiles.get(group)
+        if len(ops) < 2 and tile is None:
+            continue
+        kinds = tuple(dict.fromkeys(o.kind.split(".")[-1] for o in ops))
+        rows.append(GroupRow(
+            group=group, num_ops=len(ops), kinds=kinds,
+            predicted_time_s=sum(o.predicted_time_s for o in ops),
+            tile_kind=tile.kind if tile else "", params=dict(tile.params) if tile else None,
+            traffic_bytes=tile.traffic_bytes if tile else None,
+            lower_bound_bytes=tile.lower_bound_bytes if tile else None,
+            reference_bytes=tile.reference_bytes if tile else None,
+        ))
+    for group, tile in tiles.items():
+        if group not in ops_by_group:
+            rows.append(GroupRow(group=group, num_ops=0, kinds=(), predicted_time_s=0.0,
+                                 tile_kind=tile.kind, params=dict(tile.params),
+                                 traffic_bytes=tile.traffic_bytes,
+                                 lower_bound_bytes=tile.lower_bound_bytes,
+                                 reference_bytes=tile.reference_bytes))
+    return rows
+
+
+def comparison_rows(plan: Plan) -> list[tuple[str, float | None]]:
+    """(label, seconds) for naive, greedy, this plan and the lower bound, in that order."""
+    rows: list[tuple[str, float | None]] = []
+    for name in ("naive", "greedy"):
+        if name in plan.baselines and name != plan.strategy:
+            rows.append((name, float(plan.baselines[name])))
+    rows.append((f"{plan.strategy} (this plan)", plan.predicted_time_s))
+    rows.append(("lower bound", plan.lower_bound_s))
+    return rows
+
+
+def solver_line(plan: Plan) -> str:
+    """"optimal (highs, gap 0.00%, 1.4 s of 30 s)" and the like."""
+    s = plan.solver
+    parts = [s.backend]
+    if s.gap is not None and math.isfinite(s.gap):
+        parts.append(f"gap {100 * s.gap:.2f}%")
+    limit = f" of {s.time_limit_s:g} s" if s.time_limit_s else ""
+    parts.append(f"{s.wall_s:.2f} s{limit}")
+    line = f"{s.status} ({', '.join(parts)})"
+    return f"{line}: {s.detail}" if s.detail else line
+
+
+def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A small machine-readable summary (the CLI's `--json`): times, tiers, solver, outputs."""
+    return {
+        "schema": "tiermap.summary/v1",
+        "program": {"name": plan.program_name, "num_steps": plan.num_steps,
+                    "num_tensors": len(plan.tensors)},
+        "target": plan.target.name,
+        "strategy": plan.strategy,
+        "predicted_time_s": plan.predicted_time_s,
+        "lower_bound_s": plan.lower_bound_s,
+        "baselines": dict(plan.baselines),
+        "traffic_bytes": dict(plan.traffic_bytes),
+        "tiers": [
+            {"name": r.name, "capacity_bytes": r.capacity_bytes, "peak_bytes": r.peak_bytes,
+             "traffic_bytes": r.traffic_bytes, "time_s": r.time_s,
+             "holds_tensors": r.holds_tensors}
+            for r in tier_rows(plan)
+        ],
+        "solver": {"backend": plan.solver.backend, "status": plan.solver.status,
+                   "gap": plan.solver.gap, "wall_s": plan.solver.wall_s,
+                   "time_limit_s": plan.solver.time_limit_s},
+        "tiles": [{"group": c.group, "kind": c.kind, "params": dict(c.params),
+                   "traffic_bytes": c.traffic_bytes, "lower_bound_bytes": c.lower_bound_bytes}
+                  for c in plan.tiles],
+        "outputs": dict(outputs or {}),
+    }
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": ":--", "r": "--:", "c": ":-:"}
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _ratio(time_s: float | None, best_s: float) -> str:
+    if time_s is None or best_s <= 0:
+        return "-"
+    return f"{time_s / best_s:.2f}×"
+
+
+def _shape(shape: Sequence[int], dtype: str) -> str:
+    return f"{dtype}[{','.join(str(d) for d in shape)}]"
+
+
+def plan_report(plan: Plan, top_tensors: int = 10) -> str:
+    """A markdown report: program, target, solver, predicted times against the baselines and the
+    lower bound, the per-tier table, the costliest tensors and the fusion/tiling groups."""
+    lines = [f"# tiermap plan: {plan.program_name} on {plan.target.name}", ""]
+    lines += [
+        f"- program: `{plan.program_name}`, {plan.num_steps} steps, {len(plan.tensors)} tensors",
+        f"- target: `{plan.target.name}` — {plan.target.description}".rstrip(" —"),
+        f"- strategy: `{plan.strategy}`; solver: {solver_line(plan)}",
+        f"- predicted time: **{fmt_time_s(plan.predicted_time_s)}**"
+        f" (lower bound {fmt_time_s(plan.lower_bound_s)})",
+        "",
+        "## Predicted time",
+        "",
+    ]
+    rows = [[label, fmt_time_s(t), _ratio(t, plan.predicted_time_s),
+             _ratio(t, plan.lower_bound_s)] for label, t in comparison_rows(plan)]
+    lines += _md_table(["plan", "predicted time", "vs this plan", "vs lower bound"], rows)
+    lines += ["", "## Tiers", ""]
+    trows = []
+    for r in tier_rows(plan):
+        role = "residency" if r.holds_tensors else ("scratch (per unit)" if r.per_unit
+                                                    else "not used")
+        trows.append([r.name, role, fmt_bytes(r.capacity_bytes), fmt_bytes(r.peak_bytes),
+                      f"{100 * r.peak_fraction:.1f}%", fmt_bytes(r.traffic_bytes),
+                      fmt_time_s(r.time_s)])
+    lines += _md_table(["tier", "role", "capacity", "peak occupancy", "peak / capacity",
+                        "traffic", "traffic time"], trows, align="llrrrrr")
+    lines += ["", "Traffic time is the tier's traffic at its read bandwidth.", ""]
+    costs = tensor_costs(plan)[:top_tensors]
+    if costs:
+        lines += [f"## Top {len(costs)} tensors by memory time", ""]
+        crows = [[f"`{c.id}`", _shape(c.shape, c.dtype), fmt_bytes(c.nbytes),
+                  " → ".join(c.tiers) or "-", fmt_bytes(c.transfer_bytes),
+                  fmt_time_s(c.memory_time_s)] for c in costs]
+        lines += _md_table(["tensor", "type", "size", "tiers", "transferred", "memory time"],
+                           crows, align="llrlrr")
+        lines += ["", "Memory time: its reads, writes and transfers at the bandwidths of the tiers "
+                  "it sits in (steps overlap, so these do not add up to the predicted time).", ""]
+    groups = group_rows(plan)
+    if groups:
+        lines += ["## Fusion and tiling groups", ""]
+        grows = []
+        for g in groups:
+            params = ", ".join(f"{k}={v}" for k, v in (g.params or {}).items()) or "-"
+            grows.append([f"`{g.group}`", g.tile_kind or "fused", str(g.num_ops),
+                          " ".join(g.kinds[:4]) + (" …" if len(g.kinds) > 4 else ""), params,
+                          fmt_bytes(g.traffic_bytes) if g.traffic_bytes is not None else "-",
+                          fmt_bytes(g.lower_bound_bytes)
+                          if g.lower_bound_bytes is not None else "-"])
+        lines += _md_table(["group", "kind", "ops", "op kinds", "tile", "traffic",
+                            "traffic lower bound"], grows, align="llrllrr")
+        lines.append("")
+    transfers = len(plan.transfers)
+    if transfers:
+        moved = sum(x.bytes for x in plan.transfers)
+        lines += [f"{transfers} transfers move {fmt_bytes(moved)} between tiers.", ""]
+    notes = list(plan.notes)
+    if plan.program is not None:
+        notes += list(plan.program.assumptions)
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- rich (terminal) -----------------------------------------------------------------------------
+
+
+def rich_summary(plan: Plan) -> RenderableType:
+    """The CLI's summary: predicted times against baselines and bound, and the per-tier table."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text.assemble(
+        ("tiermap plan ", "bold"), (plan.program_name, "bold cyan"), " on ",
+        (plan.target.name, "bold cyan"), f" · {plan.num_steps} steps · {len(plan.tensors)} "
+        f"tensors · strategy {plan.strategy} · solver {solver_line(plan)}",
+    )
+    times = Table(title="Predicted time", title_justify="left", show_edge=False)
+    times.add_column("plan")
+    times.add_column("predicted time", justify="right")
+    times.add_column("vs this plan", justify="right")
+    times.add_column("vs lower bound", justify="right")
+    for label, t in comparison_rows(plan):
+        times.add_row(label, fmt_time_s(t), _ratio(t, plan.predicted_time_s),
+                      _ratio(t, plan.lower_bound_s))
+    tiers = Table(title="Tiers", title_justify="left", show_edge=False)
+    for col, just in (("tier", "left"), ("role", "left"), ("capacity", "right"),
+                      ("peak occupancy", "right"), ("peak/cap", "right"),
+                      ("traffic", "right"), ("traffic time", "right")):
+        tiers.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in tier_rows(plan):
+        role = "residency" if r.holds_tensors else ("scratch" if r.per_unit else "-")
+        tiers.add_row(r.name, role, fmt_bytes(r.capacity_bytes), fmt_bytes(r.peak_bytes),
+                      f"{100 * r.peak_fraction:.1f}%", fmt_bytes(r.traffic_bytes),
+                      fmt_time_s(r.time_s))
+    parts: list[Any] = [head, times, tiers]
+    groups = group_rows(plan)
+    tiled = [g for g in groups if g.tile_kind]
+    if groups:
+        parts.append(Text(f"{len(groups)} fusion groups, {len(tiled)} tiled"))
+    return Group(*parts)
+
+
+# --- HTML (notebooks) ----------------------------------------------------------------------------
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def plan_html(plan: Plan, plots: bool = True) -> str:
+    """HTML for notebooks: the summary tables and, with `plots`, the charts as inline PNGs."""
+    parts = [f"<h4>tiermap plan: {html.escape(plan.program_name)} on "
+             f"{html.escape(plan.target.name)}</h4>",
+             f"<p>{plan.num_steps} steps, {len(plan.tensors)} tensors; strategy "
+             f"<code>{html.escape(plan.strategy)}</code>; solver "
+             f"{html.escape(solver_line(plan))}</p>"]
+    parts.append(_html_table(
+        ["plan", "predicted time", "vs this plan", "vs lower bound"],
+        [[label, fmt_time_s(t), _ratio(t, plan.predicted_time_s), _ratio(t, plan.lower_bound_s)]
+         for label, t in comparison_rows(plan)]))
+    parts.append(_html_table(
+        ["tier", "capacity", "peak occupancy", "traffic", "traffic time"],
+        [[r.name, fmt_bytes(r.capacity_bytes), fmt_bytes(r.peak_bytes),
+          fmt_bytes(r.traffic_bytes), fmt_time_s(r.time_s)] for r in tier_rows(plan)]))
+    if plots and plan.num_steps > 0:
+        from tiermap import plots as plots_module
+
+        for make in (plots_module.roofline, plots_module.occupancy,
+                     plots_module.placement_timeline):
+            fig = make(plan)
+            parts.append(f'<img src="data:image/png;base64,{plots_module.png_base64(fig)}"/>')
+    return "\n".join(parts)
