@@ -1,0 +1,57 @@
+"""Charts: each is a Figure, renders without a display, and saves a non-empty PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiermap_fakes import fake_plan
+
+from tiermap import plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("make", [plots.roofline, plots.occupancy, plots.placement_timeline])
+def test_each_chart_renders_to_png(make) -> None:  # type: ignore[no-untyped-def]
+    data = plots.png_bytes(make(fake_plan()))
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+
+def test_traffic_comparison_takes_several_plans() -> None:
+    by_name = {"naive": fake_plan("naive", 2.0), "greedy": fake_plan("greedy", 1.3),
+               "mip": fake_plan()}
+    fig = plots.traffic_comparison(by_name)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sram", "hbm", "ddr"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("naive") and labels[2].startswith("mip")
+    # a sequence of plans is keyed by strategy
+    assert len(plots.traffic_comparison(list(by_name.values())).axes[0].patches) == 9
+
+
+def test_save_plots_writes_every_chart(tmp_path: Path) -> None:
+    written = plots.save_plots(fake_plan(), tmp_path / "charts",
+                               compare={"naive": fake_plan("naive", 2.0)})
+    assert sorted(written) == sorted(plots.PLOT_FILES)
+    for path in written.values():
+        assert path.read_bytes().startswith(PNG_MAGIC)
+        assert path.stat().st_size > 5_000
+
+
+def test_with_capacity_changes_one_tier_only() -> None:
+    plan = fake_plan()
+    small = plots.with_capacity(plan.target, "sram", 1 << 20)
+    assert small.tier("sram").capacity_bytes == 1 << 20
+    assert small.tier("hbm") == plan.target.tier("hbm")
+    assert small.name == "sn40l@sram=1.00MiB"
+    with pytest.raises(KeyError, match="no tier 'l9'"):
+        plots.with_capacity(plan.target, "l9", 1)
+
+
+def test_figures_do_not_use_pyplot_state() -> None:
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plots.roofline(fake_plan())
+    assert plt.get_fignums() == before
