@@ -1,0 +1,270 @@
+"""The `tiermap` command, tried as a new user would: every subcommand and every exit code."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import tiermap
+from tiermap.cli import main, parse_arg_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    """Run `tiermap ARGV` in this process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def user_file(tmp_path: Path) -> Path:
+    """A user's model file with a builder, a plain function and a few broken ones."""
+    return write(tmp_path / "model.py", """
+        import jax
+        import jax.numpy as jnp
+
+        def mlp(x, w):
+            return jax.nn.relu(x @ w)
+
+        def build():
+            spec = jax.ShapeDtypeStruct
+            return mlp, (spec((64, 128), jnp.float32), spec((128, 256), jnp.float32))
+
+        def build_with_kwargs():
+            spec = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+            return (lambda x, *, scale: x * scale), (spec,), {"scale": spec}
+
+        def broken_builder():
+            raise ValueError("config file missing: cfg.yaml")
+
+        def bad_fn(x):
+            raise RuntimeError("shapes are wrong in the user's model")
+
+        def build_bad_fn():
+            return bad_fn, (jax.ShapeDtypeStruct((4,), jnp.float32),)
+
+        def not_a_builder():
+            return 42
+
+        VALUE = 3
+        """)
+
+
+# --- usage and bad input: exit 2 -----------------------------------------------------------------
+
+
+def test_no_command_is_a_usage_error() -> None:
+    code, _, err = run()
+    assert code == 2
+    assert "tiermap: error:" in err and "Traceback" not in err
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "compile" in capsys.readouterr().out
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    code, _, err = run("compile", str(tmp_path / "nope.py") + ":build", "--target", "cpu")
+    assert code == 2
+    assert err.startswith("tiermap: error: ") and "no such file" in err
+
+
+def test_missing_mlir_file(tmp_path: Path) -> None:
+    code, _, err = run("compile", str(tmp_path / "nope.mlir"), "--target", "cpu")
+    assert code == 2 and "no such file" in err
+
+
+def test_program_without_a_name(user_file: Path) -> None:
+    code, _, err = run("compile", str(user_file), "--target", "cpu")
+    assert code == 2 and "FILE.py:NAME" in err
+
+
+def test_unknown_function_lists_the_functions_there(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:buld", "--target", "cpu")
+    assert code == 2
+    assert "no function 'buld'" in err and "build" in err and "mlp" in err
+
+
+def test_name_that_is_not_a_function(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:VALUE", "--target", "cpu")
+    assert code == 2 and "not a function" in err
+
+
+def test_unknown_target_lists_the_known_ones(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:build", "--target", "a101")
+    assert code == 2
+    assert "unknown target 'a101'" in err
+    for name in tiermap.targets():
+        assert name in err
+    assert "Traceback" not in err
+
+
+def test_target_file_with_typos_names_each_key(user_file: Path, tmp_path: Path) -> None:
+    bad = write(tmp_path / "typo.toml", """
+        name = "typo"
+        platform = "cpu"
+        [compute]
+        peak_flops_per_s = { f32 = 1e12 }
+        units = 4
+        [[tiers]]
+        name = "dram"
+        capacty_bytes = 1_000_000
+        read_bytes_per_s = 1e10
+        write_bytes_per_sec = 1e10
+        """)
+    code, _, err = run("compile", f"{user_file}:build", "--target", str(bad))
+    assert code == 2
+    assert err.startswith("tiermap: error: ")
+    assert "capacty_bytes" in err and "write_bytes_per_sec" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("spec", ["f32(1024,64)", "f32[1024,", "f32[a,b]", "[3]", "f32[3,,4]"])
+def test_malformed_arg(user_file: Path, spec: str) -> None:
+    code, _, err = run("compile", f"{user_file}:mlp", "--arg", spec, "--target", "cpu")
+    assert code == 2
+    assert "expected DTYPE[SHAPE]" in err or "empty dimension" in err
+
+
+def test_unknown_arg_dtype(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:mlp", "--arg", "q7[3]", "--target", "cpu")
+    assert code == 2 and "unknown dtype 'q7'" in err and "bf16" in err
+
+
+def test_parse_arg_spec() -> None:
+    import jax.numpy as jnp
+
+    spec = parse_arg_spec("bf16[1024, 64]")
+    assert spec.shape == (1024, 64) and spec.dtype == jnp.bfloat16
+    assert parse_arg_spec("i32[]").shape == ()
+    assert parse_arg_spec("float32[8]").dtype == jnp.float32
+
+
+def test_user_builder_exception_is_shown_without_traceback(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:broken_builder", "--target", "cpu")
+    assert code == 2
+    assert "broken_builder() raised ValueError: config file missing: cfg.yaml" in err
+    assert "(at model.py:" in err
+    assert "Traceback" not in err
+
+
+def test_user_function_exception_while_tracing(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:build_bad_fn", "--target", "cpu")
+    assert code == 2
+    assert "RuntimeError: shapes are wrong in the user's model" in err
+    assert "(at model.py:" in err
+
+
+def test_user_module_raising_at_import(tmp_path: Path) -> None:
+    bad = write(tmp_path / "boom.py", """
+        import os
+        SETTINGS = os.environ["TIERMAP_TEST_UNSET_VARIABLE"]
+        """)
+    code, _, err = run("compile", f"{bad}:build", "--target", "cpu")
+    assert code == 2
+    assert "KeyError" in err and "while being imported" in err and "(at boom.py:3)" in err
+
+
+def test_user_module_with_a_syntax_error(tmp_path: Path) -> None:
+    bad = write(tmp_path / "syntax.py", "def build(:\n    pass\n")
+    code, _, err = run("compile", f"{bad}:build", "--target", "cpu")
+    assert code == 2 and "syntax error" in err and "syntax.py:1" in err
+
+
+def test_builder_returning_the_wrong_thing(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:not_a_builder", "--target", "cpu")
+    assert code == 2 and "returned int" in err and "(fn, args)" in err
+
+
+def test_function_with_parameters_needs_args(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:mlp", "--target", "cpu")
+    assert code == 2 and "takes parameters (x, w)" in err and "--arg" in err
+
+
+def test_unsupported_mlir_module(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.mlir", "this is not MLIR\n")
+    code, _, err = run("compile", str(bad), "--target", "cpu")
+    assert code == 2 and "unsupported program" in err
+
+
+def test_arg_with_an_mlir_module_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, err = run("compile", str(tmp_path / "m.mlir"), "--arg", "f32[2]", "--target", "cpu")
+    assert code == 2 and "--arg applies to FILE.py:NAME" in err
+
+
+def test_nonpositive_time_limit_is_a_usage_error(user_file: Path) -> None:
+    code, _, err = run("compile", f"{user_file}:build", "--target", "cpu", "--time-limit-s", "0")
+    assert code == 2 and "seconds > 0" in err
+
+
+def test_subprocess_user_error_has_one_line_and_exit_2(user_file: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tiermap", "compile",
+                           f"{user_file}:broken_builder", "--target", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "tiermap: error: broken_builder() raised ValueError: config file missing: cfg.yaml "
+        "(at model.py:17)"]
+    assert proc.stdout == ""
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+
+def test_targets_table_lists_every_builtin_with_tiers() -> None:
+    code, out, _ = run("targets")
+    assert code == 0
+    for name in tiermap.targets():
+        assert name in out
+    for needle in ("sram", "hbm", "ddr", "flash", "capacity", "TB/s"):
+        assert needle in out
+
+
+def test_targets_json() -> None:
+    code, out, _ = run("targets", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["schema"] == "tiermap.targets/v1"
+    by_name = {t["name"]: t for t in doc["targets"]}
+    assert sorted(by_name) == sorted(tiermap.targets())
+    assert [t["name"] for t in by_name["sn40l"]["tiers"]] == ["sram", "hbm", "ddr"]
+    tier = by_name["sn40l"]["tiers"][1]
+    assert {"capacity_bytes", "read_bytes_per_s", "write_bytes_per_s", "per_unit"} <= tier.keys()
+
+
+def test_targets_checks_a_target_file(tmp_path: Path) -> None:
+    from tiermap.hwtargets import dumps_target
+
+    good = tmp_path / "mine.toml"
+    good.write_text(dumps_target(tiermap.target("a100")))
+    code, out, _ = run("targets", str(good), "--json")
+    assert code == 0 and json.loads(out)["targets"][0]["name"] == "a100"
+    code, _, err = run("targets", "nonexistent-target")
+    assert code == 2 and "unknown target" in err
+
+
+# --- calibrate -----------------------------------------------------------------------------------
+
+
+def test_calibrate_writes_a_loadable_target(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.toml"
+    code, out, err = run("calibrate", "--quick", "-o", str(path))
+    assert code == 0, err
+    assert f"wrote {path}" in out
+    target = tiermap.target(str(path))
+    assert target.platform == "cpu" and target.tiers[-1].name == "dram"
+    assert not list(tmp_path.glob("*.tmp"))
