@@ -135,10 +135,19 @@ def evaluate(program: Program, target: Target, residency: Mapping[str, Sequence[
             if lo <= hi:
                 occ_diff[ti][lo] += nbytes
                 occ_diff[ti][hi + 1] -= nbytes
-    pending_of: dict[str, list[tuple[int, int, int]]] = {}
+    # A transfer's destination copy is the dst-tier interval that holds its start step (the latest
+    # such); it becomes usable at end_step + 1.
+    usable_from: dict[tuple[str, int], int] = {}
     for x in transfers:
-        pending_of.setdefault(x.tensor, []).append(
-            (x.start_step, x.end_step, index_of(x.dst, f"transfer of {x.tensor}")))
+        di = index_of(x.dst, f"transfer of {x.tensor}")
+        best_k = -1
+        for k, (lo, hi, ti) in enumerate(res_of.get(x.tensor, ())):
+            if ti == di and lo <= x.start_step <= hi and (
+                    best_k < 0 or lo > res_of[x.tensor][best_k][0]):
+                best_k = k
+        if best_k >= 0:
+            key = (x.tensor, best_k)
+            usable_from[key] = max(usable_from.get(key, 0), x.end_step + 1)
 
     residency_idx = [i for i, t in enumerate(tiers) if t.holds_tensors] or [len(tiers) - 1]
     unplaced: list[str] = []
@@ -154,11 +163,10 @@ def evaluate(program: Program, target: Target, residency: Mapping[str, Sequence[
         best = -1
         best_bw = -1.0
         best_is_dst = True
-        pend = pending_of.get(vid, ())
-        for lo, hi, ti in res_of.get(vid, ()):
+        for k, (lo, hi, ti) in enumerate(res_of.get(vid, ())):
             if not lo <= step <= hi:
                 continue
-            is_dst = any(s <= step <= e and d == ti for s, e, d in pend)
+            is_dst = step < usable_from.get((vid, k), lo)
             if is_dst and reading:
                 continue
             # Writes prefer a copy that is not a transfer's destination; then the fastest.
