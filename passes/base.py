@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.ir import Program
 from tiermap.compiler.plan import Plan
-from tiermap.errors import PassError, TiermapError
 from tiermap.hwtargets.target import Target
+
+from tiermap.errors import PassError, TiermapError
 
 if TYPE_CHECKING:
     from tiermap.passes.liveness import Liveness

@@ -1,0 +1,819 @@
+"""Placement in segment form, shared by every strategy; the "naive" and "greedy" strategies.
+
+The segment form (the "mip" strategy in place_tiers.py uses the same one):
+
+- A tensor's live range `[first, last]` is split at its accesses (the producer step and every
+  step of an op that reads it). Consecutive access steps form a *run*; the steps between two runs,
+  before the first run (a program input not used at once) or after the last one (a program
+  output) form a *gap*.
+- Each run resides in one tier; each gap has one *middle* tier. A run's tier differs from the next
+  gap's middle tier by an *eviction*: a transfer over the first steps of the gap, overlapping
+  their compute. The middle tier differs from the next run's tier by a *prefetch*: a transfer over
+  the last steps of the gap, ending the step before the use. Window lengths are fixed per
+  (gap, source, destination) by `PlacementProblem.window`: the fewest steps whose estimated
+  compute hides the transfer (`WINDOW_SLACK` times over), at most half the gap when a gap could
+  hold both an eviction and a prefetch (so the two never overlap), and the whole gap otherwise.
+  Gaps of one or two steps between runs hold at most one transfer: their middle tier is the tier
+  of the run before or after.
+- Read-only tiers (flash) are *homes*: a program input or constant placed there stays there for
+  its whole live range, and runs or gaps in that tier read it in place; leaving the home for a
+  writable tier is a transfer out of it, going back is free (the copy is dropped).
+
+Plan semantics are those of compiler/plan.py; `layout` turns a choice into residency intervals
+and transfers, and `CostState` scores choices incrementally under the same roofline model as
+costmodel/evaluate.py (per-kernel roofline time split over the group's steps by flops; per-link
+transfer shares; step time is their maximum).
+
+Strategies:
+
+- "naive" (no fusion): every tensor whole-life in the main-memory tier (`target.main_tier`); in
+  program order, a tensor that does not fit goes to the next slower tier that fits (then, as a last
+  resort, a faster one).
+- "greedy" (XLA Memory-Space-Assignment style, with the state's fusion): start from main memory;
+  under memory pressure, evict the idle gaps of the tensors with the longest idle gaps to the next
+  slower tier (the prefetch back before the next use is part of the gap), whole tensors only when no
+  idle gap is left; keep that or the naive-style spill, whichever the cost model prefers. Then
+  visit tensors by benefit/√size (benefit: bytes accessed × the saving per byte of the faster
+  tier) and move the whole tensor, or single runs with a prefetch before and an eviction after,
+  into faster tiers when it fits (best fit on the occupancy timeline) and the predicted time drops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tiermap.compiler.fusion import Fusion
+from tiermap.compiler.ir import Program
+from tiermap.compiler.plan import Residency, Transfer
+from tiermap.costmodel.roofline import compute_time_s, program_kernels
+from tiermap.hwtargets.target import Target
+from tiermap.passes.liveness import Liveness, compute_liveness
+
+from tiermap.errors import InfeasiblePlacementError, TiermapError
+
+# Tensors up to this size (scalars included) are pinned to the fastest residency tier ...
+SMALL_TENSOR_BYTES = 4096
+# ... when at most this fraction of that tier is needed for them at any step.
+SMALL_TENSOR_BUDGET_FRACTION = 0.25
+# A transfer window spans enough steps to hide the transfer this many times over.
+WINDOW_SLACK = 2.0
+CONSTANT_KIND = "stablehlo.constant"
+# Relative improvement below which a greedy move is not worth making (float noise).
+MOVE_TOLERANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive access steps `lo..hi` of one tensor."""
+
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Steps `lo..hi` without accesses, between `prev_run` and `next_run` (None at the ends).
+
+    `evict_cap_steps` / `prefetch_cap_steps` bound the eviction window at the start and the
+    prefetch window at the end; `single_move` gaps (one or two steps between runs) hold at most
+    one transfer.
+    """
+
+    lo: int
+    hi: int
+    prev_run: int | None
+    next_run: int | None
+    evict_cap_steps: int
+    prefetch_cap_steps: int
+    single_move: bool
+
+    @property
+    def num_steps(self) -> int:
+        return self.hi - self.lo + 1
+
+
+@dataclass(frozen=True)
+class Segments:
+    """One tensor in segment form: its runs and gaps, and the tiers it may use."""
+
+    vid: str
+    nbytes: int
+    first: int
+    last: int
+    runs: tuple[Run, ...]
+    gaps: tuple[Gap, ...]
+    tiers: tuple[int, ...]
+    homes: tuple[int, ...]
+    run_of_step: Mapping[int, int] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Tiers (indices into `target.tiers`) of a tensor's runs and gaps; `home`: read-only tier."""
+
+    runs: tuple[int, ...]
+    gaps: tuple[int, ...]
+    home: int | None = None
+
+    @staticmethod
+    def whole(seg: Segments, tier: int, home: bool = False) -> Choice:
+        """The whole live range in one tier (a home when `home`)."""
+        return Choice((tier,) * len(seg.runs), (tier,) * len(seg.gaps), tier if home else None)
+
+
+Assignment = dict[str, Choice]
+Piece = tuple[int, int, int]  # (tier, from_step, to_step)
+Move = tuple[int, int, int, int]  # (src tier, dst tier, start_step, end_step)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel's fixed data: steps, flop-share weights, compute time and its memory accesses.
+
+    `accesses` are (tensor id, step, bytes, is_read).
+    """
+
+    steps: tuple[int, ...]
+    weights: tuple[float, ...]
+    compute_s: float
+    accesses: tuple[tuple[str, int, float, bool], ...]
+
+
+class PlacementProblem:
+    """A program on a target in segment form, with the decisions every strategy shares.
+
+    Args:
+        program: the program in schedule order.
+        target: the hardware target.
+        fusion: fusion decisions (None: every op alone).
+        liveness: live ranges (computed when None).
+        objective: "time" or "energy".
+        pin: pin tiny tensors and tensors that never meet memory pressure to the fastest tier
+            (the "naive" strategy does not).
+
+    Raises:
+        InfeasiblePlacementError: a tensor fits no tier that may hold it, or the tensors live at
+            some step exceed the tiers' combined capacity.
+    """
+
+    def __init__(self, program: Program, target: Target, fusion: Fusion | None = None,
+                 liveness: Liveness | None = None, objective: str = "time",
+                 pin: bool = True) -> None:
+        self.program = program
+        self.target = target
+        self.fusion = fusion if fusion is not None else Fusion()
+        self.objective = objective
+        self.num_steps = program.num_steps
+        live = liveness if liveness is not None else compute_liveness(program)
+        tiers = target.tiers
+        self.tier_names = tuple(t.name for t in tiers)
+        self.read_bw = np.array([t.read_bytes_per_s for t in tiers], dtype=float)
+        self.write_bw = np.array([t.write_bytes_per_s for t in tiers], dtype=float)
+        self.capacity = np.array([t.capacity_bytes for t in tiers], dtype=np.int64)
+        self.energy_pj = np.array([t.energy_pj_per_byte or 0.0 for t in tiers], dtype=float)
+        self.read_only = tuple(t.read_only for t in tiers)
+        self.writable = tuple(i for i, t in enumerate(tiers) if t.holds_tensors and not t.read_only)
+        self.homes = tuple(i for i, t in enumerate(tiers) if t.holds_tensors and t.read_only)
+        if not self.writable:
+            raise TiermapError(
+                f"target '{target.name}' has no writable residency tier (tiers: "
+                f"{', '.join(self.tier_names)}); fix: declare a tier that is not read_only and "
+                "not a per-unit scratchpad")
+        main_name = target.main_tier.name
+        self.main = self.tier_names.index(main_name)
+        if self.main not in self.writable:
+            self.main = self.writable[0]
+        self._build_kernels()
+        self._build_segments(live)
+        self._check_feasible()
+        self._estimate_op_times()
+        self._window_cache: dict[tuple[str, int, int, int, bool], int] = {}
+        self.pinned: Assignment = {}
+        if pin:
+            self._pin()
+
+    # --- construction ---------------------------------------------------------------------
+
+    def _build_kernels(self) -> None:
+        program, target = self.program, self.target
+        compute = [compute_time_s(op, target) for op in program.ops]
+        kernels = []
+        for k in program_kernels(program, self.fusion):
+            flops = [program.ops[s].flops for s in k.steps]
+            total = sum(flops)
+            if total > 0.0:
+                weights = tuple(f / total for f in flops)
+            else:
+                weights = tuple(1.0 / len(k.steps) for _ in k.steps)
+            accesses = tuple([(vid, step, b, True) for vid, step, b in k.reads if b]
+                             + [(vid, step, b, False) for vid, step, b in k.writes if b])
+            kernels.append(Kernel(tuple(k.steps), weights, sum(compute[s] for s in k.steps),
+                                  accesses))
+        self.kernels = tuple(kernels)
+        n = self.num_steps
+        self.kernel_of_step = np.zeros(n, dtype=np.int64)
+        self.step_weight = np.zeros(n, dtype=float)
+        self.kernel_compute_s = np.array([k.compute_s for k in kernels], dtype=float)
+        self.touches: dict[str, list[tuple[int, int, float, bool]]] = {}
+        for j, k in enumerate(kernels):
+            for s, w in zip(k.steps, k.weights, strict=True):
+                self.kernel_of_step[s] = j
+                self.step_weight[s] = w
+            for vid, step, b, is_read in k.accesses:
+                self.touches.setdefault(vid, []).append((j, step, b, is_read))
+
+    def _build_segments(self, live: Liveness) -> None:
+        program = self.program
+        internal = self.fusion.unmaterialized()
+        constants = {vid for op in program.ops if op.kind == CONSTANT_KIND for vid in op.outputs}
+        inputs = set(program.inputs)
+        self.segments: dict[str, Segments] = {}
+        self.ro_eligible: set[str] = set()
+        for vid, value in program.values.items():
+            if vid in internal:
+                continue
+            first, last = live.ranges[vid]
+            nbytes = value.nbytes
+            eligible = vid in inputs or vid in constants
+            if eligible:
+                self.ro_eligible.add(vid)
+            tiers = tuple(k for k in self.writable if self.capacity[k] >= nbytes)
+            homes = tuple(k for k in self.homes if eligible and self.capacity[k] >= nbytes)
+            if not tiers and not homes:
+                self._too_big(vid, first, last, eligible)
+            self.segments[vid] = _segments(vid, nbytes, first, last, live.accesses[vid],
+                                           tiers, homes)
+
+    def _too_big(self, vid: str, first: int, last: int, eligible: bool) -> None:
+        value = self.program.values[vid]
+        may = [k for k in self.writable] + ([k for k in self.homes] if eligible else [])
+        caps = ", ".join(f"{self.tier_names[k]} {int(self.capacity[k])} B" for k in may)
+        largest = max((int(self.capacity[k]) for k in may), default=0)
+        raise InfeasiblePlacementError(
+            f"tensor {vid} ({value.type}, {value.nbytes} bytes, live at steps {first}..{last}, "
+            f"from step {first}) fits no tier that may hold it: {caps}; the largest is short by "
+            f"{value.nbytes - largest} bytes. Fix: a target with a larger tier, or a smaller "
+            "program (shard or tile the tensor)")
+
+    def _check_feasible(self) -> None:
+        n = self.num_steps
+        if n == 0:
+            return
+        total = np.zeros(n + 1, dtype=np.int64)
+        writable_only = np.zeros(n + 1, dtype=np.int64)
+        for seg in self.segments.values():
+            total[seg.first] += seg.nbytes
+            total[seg.last + 1] -= seg.nbytes
+            if not seg.homes:
+                writable_only[seg.first] += seg.nbytes
+                writable_only[seg.last + 1] -= seg.nbytes
+        total = np.cumsum(total[:n])
+        writable_only = np.cumsum(writable_only[:n])
+        self.live_bytes = total
+        cap_w = int(sum(int(self.capacity[k]) for k in self.writable))
+        cap_all = cap_w + int(sum(int(self.capacity[k]) for k in self.homes))
+        for need, cap, what in ((writable_only, cap_w, "writable tiers"),
+                                (total, cap_all, "residency tiers")):
+            over = need - cap
+            if over.max() > 0:
+                step = int(np.argmax(over))
+                here = sorted(((s.nbytes, v) for v, s in self.segments.items()
+                               if s.first <= step <= s.last), reverse=True)[:3]
+                names = ", ".join(f"{v} ({self.program.values[v].type}, {b} B)"
+                                  for b, v in here)
+                tiers = self.writable if what == "writable tiers" else self.writable + self.homes
+                caps = ", ".join(f"{self.tier_names[k]} {int(self.capacity[k])} B" for k in tiers)
+                raise InfeasiblePlacementError(
+                    f"at step {step} the live tensors need {int(need[step])} bytes but the {what}"
+                    f" hold {cap} ({caps}): {int(over[step])} bytes missing; largest live there: "
+                    f"{names}. Fix: a target with more memory, or a smaller batch")
+
+    def _estimate_op_times(self) -> None:
+        """Op times with every tensor in main memory: the compute that transfers can hide."""
+        main = self.main
+        mem = np.zeros(len(self.kernels))
+        for j, k in enumerate(self.kernels):
+            mem[j] = sum(b / (self.read_bw[main] if r else self.write_bw[main])
+                         for _v, _s, b, r in k.accesses)
+        kernel_s = np.maximum(self.kernel_compute_s, mem) + self.target.op_overhead_s
+        self.est_op_s = kernel_s[self.kernel_of_step] * self.step_weight if self.num_steps else (
+            np.zeros(0))
+        self.est_cum_s = np.concatenate([[0.0], np.cumsum(self.est_op_s)])
+
+    def _pin(self) -> None:
+        """Pin tiny tensors, and tensors that never meet memory pressure, to the fastest tier."""
+        k0 = self.writable[0]
+        n = self.num_steps
+        small = [seg for seg in self.segments.values()
+                 if seg.nbytes <= SMALL_TENSOR_BYTES and k0 in seg.tiers]
+        diff = np.zeros(n + 1, dtype=np.int64)
+        for seg in small:
+            diff[seg.first] += seg.nbytes
+            diff[seg.last + 1] -= seg.nbytes
+        peak = int(np.cumsum(diff[:n]).max()) if n else 0
+        if small and peak <= SMALL_TENSOR_BUDGET_FRACTION * int(self.capacity[k0]):
+            for seg in small:
+                self.pinned[seg.vid] = Choice.whole(seg, k0)
+        if not self._dominates(k0) or n == 0:
+            return
+        pressure = (self.live_bytes > self.capacity[k0]).astype(np.int64)
+        before = np.concatenate([[0], np.cumsum(pressure)])
+        for vid, seg in self.segments.items():
+            if vid in self.pinned or k0 not in seg.tiers:
+                continue
+            if before[seg.last + 1] - before[seg.first] == 0:
+                self.pinned[vid] = Choice.whole(seg, k0)
+
+    def _dominates(self, k0: int) -> bool:
+        """Whether tier k0 is at least as good as every residency tier for every access."""
+        others = [k for k in self.writable + self.homes if k != k0]
+        for k in others:
+            if self.read_bw[k] > self.read_bw[k0] or self.write_bw[k] > self.write_bw[k0]:
+                return False
+            if self.objective == "energy" and self.energy_pj[k] < self.energy_pj[k0]:
+                return False
+        return True
+
+    # --- windows and layouts --------------------------------------------------------------
+
+    def link_bw(self, a: int, b: int) -> float:
+        return self.target.link_bytes_per_s(self.tier_names[a], self.tier_names[b])
+
+    def window(self, seg: Segments, g: int, src: int, dst: int, evict: bool) -> int:
+        """Steps of the eviction (at the gap's start) or prefetch (at its end) src → dst."""
+        key = (seg.vid, g, src, dst, evict)
+        hit = self._window_cache.get(key)
+        if hit is not None:
+            return hit
+        gap = seg.gaps[g]
+        cap = gap.evict_cap_steps if evict else gap.prefetch_cap_steps
+        need_s = WINDOW_SLACK * seg.nbytes / self.link_bw(src, dst)
+        cum = self.est_cum_s
+        if evict:
+            # smallest n with cum[lo + n] - cum[lo] >= need
+            n = int(np.searchsorted(cum, cum[gap.lo] + need_s, side="left")) - gap.lo
+        else:
+            # smallest n with cum[hi + 1] - cum[hi + 1 - n] >= need
+            idx = int(np.searchsorted(cum, cum[gap.hi + 1] - need_s, side="right")) - 1
+            n = gap.hi + 1 - idx
+        n = max(1, min(n, cap))
+        self._window_cache[key] = n
+        return n
+
+    def layout(self, seg: Segments, choice: Choice) -> tuple[list[Piece], list[Move]]:
+        """Residency pieces and transfers of a tensor under `choice` (see the module docstring)."""
+        ro = self.read_only
+        pieces: list[Piece] = []
+        moves: list[Move] = []
+        if choice.home is not None:
+            pieces.append((choice.home, seg.first, seg.last))
+        for r, run in enumerate(seg.runs):
+            k = choice.runs[r]
+            if not ro[k]:
+                pieces.append((k, run.lo, run.hi))
+        for g, gap in enumerate(seg.gaps):
+            b = choice.gaps[g]
+            if not ro[b]:
+                pieces.append((b, gap.lo, gap.hi))
+            if gap.prev_run is not None:
+                a = choice.runs[gap.prev_run]
+                if a != b and not ro[b]:
+                    w = self.window(seg, g, a, b, True)
+                    if not ro[a]:
+                        pieces.append((a, gap.lo, gap.lo + w - 1))
+                    moves.append((a, b, gap.lo, gap.lo + w - 1))
+            if gap.next_run is not None:
+                c = choice.runs[gap.next_run]
+                if b != c and not ro[c]:
+                    w = self.window(seg, g, b, c, False)
+                    pieces.append((c, gap.hi - w + 1, gap.hi))
+                    moves.append((b, c, gap.hi - w + 1, gap.hi))
+        return pieces, moves
+
+    def valid(self, seg: Segments, choice: Choice) -> bool:
+        """Whether `choice` respects the tiers, homes and single-move gaps of `seg`."""
+        allowed = set(seg.tiers)
+        if choice.home is not None:
+            if choice.home not in seg.homes:
+                return False
+            allowed.add(choice.home)
+        if any(k not in allowed for k in choice.runs + choice.gaps):
+            return False
+        for g, gap in enumerate(seg.gaps):
+            if gap.single_move and gap.prev_run is not None and gap.next_run is not None:
+                if choice.gaps[g] not in (choice.runs[gap.prev_run], choice.runs[gap.next_run]):
+                    return False
+        return True
+
+    def to_plan_parts(self, assignment: Mapping[str, Choice]
+                      ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
+        """Residency intervals per tensor and the transfers, as compiler/plan.py defines them."""
+        residency: dict[str, tuple[Residency, ...]] = {}
+        transfers: list[Transfer] = []
+        names = self.tier_names
+        for vid, seg in self.segments.items():
+            pieces, moves = self.layout(seg, assignment[vid])
+            residency[vid] = tuple(Residency(names[k], lo, hi) for k, lo, hi in _merge(pieces))
+            transfers.extend(Transfer(vid, names[a], names[b], lo, hi, seg.nbytes)
+                             for a, b, lo, hi in moves)
+        return residency, transfers
+
+
+def _segments(vid: str, nbytes: int, first: int, last: int, accesses: Sequence[int],
+              tiers: tuple[int, ...], homes: tuple[int, ...]) -> Segments:
+    runs: list[Run] = []
+    for s in accesses:
+        if runs and s == runs[-1].hi + 1:
+            runs[-1] = Run(runs[-1].lo, s)
+        else:
+            runs.append(Run(s, s))
+    gaps: list[Gap] = []
+    if not runs:
+        gaps.append(Gap(first, last, None, None, 0, 0, False))
+    else:
+        if runs[0].lo > first:
+            n = runs[0].lo - first
+            gaps.append(Gap(first, runs[0].lo - 1, None, 0, 0, n, False))
+        for r in range(len(runs) - 1):
+            lo, hi = runs[r].hi + 1, runs[r + 1].lo - 1
+            n = hi - lo + 1
+            if n >= 3:
+                half = (n - 1) // 2
+                gaps.append(Gap(lo, hi, r, r + 1, half, n - 1 - half, False))
+            else:
+                gaps.append(Gap(lo, hi, r, r + 1, n, n, True))
+        if runs[-1].hi < last:
+            n = last - runs[-1].hi
+            gaps.append(Gap(runs[-1].hi + 1, last, len(runs) - 1, None, n, 0, False))
+    gaps.sort(key=lambda g: g.lo)
+    run_of_step = {s: r for r, run in enumerate(runs) for s in range(run.lo, run.hi + 1)}
+    return Segments(vid, nbytes, first, last, tuple(runs), tuple(gaps), tiers, homes,
+                    run_of_step)
+
+
+def _merge(pieces: Iterable[Piece]) -> list[Piece]:
+    """Join pieces of one tier that touch or overlap; sorted by (from_step, tier)."""
+    by_tier: dict[int, list[tuple[int, int]]] = {}
+    for k, lo, hi in pieces:
+        by_tier.setdefault(k, []).append((lo, hi))
+    out: list[Piece] = []
+    for k, spans in by_tier.items():
+        spans.sort()
+        cur_lo, cur_hi = spans[0]
+        for lo, hi in spans[1:]:
+            if lo <= cur_hi + 1:
+                cur_hi = max(cur_hi, hi)
+            else:
+                out.append((k, cur_lo, cur_hi))
+                cur_lo, cur_hi = lo, hi
+        out.append((k, cur_lo, cur_hi))
+    out.sort(key=lambda p: (p[1], p[0]))
+    return out
+
+
+# --- incremental cost --------------------------------------------------------------------------
+
+
+class CostState:
+    """Occupancy, link loads, kernel times and energy of an assignment, updated per tensor.
+
+    Mirrors costmodel/evaluate.py for segment-form assignments: a run is read and written in its
+    tier, kernels cost max(compute, Σ bytes / bandwidth) + overhead, split over their steps by
+    flops, transfers spread evenly over their windows, step time is the max of op and link time.
+    """
+
+    def __init__(self, problem: PlacementProblem, assignment: Mapping[str, Choice]) -> None:
+        self.p = problem
+        n = problem.num_steps
+        num_tiers = len(problem.tier_names)
+        self.occ = np.zeros((num_tiers, n), dtype=np.int64)
+        self.links: dict[tuple[int, int], np.ndarray] = {}
+        self.kernel_mem_s = np.zeros(len(problem.kernels))
+        self.energy_pj = 0.0
+        self.assignment: dict[str, Choice] = {}
+        for vid, choice in assignment.items():
+            self._apply(vid, choice, +1)
+            self.assignment[vid] = choice
+
+    # contributions of one tensor, added (+1) or removed (-1)
+    def _apply(self, vid: str, choice: Choice, sign: int) -> tuple[list[Piece], list[Move]]:
+        p = self.p
+        seg = p.segments[vid]
+        pieces, moves = p.layout(seg, choice)
+        for k, lo, hi in pieces:
+            self.occ[k, lo:hi + 1] += sign * seg.nbytes
+        for a, b, lo, hi in moves:
+            key = (a, b) if a < b else (b, a)
+            load = self.links.get(key)
+            if load is None:
+                load = self.links[key] = np.zeros(p.num_steps)
+            load[lo:hi + 1] += sign * seg.nbytes / p.link_bw(a, b) / (hi - lo + 1)
+            self.energy_pj += sign * seg.nbytes * (p.energy_pj[a] + p.energy_pj[b])
+        for j, step, b, is_read in p.touches.get(vid, ()):
+            k = choice.runs[seg.run_of_step[step]]
+            bw = p.read_bw[k] if is_read else p.write_bw[k]
+            self.kernel_mem_s[j] += sign * b / bw
+            self.energy_pj += sign * b * p.energy_pj[k]
+        return pieces, moves
+
+    def step_times(self, steps: np.ndarray) -> np.ndarray:
+        """Step times at `steps` (an index array)."""
+        p = self.p
+        j = p.kernel_of_step[steps]
+        kernel_s = np.maximum(p.kernel_compute_s[j], self.kernel_mem_s[j]) + p.target.op_overhead_s
+        out = kernel_s * p.step_weight[steps]
+        for load in self.links.values():
+            out = np.maximum(out, load[steps])
+        return out
+
+    def total_time_s(self) -> float:
+        return float(self.step_times(np.arange(self.p.num_steps)).sum())
+
+    def fits(self, pieces: Sequence[Piece]) -> bool:
+        cap = self.p.capacity
+        return all(self.occ[k, lo:hi + 1].max(initial=0) <= cap[k] for k, lo, hi in pieces)
+
+    def _affected(self, vid: str, choices: Sequence[Choice]) -> np.ndarray:
+        p = self.p
+        seg = p.segments[vid]
+        steps: set[int] = set()
+        for j, _s, _b, _r in p.touches.get(vid, ()):
+            steps.update(p.kernels[j].steps)
+        for choice in choices:
+            for _a, _b, lo, hi in p.layout(seg, choice)[1]:
+                steps.update(range(lo, hi + 1))
+        return np.array(sorted(steps), dtype=np.int64)
+
+    def try_move(self, vid: str, new: Choice, commit_if_better: bool = True
+                 ) -> tuple[bool, float, float]:
+        """Score replacing `vid`'s choice by `new`; keep it if it fits and improves the objective.
+
+        Returns (kept, Δtime_s, Δenergy_pj); Δ are inf when `new` does not fit.
+        """
+        old = self.assignment[vid]
+        if new == old:
+            return False, 0.0, 0.0
+        steps = self._affected(vid, (old, new))
+        before_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
+        energy_before = self.energy_pj
+        self._apply(vid, old, -1)
+        pieces, _ = self._apply(vid, new, +1)
+        if not self.fits(pieces):
+            self._apply(vid, new, -1)
+            self._apply(vid, old, +1)
+            return False, math.inf, math.inf
+        after_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
+        d_time = after_s - before_s
+        d_energy = self.energy_pj - energy_before
+        tol_s = MOVE_TOLERANCE * max(before_s, 1e-30)
+        if self.p.objective == "energy":
+            better = d_energy < -MOVE_TOLERANCE * max(abs(energy_before), 1e-30) and d_time <= tol_s
+        else:
+            better = d_time < -tol_s
+        if better and commit_if_better:
+            self.assignment[vid] = new
+            return True, d_time, d_energy
+        self._apply(vid, new, -1)
+        self._apply(vid, old, +1)
+        return False, d_time, d_energy
+
+    def force(self, vid: str, new: Choice) -> None:
+        """Replace `vid`'s choice regardless of cost or capacity."""
+        self._apply(vid, self.assignment[vid], -1)
+        self._apply(vid, new, +1)
+        self.assignment[vid] = new
+
+    def objective_value(self) -> float:
+        return self.energy_pj if self.p.objective == "energy" else self.total_time_s()
+
+
+# --- naive ---------------------------------------------------------------------------------------
+
+
+def _program_order(problem: PlacementProblem) -> list[str]:
+    order = {vid: i for i, vid in enumerate(problem.program.values)}
+    return sorted(problem.segments, key=lambda v: (problem.segments[v].first, order[v]))
+
+
+def _spill_order(problem: PlacementProblem, seg: Segments) -> list[tuple[int, bool]]:
+    """Tiers to try for a whole tensor: main, then slower ones (homes included), then faster."""
+    t = problem.main
+    cands = sorted([(k, False) for k in seg.tiers] + [(k, True) for k in seg.homes])
+    slower = [c for c in cands if c[0] >= t]
+    faster = [c for c in cands if c[0] < t][::-1]
+    return slower + faster
+
+
+def naive_assignment(problem: PlacementProblem, start: Mapping[str, Choice] | None = None
+                     ) -> Assignment:
+    """Whole tensors in main memory, in program order, spilling to slower tiers when full.
+
+    Tensors already in `start` (pinned ones) keep their choice.
+
+    Raises:
+        InfeasiblePlacementError: some tensor fits no tier over its whole live range.
+    """
+    n = problem.num_steps
+    occ = np.zeros((len(problem.tier_names), n), dtype=np.int64)
+    out: Assignment = {}
+    for vid, choice in (start or {}).items():
+        seg = problem.segments[vid]
+        out[vid] = choice
+        for k, lo, hi in problem.layout(seg, choice)[0]:
+            occ[k, lo:hi + 1] += seg.nbytes
+    for vid in _program_order(problem):
+        if vid in out:
+            continue
+        seg = problem.segments[vid]
+        for k, home in _spill_order(problem, seg):
+            window = occ[k, seg.first:seg.last + 1]
+            if window.max(initial=0) + seg.nbytes <= problem.capacity[k]:
+                occ[k, seg.first:seg.last + 1] += seg.nbytes
+                out[vid] = Choice.whole(seg, k, home)
+                break
+        else:
+            tiers = [k for k, _ in _spill_order(problem, seg)]
+            used = [int(occ[k, seg.first:seg.last + 1].max(initial=0)) for k in tiers]
+            free = ", ".join(
+                f"{problem.tier_names[k]} {int(problem.capacity[k]) - u} of "
+                f"{int(problem.capacity[k])} B free" for k, u in zip(tiers, used, strict=True))
+            value = problem.program.values[vid]
+            raise InfeasiblePlacementError(
+                f"tensor {vid} ({value.type}, {seg.nbytes} bytes, live at steps {seg.first}.."
+                f"{seg.last}) fits no tier over its live range when tensors are placed whole in "
+                f"program order ({free}). Fix: a target with more memory, or strategy 'greedy' "
+                "or 'mip', which split live ranges")
+    return out
+
+
+# --- greedy --------------------------------------------------------------------------------------
+
+
+def _idle_spill(problem: PlacementProblem) -> Assignment | None:
+    """Everything in main memory, then evict the longest idle gaps where a tier overflows.
+
+    Returns None when this cannot relieve the pressure (the caller keeps the naive-style spill).
+    """
+    p = problem
+    assignment: Assignment = dict(p.pinned)
+    for vid in _program_order(p):
+        if vid in assignment:
+            continue
+        seg = p.segments[vid]
+        if p.main in seg.tiers:
+            assignment[vid] = Choice.whole(seg, p.main)
+        else:
+            spill = _spill_order(p, seg)[0]
+            assignment[vid] = Choice.whole(seg, spill[0], spill[1])
+    state = CostState(p, assignment)
+    for tier in p.writable:
+        slower = [k for k in p.writable + p.homes if k > tier]
+        guard = 0
+        while True:
+            over = state.occ[tier] - p.capacity[tier]
+            if over.max(initial=0) <= 0:
+                break
+            guard += 1
+            if guard > 4 * len(p.segments) + 16:
+                return None
+            step = int(np.argmax(over))
+            if not _relieve(state, tier, step, slower):
+                return None
+    return dict(state.assignment)
+
+
+def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int]) -> bool:
+    """Move one tensor out of `tier` at `step`: its idle gap there (longest first), else whole."""
+    p = state.p
+    gaps: list[tuple[int, int, str, int]] = []
+    wholes: list[tuple[float, int, str]] = []
+    for vid, choice in state.assignment.items():
+        seg = p.segments[vid]
+        if vid in p.pinned or not seg.first <= step <= seg.last:
+            continue
+        for g, gap in enumerate(seg.gaps):
+            if gap.lo <= step <= gap.hi and choice.gaps[g] == tier:
+                gaps.append((-gap.num_steps, -seg.nbytes, vid, g))
+        if tier in choice.runs or tier in choice.gaps:
+            accessed = sum(b for _j, _s, b, _r in p.touches.get(vid, ()))
+            wholes.append((accessed / max(seg.nbytes, 1), -seg.first, vid))
+    gaps.sort()
+    for _neg_len, _neg_bytes, vid, g in gaps:
+        seg = p.segments[vid]
+        choice = state.assignment[vid]
+        for k in slower:
+            if k not in seg.tiers and k not in seg.homes:
+                continue
+            if p.read_only[k] and choice.home not in (None, k):
+                continue
+            home = k if p.read_only[k] else choice.home
+            new_gaps = list(choice.gaps)
+            new_gaps[g] = k
+            new = Choice(choice.runs, tuple(new_gaps), home)
+            if not p.valid(seg, new):
+                continue
+            pieces, _ = p.layout(seg, new)
+            if not any(kk == tier and lo <= step <= hi for kk, lo, hi in pieces):
+                state.force(vid, new)
+                if state.fits([pc for pc in pieces if pc[0] != tier]):
+                    return True
+                state.force(vid, choice)
+    wholes.sort()
+    for _density, _neg_first, vid in wholes:
+        seg = state.p.segments[vid]
+        for k in slower:
+            if k not in seg.tiers and k not in seg.homes:
+                continue
+            new = Choice.whole(seg, k, p.read_only[k])
+            old = state.assignment[vid]
+            state.force(vid, new)
+            if state.fits(p.layout(seg, new)[0]):
+                return True
+            state.force(vid, old)
+    return False
+
+
+def _benefit(problem: PlacementProblem, vid: str, choice: Choice, tier: int) -> float:
+    """Seconds saved by accessing `vid` in `tier` instead of where `choice` puts it, / √size."""
+    p = problem
+    seg = p.segments[vid]
+    saved_s = 0.0
+    for _j, step, b, is_read in p.touches.get(vid, ()):
+        k = choice.runs[seg.run_of_step[step]]
+        bw = p.read_bw if is_read else p.write_bw
+        saved_s += b / bw[k] - b / bw[tier]
+    return saved_s / math.sqrt(max(seg.nbytes, 1))
+
+
+def _candidates(problem: PlacementProblem, seg: Segments, choice: Choice, tier: int
+                ) -> list[Choice]:
+    """Ways to bring `seg` into `tier`: whole, then run by run (prefetch before, evict after)."""
+    p = problem
+    out = []
+    if tier in seg.tiers:
+        out.append(Choice.whole(seg, tier))
+        for r in range(len(seg.runs)):
+            if choice.runs[r] == tier:
+                continue
+            runs = list(choice.runs)
+            runs[r] = tier
+            new = Choice(tuple(runs), choice.gaps, choice.home)
+            if not p.valid(seg, new):
+                # a short gap next to the run must follow it into the tier
+                gaps = list(choice.gaps)
+                for g, gap in enumerate(seg.gaps):
+                    if gap.single_move and r in (gap.prev_run, gap.next_run):
+                        gaps[g] = tier
+                new = Choice(tuple(runs), tuple(gaps), choice.home)
+            if p.valid(seg, new):
+                out.append(new)
+        # keep it in `tier` across a gap between two runs that are there
+        for g, gap in enumerate(seg.gaps):
+            if (choice.gaps[g] != tier and gap.prev_run is not None and gap.next_run is not None
+                    and choice.runs[gap.prev_run] == tier and choice.runs[gap.next_run] == tier):
+                gaps = list(choice.gaps)
+                gaps[g] = tier
+                out.append(Choice(choice.runs, tuple(gaps), choice.home))
+    return out
+
+
+def greedy_assignment(problem: PlacementProblem) -> Assignment:
+    """The "greedy" strategy's choice for every tensor (module docstring)."""
+    p = problem
+    try:
+        naive: Assignment | None = naive_assignment(p, p.pinned)
+    except InfeasiblePlacementError:
+        naive = None
+    spilled = _idle_spill(p)
+    starts = [a for a in (naive, spilled) if a is not None]
+    if not starts:
+        return naive_assignment(p, p.pinned)  # raises, naming the tensor that does not fit
+    states = [CostState(p, a) for a in starts]
+    state = min(states, key=lambda s: (s.objective_value(), s.total_time_s()))
+    faster_first = sorted(set(p.writable))
+    for _round in range(2):
+        queue: list[tuple[float, str, int]] = []
+        for vid, seg in p.segments.items():
+            if vid in p.pinned:
+                continue
+            choice = state.assignment[vid]
+            for tier in faster_first:
+                if tier in seg.tiers and any(tier < k for k in choice.runs):
+                    queue.append((-_benefit(p, vid, choice, tier), vid, tier))
+        if not queue:
+            break
+        queue.sort()
+        moved = False
+        for _neg, vid, tier in queue:
+            seg = p.segments[vid]
+            for new in _candidates(p, seg, state.assignment[vid], tier):
+                kept, _dt, _de = state.try_move(vid, new)
+                if kept:
+                    moved = True
+                    break
+        if not moved:
+            break
+    return dict(state.assignment)
