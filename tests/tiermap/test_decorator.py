@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import tiermap
 from tiermap.compiler.plan import Plan
 
 # TODO(issue 6): import directly once compiler/pipeline.py has landed.
 pipeline = pytest.importorskip("tiermap.compiler.pipeline")
-
-import tiermap
 
 # Small programs and short limits keep each plan well under a second.
 FAST = {"time_limit_s": 2.0}
