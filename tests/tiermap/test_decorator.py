@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiermap.compiler.plan import Plan
 
 import tiermap
-from tiermap.compiler.plan import Plan
 
 # TODO(issue 6): import directly once compiler/pipeline.py has landed.
 pipeline = pytest.importorskip("tiermap.compiler.pipeline")
