@@ -1,9 +1,11 @@
 """tiermap's tensor-graph IR: plain, immutable data.
 
-A `Program` is a straight-line schedule of `Op`s over `Value`s (tensors). Ops with regions keep their
-bodies: a reducer's scalar ops are summarised in `attrs`, and the ops of a `while` or `case` body are
-kept as nested `Op`s in `body`, with the op's cost multiplied by its (static or assumed) trip count.
-Only the frontend builds Programs from MLIR; every pass reads them and returns new data.
+A `Program` is a straight-line schedule of `Op`s over `Value`s (tensors). Ops with regions keep
+their bodies: a reducer's scalar ops are summarised in `attrs`, and the ops of a `while` or `case`
+body are kept as nested `Op`s in `body`, with the op's cost multiplied by its (static or assumed)
+trip count; a body op's own cost counts one execution of the body. Values a body reads from outside
+are also inputs of the op that holds the body. Only the frontend builds Programs from MLIR; every
+pass reads them and returns new data.
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ class Op:
         """The dtype the op computes in: its first floating input's, else its first output's."""
         return str(self.attrs.get("compute_dtype", "f32"))
 
+    @property
+    def flops_one_trip(self) -> float:
+        """FLOPs with every loop body, nested ones included, counted once (as XLA counts)."""
+        if not self.body:
+            return self.flops if self.trip_count <= 1 else self.flops / self.trip_count
+        return float(sum(op.flops_one_trip for op in self.body))
+
 
 @dataclass(frozen=True)
 class Program:
@@ -123,8 +132,8 @@ class Program:
 
     @property
     def flops_one_trip(self) -> float:
-        """FLOPs with each top-level loop body counted once, as XLA's cost analysis counts."""
-        return float(sum(op.flops / max(op.trip_count, 1) for op in self.ops))
+        """FLOPs with each loop body (nested ones too) counted once, as XLA's cost analysis does."""
+        return float(sum(op.flops_one_trip for op in self.ops))
 
     @property
     def transcendentals(self) -> float:
