@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tiermap.compiler.ir import Program
 from tiermap.compiler.plan import TileChoice
@@ -19,7 +20,10 @@ class FusionGroup:
 
     `internal` tensors are produced and consumed inside the group and are not materialized.
     `reads_per_input` says how many times the tiled kernel reads each external input (1 unless
-    tiling re-reads it, as FlashAttention re-reads K and V once per query block).
+    tiling re-reads it, as FlashAttention re-reads K and V once per query block; 0 for a tensor
+    another group left unmaterialized and this group recomputes on chip, as an attention
+    backward recomputes P). `attrs` holds what the pass that formed the group found (for
+    attention: lengths, head dims, causal, dtype and the tensors in the Q/K/V/O roles).
     """
 
     id: str
@@ -28,6 +32,7 @@ class FusionGroup:
     internal: frozenset[str] = frozenset()
     reads_per_input: Mapping[str, float] = field(default_factory=dict, hash=False)
     working_set_bytes: int = 0
+    attrs: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
