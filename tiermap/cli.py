@@ -459,15 +459,15 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             steps.step(f"drawing charts into {paths['plots']}")
             from tiermap.plots import save_plots
 
-            for name, path in save_plots(plan, paths["plots"], compare=compare).items():
-                written[f"plot:{Path(name).stem}"] = str(path)
+            for name, chart in save_plots(plan, paths["plots"], compare=compare).items():
+                written[f"plot:{Path(name).stem}"] = str(chart)
     if ns.json:
         out.write(json.dumps(plan_summary(plan, written), indent=1) + "\n")
         return EXIT_OK
     console = _console(out)
     console.print(rich_summary(plan))
-    for kind, path in written.items():
-        console.print(f"wrote {kind:<15} {path}")
+    for kind, where in written.items():
+        console.print(f"wrote {kind:<15} {where}")
     return EXIT_OK
 
 
@@ -556,8 +556,9 @@ def _library_dirs() -> tuple[str, ...]:
     """Folders of tiermap's packages and of jax, whose frames are not the user's code."""
     dirs = set()
     for name, module in list(sys.modules.items()):
-        if name.split(".")[0] in ("tiermap", "jax", "jaxlib") and getattr(module, "__file__", None):
-            dirs.add(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+        file = getattr(module, "__file__", None)
+        if name.split(".")[0] in ("tiermap", "jax", "jaxlib") and file:
+            dirs.add(os.path.dirname(os.path.abspath(file)) + os.sep)
     return tuple(sorted(dirs))
 
 

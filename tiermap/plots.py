@@ -94,8 +94,11 @@ def roofline(plan: Plan, ax: Axes | None = None) -> Figure:
     per tier (intensity x read bandwidth). Points are coloured by the tier that carries most of
     the op's bytes; ops without FLOPs or bytes are left out.
     """
-    fig = new_figure() if ax is None else ax.figure
-    ax = ax or fig.add_subplot()
+    if ax is None:
+        fig = new_figure()
+        ax = fig.add_subplot()
+    else:
+        fig = ax.get_figure(root=True)  # type: ignore[assignment]
     target = plan.target
     colours = tier_colours(target)
     dtype = _dominant_dtype(plan)
