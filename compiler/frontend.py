@@ -37,6 +37,7 @@ of its results (a slice or gather reads what it returns, a reshape is free).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -1025,8 +1026,16 @@ def program_from_module(module: Any, name: str | None = None, platform: str = "c
 
     Call it inside the module's context (`with module.context:`) or let it enter the context.
     """
-    with module.context:
-        return _program_from_module(module, name, platform)
+    # The walk allocates many small objects and frees none; the cyclic collector would rescan
+    # them again and again, so it is paused (and restored) for the duration.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with module.context:
+            return _program_from_module(module, name, platform)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _program_from_module(module: Any, name: str | None, platform: str) -> Program:
