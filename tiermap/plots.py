@@ -300,6 +300,84 @@ def traffic_comparison(plans: Mapping[str, Plan] | Sequence[Plan]) -> Figure:
     return fig
 
 
+# --- attention IO --------------------------------------------------------------------------------
+
+
+def attention_traffic(n: int = 1024, d: int = 64, elem_bytes: int = 2,
+                      fast_bytes: int = 192 * 1024, batch_heads: int = 1,
+                      targets: Sequence[str] = ("a100", "h100", "sn40l")) -> Figure:
+    """Attention's memory traffic against FlashAttention's block size and the on-chip capacity,
+    next to the IO lower bound (Saha & Ye 2024), standard attention and the compulsory 4Nd.
+
+    Left: FlashAttention-1 traffic for each KV block size Bc (Br = min(Bc, d)) with `fast_bytes`
+    of fast memory; block sizes whose working set does not fit are greyed. Right: traffic with
+    FlashAttention's own block rule for each capacity, with the per-unit tile budget of
+    `targets` marked.
+    """
+    import tiermap
+    from tiermap.costmodel import bounds
+
+    fig = new_figure(11.0, 4.2)
+    ax_b, ax_m = fig.subplots(1, 2)
+    fast_words = fast_bytes // elem_bytes
+    lower = bounds.attention_io_lower_bound_bytes(n, d, fast_bytes, elem_bytes, batch_heads)
+    unfused = bounds.unfused_attention_traffic_bytes(n, d, elem_bytes, batch_heads)
+    compulsory = bounds.attention_compulsory_bytes(n, d, elem_bytes, batch_heads)
+    blocks = [2 ** i for i in range(2, max(3, n.bit_length()))]
+    fits = [bounds.flash_attention_working_set_words(d, min(b, d), b) <= fast_words
+            for b in blocks]
+    traffic = [bounds.flash_attention_traffic_bytes(n, d, min(b, d), b, elem_bytes, batch_heads)
+               for b in blocks]
+    ax_b.plot([b for b, ok in zip(blocks, fits, strict=True) if ok],
+              [t for t, ok in zip(traffic, fits, strict=True) if ok], marker="o", ms=4,
+              label="FlashAttention-1 (fits)")
+    ax_b.plot([b for b, ok in zip(blocks, fits, strict=True) if not ok],
+              [t for t, ok in zip(traffic, fits, strict=True) if not ok], marker="x", ls="",
+              color="0.6", label="block does not fit on chip")
+    chosen = bounds.flash_attention_blocks(fast_bytes, d, elem_bytes)
+    ax_b.plot([chosen.block_c], [bounds.flash_attention_traffic_bytes(
+        n, d, chosen.block_r, chosen.block_c, elem_bytes, batch_heads)], marker="*", ms=10,
+        color="k", ls="", label=f"FlashAttention rule: Bc={chosen.block_c}, Br={chosen.block_r}")
+    for value, label, style in ((lower, "IO lower bound", "--"), (unfused, "standard attention",
+                                "-."), (compulsory, "compulsory 4Nd", ":")):
+        ax_b.axhline(value, ls=style, lw=1.2, color="C3" if style == "--" else "0.4",
+                     label=f"{label} ({fmt_bytes(value)})")
+    ax_b.set_xscale("log", base=2)
+    ax_b.set_yscale("log")
+    ax_b.set_xlabel("KV block size Bc (rows)")
+    ax_b.set_ylabel("traffic to slow memory (bytes)")
+    ax_b.set_title(f"N={n}, d={d}, {fmt_bytes(fast_bytes)} on chip", fontsize=10)
+    ax_b.legend(fontsize=7)
+    ax_b.grid(True, which="both", alpha=0.2)
+
+    smallest = (3 * d + 1) * elem_bytes
+    caps = [2 ** i for i in range(max(smallest - 1, 1).bit_length(), 27)]
+    flash = [bounds.flash_attention_traffic_bytes(
+        n, d, *bounds.flash_attention_blocks(c, d, elem_bytes)[:2], elem_bytes, batch_heads)
+        for c in caps]
+    ax_m.plot(caps, flash, marker="o", ms=3, label="FlashAttention-1, its block rule")
+    ax_m.plot(caps, [bounds.attention_io_lower_bound_bytes(n, d, c, elem_bytes, batch_heads)
+                     for c in caps], ls="--", color="C3", label="IO lower bound")
+    ax_m.axhline(unfused, ls="-.", color="0.4", label="standard attention")
+    ax_m.axhline(compulsory, ls=":", color="0.4", label="compulsory 4Nd")
+    ax_m.axvline(d * d * elem_bytes, color="C2", lw=0.8, label="M = d² (bound changes regime)")
+    for name in targets:
+        scratch = tiermap.target(name).scratch_tier
+        if scratch is None:
+            continue
+        per_unit = scratch.capacity_bytes // max(tiermap.target(name).units, 1)
+        ax_m.axvline(per_unit, color="0.7", lw=0.8)
+        ax_m.annotate(name, (per_unit, compulsory), rotation=90, fontsize=7, va="bottom")
+    ax_m.set_xscale("log", base=2)
+    ax_m.set_yscale("log")
+    ax_m.set_xlabel("on-chip capacity per core (bytes)")
+    ax_m.set_ylabel("traffic to slow memory (bytes)")
+    ax_m.set_title("traffic vs on-chip capacity", fontsize=10)
+    ax_m.legend(fontsize=7)
+    ax_m.grid(True, which="both", alpha=0.2)
+    return fig
+
+
 # --- all of them ---------------------------------------------------------------------------------
 
 PLOT_FILES = ("roofline.png", "occupancy.png", "timeline.png", "traffic.png")
@@ -460,7 +538,7 @@ def sweep(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str |
 
 
 __all__ = [
-    "PLOT_FILES", "Sweep", "SweepPoint", "new_figure", "occupancy", "placement_timeline",
-    "png_base64", "png_bytes", "roofline", "save_figure", "save_plots", "sweep", "tier_colours",
-    "traffic_comparison", "with_capacity",
+    "PLOT_FILES", "Sweep", "SweepPoint", "attention_traffic", "new_figure", "occupancy",
+    "placement_timeline", "png_base64", "png_bytes", "roofline", "save_figure", "save_plots",
+    "sweep", "tier_colours", "traffic_comparison", "with_capacity",
 ]

@@ -351,6 +351,86 @@ def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[s
     }
 
 
+# --- tables for notebooks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    """A small table that prints as markdown and shows as HTML in notebooks."""
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    title: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"**{self.title}**", ""] if self.title else []
+        return "\n".join(lines + _md_table(self.header, self.rows))
+
+    def _repr_html_(self) -> str:
+        caption = f"<p><b>{html.escape(self.title)}</b></p>" if self.title else ""
+        return caption + _html_table(self.header, self.rows)
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def compare(plans: Mapping[str, Plan] | Sequence[Plan]) -> Table:
+    """One row per plan: target, strategy, predicted time, lower bound, baselines, traffic.
+
+    Keys of a mapping label the rows (e.g. {"h100": ..., "sn40l": ...}); a sequence is labelled
+    by "target/strategy".
+    """
+    named = dict(plans) if isinstance(plans, Mapping) else {
+        f"{p.target.name}/{p.strategy}": p for p in plans}
+    rows = []
+    for label, p in named.items():
+        traffic = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.traffic_bytes.items() if v)
+        rows.append((label, p.target.name, p.strategy, fmt_time_s(p.predicted_time_s),
+                     fmt_time_s(p.lower_bound_s), _ratio(p.predicted_time_s, p.lower_bound_s),
+                     fmt_time_s(p.baselines.get("naive")), fmt_time_s(p.baselines.get("greedy")),
+                     traffic or "-"))
+    return Table(("plan", "target", "strategy", "predicted", "lower bound", "vs bound",
+                  "naive", "greedy", "traffic"), tuple(rows), title="Plans compared")
+
+
+def residency_table(plan: Plan, top_tensors: int = 15) -> Table:
+    """Where the largest tensors live: bytes, tiers over their live range, steps in each tier."""
+    rows = []
+    tensors = sorted((t for t in plan.tensors if t.materialized),
+                     key=lambda t: (-t.nbytes, t.id))[:top_tensors]
+    for t in tensors:
+        steps: dict[str, int] = {}
+        for r in t.residency:
+            steps[r.tier] = steps.get(r.tier, 0) + r.to_step - r.from_step + 1
+        live = max(t.last_use_step - max(t.producer_step, 0) + 1, 1)
+        where = ", ".join(f"{k} {100 * v / live:.0f}%" for k, v in steps.items())
+        role = "input" if t.producer_step < 0 else f"made at step {t.producer_step}"
+        rows.append((t.id, _shape(t.shape, t.dtype), fmt_bytes(t.nbytes), role,
+                     f"{max(t.producer_step, 0)}–{t.last_use_step}", where or "-"))
+    bytes_by_tier: dict[str, int] = {}
+    for t in plan.tensors:
+        if t.materialized and t.residency:
+            first = t.residency[0].tier
+            bytes_by_tier[first] = bytes_by_tier.get(first, 0) + t.nbytes
+    title = (f"The {len(rows)} largest tensors of {plan.program_name} on {plan.target.name} "
+             "(share of each tensor's live steps spent in each tier)")
+    return Table(("tensor", "type", "size", "role", "live steps", "tiers"), tuple(rows), title)
+
+
+def tiles_table(plan: Plan) -> Table:
+    """The tiled fusion groups: block sizes, traffic, the IO lower bound and a reference."""
+    rows = []
+    for c in plan.tiles:
+        params = ", ".join(f"{k}={v}" for k, v in c.params.items())
+        rows.append((c.group, c.kind, params, fmt_bytes(c.traffic_bytes),
+                     fmt_bytes(c.lower_bound_bytes), _ratio(c.traffic_bytes, c.lower_bound_bytes),
+                     fmt_bytes(c.reference_bytes) if c.reference_bytes is not None else "-",
+                     c.reference or "-"))
+    return Table(("group", "kind", "tile", "traffic", "lower bound", "vs bound", "reference",
+                  "reference is"), tuple(rows), title=f"Tiled groups of {plan.program_name} on "
+                 f"{plan.target.name}")
+
+
 # --- markdown ------------------------------------------------------------------------------------
 
 
