@@ -55,3 +55,12 @@ def test_figures_do_not_use_pyplot_state() -> None:
     before = plt.get_fignums()
     plots.roofline(fake_plan())
     assert plt.get_fignums() == before
+
+
+def test_attention_traffic_chart_draws_flash_against_the_bound() -> None:
+    fig = plots.attention_traffic(n=256, d=32, fast_bytes=64 * 1024, targets=("a100",))
+    left, right = fig.axes[:2]
+    labels = [t.get_text() for t in left.get_legend().get_texts()]
+    assert any(label.startswith("IO lower bound") for label in labels)
+    assert any(label.startswith("FlashAttention rule: Bc=") for label in labels)
+    assert plots.png_bytes(fig).startswith(PNG_MAGIC)

@@ -119,3 +119,24 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_path: P
     assert [p.name for p in target.parent.iterdir()] == ["plan.json"]
     mode = stat.S_IMODE(target.stat().st_mode)
     assert mode & stat.S_IRGRP  # not mkstemp's 0600
+
+
+def test_compare_table_has_a_row_per_plan() -> None:
+    table = report.compare({"fast": fake_plan(), "slow": fake_plan("greedy", 2.0)})
+    assert [r[0] for r in table.rows] == ["fast", "slow"]
+    assert "| fast | sn40l | mip | 46 µs |" in str(table)
+    assert table._repr_html_().startswith("<p><b>Plans compared</b></p><table>")
+    assert [r[0] for r in report.compare([fake_plan()]).rows] == ["sn40l/mip"]
+
+
+def test_residency_table_shows_where_the_largest_tensors_live() -> None:
+    table = report.residency_table(fake_plan(), top_tensors=2)
+    assert [r[0] for r in table.rows] == ["t1", "t0"]
+    assert table.rows[0][-1] == "ddr 100%"
+    assert table.rows[0][3] == "input"
+
+
+def test_tiles_table_lists_block_sizes_against_the_bound() -> None:
+    (row,) = report.tiles_table(fake_plan()).rows
+    assert row[:3] == ("fuse0", "softmax", "block_rows=16")
+    assert row[5] == "1.04×"
