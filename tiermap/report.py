@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from tiermap.compiler.plan import Plan, TensorPlan, Transfer
+    from tiermap.hwtargets.target import Target
 
 # --- units ---------------------------------------------------------------------------------------
 
@@ -361,10 +362,11 @@ class Table:
     header: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     title: str = ""
+    align: str = ""  # one of l/r/c per column; default: first left, the rest right
 
     def __str__(self) -> str:
         lines = [f"**{self.title}**", ""] if self.title else []
-        return "\n".join(lines + _md_table(self.header, self.rows))
+        return "\n".join(lines + _md_table(self.header, self.rows, self.align))
 
     def _repr_html_(self) -> str:
         caption = f"<p><b>{html.escape(self.title)}</b></p>" if self.title else ""
@@ -372,6 +374,22 @@ class Table:
 
     def _repr_markdown_(self) -> str:
         return str(self)
+
+
+def target_table(target: Target) -> Table:
+    """A target's tiers (fastest first): capacity, bandwidths and role, and its compute peaks."""
+    rows = []
+    for tier in target.tiers:
+        role = ("weights only" if tier.read_only else
+                "residency" if tier.holds_tensors else "tile scratch")
+        if tier.per_unit:
+            role += f", {fmt_bytes(tier.capacity_bytes / max(target.units, 1))} per unit"
+        rows.append((tier.name, fmt_bytes(tier.capacity_bytes),
+                     fmt_rate_bytes_per_s(tier.read_bytes_per_s),
+                     fmt_rate_bytes_per_s(tier.write_bytes_per_s), role))
+    peaks = ", ".join(f"{k} {fmt_flops_per_s(v)}" for k, v in target.peak_flops_per_s.items())
+    return Table(("tier", "capacity", "read", "write", "role"), tuple(rows),
+                 title=f"{target.name}: {target.units} units; peak {peaks}", align="lrrrl")
 
 
 def compare(plans: Mapping[str, Plan] | Sequence[Plan]) -> Table:
