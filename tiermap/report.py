@@ -408,7 +408,8 @@ def compare(plans: Mapping[str, Plan] | Sequence[Plan]) -> Table:
                      fmt_time_s(p.baselines.get("naive")), fmt_time_s(p.baselines.get("greedy")),
                      traffic or "-"))
     return Table(("plan", "target", "strategy", "predicted", "lower bound", "vs bound",
-                  "naive", "greedy", "traffic"), tuple(rows), title="Plans compared")
+                  "naive", "greedy", "traffic"), tuple(rows), title="Plans compared",
+                 align="lllrrrrrl")
 
 
 def residency_table(plan: Plan, top_tensors: int = 15) -> Table:
@@ -432,7 +433,8 @@ def residency_table(plan: Plan, top_tensors: int = 15) -> Table:
             bytes_by_tier[first] = bytes_by_tier.get(first, 0) + t.nbytes
     title = (f"The {len(rows)} largest tensors of {plan.program_name} on {plan.target.name} "
              "(share of each tensor's live steps spent in each tier)")
-    return Table(("tensor", "type", "size", "role", "live steps", "tiers"), tuple(rows), title)
+    return Table(("tensor", "type", "size", "role", "live steps", "tiers"), tuple(rows), title,
+                 align="llrlll")
 
 
 def tiles_table(plan: Plan) -> Table:
@@ -446,7 +448,7 @@ def tiles_table(plan: Plan) -> Table:
                      c.reference or "-"))
     return Table(("group", "kind", "tile", "traffic", "lower bound", "vs bound", "reference",
                   "reference is"), tuple(rows), title=f"Tiled groups of {plan.program_name} on "
-                 f"{plan.target.name}")
+                 f"{plan.target.name}", align="lllrrrrl")
 
 
 # --- markdown ------------------------------------------------------------------------------------
