@@ -191,6 +191,7 @@ class PlacementProblem:
         self._check_feasible()
         self._estimate_op_times()
         self._window_cache: dict[tuple[str, int, int, int, bool], int] = {}
+        self.set_chunks([(0, self.num_steps - 1)] if self.num_steps else [])
         self.pinned: Assignment = {}
         if pin:
             self._pin()
@@ -253,8 +254,8 @@ class PlacementProblem:
         caps = ", ".join(f"{self.tier_names[k]} {int(self.capacity[k])} B" for k in may)
         largest = max((int(self.capacity[k]) for k in may), default=0)
         raise InfeasiblePlacementError(
-            f"tensor {vid} ({value.type}, {value.nbytes} bytes, live at steps {first}..{last}, "
-            f"from step {first}) fits no tier that may hold it: {caps}; the largest is short by "
+            f"tensor {vid} ({value.type}, {value.nbytes} bytes, live at steps {first}..{last}) "
+            f"fits no tier that may hold it: {caps}; the largest is short by "
             f"{value.nbytes - largest} bytes. Fix: a target with a larger tier, or a smaller "
             "program (shard or tile the tensor)")
 
@@ -337,7 +338,36 @@ class PlacementProblem:
                 return False
         return True
 
-    # --- windows and layouts --------------------------------------------------------------
+    # --- chunks, windows and layouts -------------------------------------------------------
+
+    def set_chunks(self, bounds: Sequence[tuple[int, int]]) -> None:
+        """Decompose the steps into chunks [lo, hi] (in order, covering every step).
+
+        A transfer window never reaches into an earlier chunk than the one deciding it: an
+        eviction stays in the chunk where its gap starts, a prefetch in the chunk of the run it
+        feeds (so a run that starts a chunk cannot be prefetched into a new tier).
+        """
+        n = self.num_steps
+        self.chunks = list(bounds)
+        self.chunk_lo = np.zeros(n + 1, dtype=np.int64)
+        self.chunk_hi = np.full(n + 1, max(n - 1, 0), dtype=np.int64)
+        for lo, hi in self.chunks:
+            self.chunk_lo[lo:hi + 1] = lo
+            self.chunk_hi[lo:hi + 1] = hi
+        self._window_cache.clear()
+
+    def evict_room(self, seg: Segments, g: int) -> int:
+        """Longest eviction window of gap g (0: none possible)."""
+        gap = seg.gaps[g]
+        return int(min(gap.evict_cap_steps, self.chunk_hi[gap.lo] - gap.lo + 1))
+
+    def prefetch_room(self, seg: Segments, g: int) -> int:
+        """Longest prefetch window of gap g (0: none possible)."""
+        gap = seg.gaps[g]
+        if gap.next_run is None:
+            return 0
+        start = max(gap.lo, int(self.chunk_lo[gap.hi + 1]))
+        return int(min(gap.prefetch_cap_steps, gap.hi - start + 1))
 
     def link_bw(self, a: int, b: int) -> float:
         return self.target.link_bytes_per_s(self.tier_names[a], self.tier_names[b])
@@ -349,7 +379,7 @@ class PlacementProblem:
         if hit is not None:
             return hit
         gap = seg.gaps[g]
-        cap = gap.evict_cap_steps if evict else gap.prefetch_cap_steps
+        cap = self.evict_room(seg, g) if evict else self.prefetch_room(seg, g)
         need_s = WINDOW_SLACK * seg.nbytes / self.link_bw(src, dst)
         cum = self.est_cum_s
         if evict:
@@ -403,8 +433,13 @@ class PlacementProblem:
         if any(k not in allowed for k in choice.runs + choice.gaps):
             return False
         for g, gap in enumerate(seg.gaps):
+            b = choice.gaps[g]
             if gap.single_move and gap.prev_run is not None and gap.next_run is not None:
-                if choice.gaps[g] not in (choice.runs[gap.prev_run], choice.runs[gap.next_run]):
+                if b not in (choice.runs[gap.prev_run], choice.runs[gap.next_run]):
+                    return False
+            if gap.next_run is not None and self.prefetch_room(seg, g) == 0:
+                c = choice.runs[gap.next_run]
+                if c != b and not self.read_only[c]:
                     return False
         return True
 

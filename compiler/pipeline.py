@@ -1,0 +1,136 @@
+"""The driver: a JAX function (or a Program) and a target in, a verified Plan out.
+
+`plan(...)` loads the target, lowers the function for the target's platform, runs the passes
+
+    schedule -> liveness -> [fusion passes] -> place-tiers -> verify
+
+with the PassManager (state re-checked after every pass, per-pass wall time recorded in
+`Plan.pass_wall_s`) and returns the plan with the program attached. The plan carries the predicted
+times of the baselines ("naive" and "greedy" for a "mip" plan, "naive" for a "greedy" plan) and
+the program's lower bound. For the same input the plan's JSON is byte-identical apart from the
+keys that contain "wall".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tiermap.compiler.fusion import Fusion
+from tiermap.compiler.ir import Program
+from tiermap.compiler.plan import Plan
+from tiermap.hwtargets.target import Target
+from tiermap.passes.base import Pass, PassManager, PipelineState
+from tiermap.passes.liveness import LivenessPass
+from tiermap.passes.place_tiers import (
+    BACKENDS,
+    OBJECTIVES,
+    STRATEGIES,
+    ChoiceError,
+    PlaceTiersPass,
+    check_choice,
+)
+from tiermap.passes.schedule import SchedulePass
+from tiermap.passes.verify import VerifyPass
+
+
+def fusion_passes() -> list[Pass]:
+    """The fusion and tiling passes, in order (empty until they are registered here)."""
+    try:
+        from tiermap.passes.fusion import FusionPass
+    except ImportError:
+        return []
+    out: list[Pass] = [FusionPass()]
+    try:
+        from tiermap.passes.tiling import TilingPass
+    except ImportError:
+        return out
+    out.append(TilingPass())
+    return out
+
+
+def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+                 backend: str = "highs", workers: int | None = None,
+                 fusion: bool = True) -> list[Pass]:
+    """The pass list of `plan`: schedule, liveness, fusion (unless off or naive), placement,
+    verification."""
+    passes: list[Pass] = [SchedulePass(), LivenessPass()]
+    if fusion and strategy != "naive":
+        passes.extend(fusion_passes())
+    passes.append(PlaceTiersPass(strategy=strategy, time_limit_s=time_limit_s, seed=seed,
+                                 backend=backend, workers=workers))
+    passes.append(VerifyPass())
+    return passes
+
+
+def _load_target(target: str | Target) -> Target:
+    if isinstance(target, Target):
+        return target
+    from tiermap.hwtargets.loader import load_target
+
+    return load_target(target)
+
+
+def _validate(strategy: str, objective: str, backend: str, time_limit_s: float, seed: int,
+              workers: int | None) -> None:
+    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("objective", objective, OBJECTIVES)
+    check_choice("backend", backend, BACKENDS)
+    if (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+            or not math.isfinite(time_limit_s) or time_limit_s <= 0):
+        raise ChoiceError(f"time_limit_s={time_limit_s!r}: expected a positive, finite number "
+                          "of seconds")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ChoiceError(f"seed={seed!r}: expected a non-negative integer")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ChoiceError(f"workers={workers!r}: expected a positive integer or None")
+
+
+def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target = "cpu",
+         strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+         objective: str = "time", backend: str = "highs", workers: int | None = None,
+         fusion: bool = True, passes: Sequence[Pass] | None = None, **kwargs: Any) -> Plan:
+    """Plan where every tensor of a JAX function (or Program) lives on `target`.
+
+    Args:
+        fn_or_program: a JAX function (traced on `args`) or a tiermap Program.
+        *args: example arguments: arrays or `jax.ShapeDtypeStruct` pytrees.
+        target: a built-in target name, a .toml path or a Target.
+        strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
+        time_limit_s: the MIP's wall-clock limit.
+        seed: the solver's random seed.
+        objective: "time" (predicted seconds) or "energy" (needs energy figures on the tiers).
+        backend: the MIP solver: "highs", "scip" or "cpsat".
+        workers: solver threads (None: the machine's cores, at most 8).
+        fusion: run the fusion passes (the "naive" strategy never fuses).
+        passes: a custom pass list (default: `build_passes(...)`).
+        **kwargs: keyword arguments of the function.
+
+    Raises:
+        ChoiceError: an option is not one of its choices (the message lists them).
+        HardwareSpecError: the target is unknown or its file is wrong.
+        InfeasiblePlacementError: the program does not fit the target.
+        PassError: a pass failed (names the pass).
+    """
+    _validate(strategy, objective, backend, time_limit_s, seed, workers)
+    tgt = _load_target(target)
+    if isinstance(fn_or_program, Program):
+        if args or kwargs:
+            raise ChoiceError("a Program takes no example arguments; pass a function to trace "
+                              "instead, or drop the arguments")
+        program = fn_or_program
+    elif callable(fn_or_program):
+        from tiermap.compiler.frontend import lower
+
+        program = lower(fn_or_program, *args, platform=tgt.platform, **kwargs)
+    else:
+        raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
+                          f"{type(fn_or_program).__name__}")
+    pass_list = list(passes) if passes is not None else build_passes(
+        strategy, time_limit_s, seed, backend, workers, fusion)
+    state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective))
+    if state.plan is None:
+        raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
+    return state.plan

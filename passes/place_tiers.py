@@ -1,0 +1,833 @@
+"""The `place-tiers` pass: where every tensor lives at every step, by MIP (or a baseline).
+
+The placement is decided in the segment form of passes/baselines.py (runs of accesses, idle gaps
+with a middle tier, eviction/prefetch windows of fixed length, read-only homes), which every
+strategy shares, so that the greedy plan is a feasible point of the MIP and warm-starts it.
+
+The MIP (OR-tools MathOpt; HiGHS by default, SCIP or CP-SAT on request). Numbers match the code.
+
+Sets: free tensors t (not pinned); runs r and gaps g of t; tiers K_t (the writable tiers that
+can hold t, plus read-only homes for inputs and constants); steps s of the chunk; kernels j
+(fusion groups and lone ops); links l (tier pairs). Pinned tensors and decisions of earlier
+chunks are constants.
+
+Variables
+ (V1) x[t,r,k] in {0,1}: run r of t is in tier k (a read-only k reads the home copy).
+ (V2) z[t,g,k] in {0,1}: the middle tier of gap g is k.
+ (V3) h[t,k] in {0,1}: t's home is read-only tier k for its whole live range.
+ (V4) e[t,g,a,b] in [0,1]: eviction a -> b over the first steps of g (b writable).
+ (V5) f[t,g,b,c] in [0,1]: prefetch b -> c over the last steps of g (c writable).
+ (V6) m[j] >= 0: time of a multi-op kernel j.
+ (V7) T[s] >= 0: time of step s.
+ (V8) O[k,s]: bytes resident in tier k at step s (only tiers whose capacity can bind).
+ (V9) L[l,s] >= 0: busy time of link l at step s.
+
+Constraints
+ (C1) sum_k x[t,r,k] = 1 and sum_k z[t,g,k] = 1.
+ (C2) x[t,r,k] <= h[t,k] and z[t,g,k] <= h[t,k] for read-only k; sum_k h[t,k] <= 1.
+ (C3) e[t,g,a,b] >= x[t,prev(g),a] + z[t,g,b] - 1;  f[t,g,b,c] >= z[t,g,b] + x[t,next(g),c] - 1.
+ (C4) a gap of one or two steps between runs holds one transfer at most:
+      z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k]; where a prefetch has no room (a run at the
+      start of a chunk), x[t,next(g),c] <= z[t,g,c] for writable c.
+ (C5) occupancy: O[k,s] = O[k,s-1] + bytes of the terms starting at s - bytes of the terms that
+      ended at s-1 (terms: x over its run, z over its gap, e over its window in its source, f over
+      its window in its destination, h over the live range); O[k,s] <= capacity_k - constants.
+ (C6) kernel time: a lone op's T[s] >= compute_j + overhead and
+      T[s] >= overhead + sum_access bytes / bandwidth_k * x; for a multi-op kernel the same bounds
+      on m[j], and T[s] >= w_s * m[j] for each of its steps (w_s: its flop share).
+ (C7) links: L[l,s] = L[l,s-1] + shares of the transfers starting at s - shares of those that
+      ended at s-1 (share = bytes / link bandwidth / window steps); T[s] >= L[l,s].
+
+Objective
+ (O1) time: minimise sum_s T[s] (= the cost model's predicted time of the plan).
+ (O2) energy: minimise sum bytes * energy_pj_per_byte over accesses and transfers (on both tiers)
+      + 1e-6 * sum_s T[s], subject to sum_s T[s] <= the greedy plan's time.
+
+Very long programs are decomposed into chunks of steps solved in order (rolling horizon): a chunk
+decides the runs, gaps and homes that start in it; what earlier chunks decided is fixed there;
+transfer windows never cross into an earlier chunk (passes/baselines.py clips them). Each solve
+has a time limit, a seed and a worker count; the solution hint is the greedy plan. A chunk's bound
+is conditional on the chunks before it, so a decomposed solve is reported as "feasible".
+
+The plan the MIP finds is re-evaluated by the cost model; if it is worse than greedy (it should
+not be: the model is exact for segment-form plans) the greedy plan is returned and the notes
+say so. If no solve returns a solution in time, the greedy plan is returned with solver status
+"greedy_fallback".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import numpy as np
+from tiermap.compiler.fusion import Fusion
+from tiermap.compiler.plan import Plan, SolverInfo
+from tiermap.costmodel.evaluate import build_plan, evaluate
+from tiermap.passes.base import PipelineState
+from tiermap.passes.baselines import (
+    Assignment,
+    Choice,
+    CostState,
+    PlacementProblem,
+    greedy_assignment,
+    naive_assignment,
+)
+
+from tiermap.errors import PassError, TiermapError
+
+STRATEGIES = ("mip", "greedy", "naive")
+OBJECTIVES = ("time", "energy")
+BACKENDS = ("highs", "scip", "cpsat")
+# A chunk holds about this many binary variables; longer programs are decomposed.
+MAX_CHUNK_BINARIES = 12_000
+# Relative gap at which a solve stops.
+RELATIVE_GAP = 1e-4
+# Weight of time in the energy objective (O2), per time unit.
+ENERGY_TIME_WEIGHT = 1e-6
+# CP-SAT works on integers: time and bytes are scaled to this many units per reference amount.
+CPSAT_RESOLUTION = 1000.0
+_NO_HOME = -2
+_UNDECIDED = -1
+
+
+class ChoiceError(TiermapError):
+    """An option of the place-tiers pass is not one of its choices."""
+
+
+@dataclass(frozen=True)
+class MipOutcome:
+    """What the MIP found: an assignment (None if no solve returned one) and how it went."""
+
+    assignment: Assignment | None
+    status: str
+    gap: float | None
+    bound_s: float | None
+    objective: float | None
+    num_chunks: int
+    detail: str
+
+
+@dataclass
+class _Partial:
+    """Decisions made so far for one tensor: tiers of runs and gaps (-1 undecided), home."""
+
+    runs: list[int]
+    gaps: list[int]
+    home: int
+
+
+def _chunk_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[int, int]]:
+    """Split the steps into chunks of about `max_binaries` binaries, cutting between kernels and
+    preferably where no run spans the cut."""
+    n = problem.num_steps
+    per_step = np.zeros(n + 1)
+    crossing = np.zeros(n + 1, dtype=np.int64)  # runs spanning the cut before step s
+    for vid, seg in problem.segments.items():
+        if vid in problem.pinned:
+            continue
+        width = len(seg.tiers) + len(seg.homes)
+        for run in seg.runs:
+            per_step[run.lo] += width
+            if run.hi > run.lo:
+                crossing[run.lo + 1] += 1
+                crossing[run.hi + 1] -= 1
+        for gap in seg.gaps:
+            per_step[gap.lo] += width
+    crossing = np.cumsum(crossing)
+    total = float(per_step.sum())
+    if total <= max_binaries or n < 8:
+        return [(0, n - 1)] if n else []
+    kernel_cut = np.ones(n + 1, dtype=bool)
+    for k in problem.kernels:
+        for s in range(k.steps[0] + 1, k.steps[-1] + 1):
+            kernel_cut[s] = False
+    num_chunks = int(math.ceil(total / max_binaries))
+    target = total / num_chunks
+    cum = np.cumsum(per_step[:n])
+    cuts = [0]
+    for i in range(1, num_chunks):
+        ideal = int(np.searchsorted(cum, i * target))
+        best = None
+        for radius in range(0, max(8, n // (4 * num_chunks))):
+            for s in (ideal - radius, ideal + radius):
+                if cuts[-1] + 2 <= s <= n - 2 and kernel_cut[s] and crossing[s] == 0:
+                    best = s
+                    break
+            if best is not None:
+                break
+        if best is None:
+            best = min(max(ideal, cuts[-1] + 2), n - 2)
+            while best < n - 1 and not kernel_cut[best]:
+                best += 1
+        if best > cuts[-1] + 1 and best <= n - 1:
+            cuts.append(best)
+    cuts.append(n)
+    return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+class _ChunkModel:
+    """The MIP of one chunk of steps [c0, c1] (module docstring, V1-O2)."""
+
+    def __init__(self, problem: PlacementProblem, partial: Mapping[str, _Partial],
+                 c0: int, c1: int, backend: str,
+                 hint: Mapping[str, Choice], time_budget_s: float | None) -> None:
+        from ortools.math_opt.python import mathopt
+
+        self.mo = mathopt
+        self.p = p = problem
+        self.c0, self.c1 = c0, c1
+        self.integer = backend == "cpsat"
+        self.model = model = mathopt.Model(name=f"place-tiers[{c0}..{c1}]")
+        n_here = c1 - c0 + 1
+        ref_s = float(np.mean(p.est_op_s[c0:c1 + 1])) if n_here else 1.0
+        self.time_unit_s = ref_s if ref_s > 0 else 1e-9
+        if self.integer:
+            self.time_unit_s /= CPSAT_RESOLUTION
+        num_tiers = len(p.tier_names)
+        ro = p.read_only
+        self.x: dict[tuple[str, int], dict[int, Any]] = {}
+        self.z: dict[tuple[str, int], dict[int, Any]] = {}
+        self.h: dict[str, dict[int, Any]] = {}
+        self.pairs: list[tuple[Any, str, int, int, int]] = []  # (var, vid, g, a, b)
+        const_occ = np.zeros((num_tiers, n_here + 1), dtype=np.float64)
+        occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in range(num_tiers)]
+        const_link: dict[tuple[int, int], np.ndarray] = {}
+        link_terms: dict[tuple[int, int], list[tuple[Any, float, int, int]]] = {}
+        energy_terms: list[tuple[Any, float]] = []
+        kernel_terms: dict[int, list[tuple[Any, float]]] = {}
+        kernel_const_s: dict[int, float] = {}
+        hint_values: dict[Any, float] = {}
+
+        def owned(step: int) -> bool:
+            return c0 <= step <= c1
+
+        def binary() -> Any:
+            return model.add_binary_variable()
+
+        def add_occ(k: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
+            lo, hi = max(lo, c0), min(hi, c1)
+            if lo > hi:
+                return
+            if isinstance(coef, (int, float)):
+                if coef:
+                    const_occ[k, lo - c0] += coef * nbytes
+                    const_occ[k, hi + 1 - c0] -= coef * nbytes
+            else:
+                occ_terms[k].append((coef, float(nbytes), lo, hi))
+
+        def add_link(a: int, b: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
+            key = (a, b) if a < b else (b, a)
+            share_s = nbytes / p.link_bw(a, b) / (hi - lo + 1)
+            lo, hi = max(lo, c0), min(hi, c1)
+            if lo > hi:
+                return
+            if isinstance(coef, (int, float)):
+                if coef:
+                    arr = const_link.setdefault(key, np.zeros(n_here + 1))
+                    arr[lo - c0] += share_s * coef
+                    arr[hi + 1 - c0] -= share_s * coef
+            else:
+                link_terms.setdefault(key, []).append((coef, share_s, lo, hi))
+
+        # (V1)-(V3) and the constants of decided items, tensor by tensor.
+        for vid, seg in p.segments.items():
+            if seg.last < c0 or seg.first > c1:
+                continue
+            pinned = p.pinned.get(vid)
+            part = partial.get(vid)
+            tiers = list(seg.tiers) + list(seg.homes)
+            hint_choice = hint.get(vid)
+
+            def val(kind: str, i: int, k: int, _part: _Partial | None = part,
+                    _pin: Choice | None = pinned, _vid: str = vid) -> Any:
+                """A decision as a 0/1 constant or a variable."""
+                if _pin is not None:
+                    src = _pin.runs if kind == "x" else _pin.gaps
+                    return 1.0 if src[i] == k else 0.0
+                assert _part is not None
+                decided = (_part.runs if kind == "x" else _part.gaps)[i]
+                if decided != _UNDECIDED:
+                    return 1.0 if decided == k else 0.0
+                table = self.x if kind == "x" else self.z
+                return table[(_vid, i)].get(k, 0.0)
+
+            def home_val(k: int, _part: _Partial | None = part,
+                         _pin: Choice | None = pinned, _vid: str = vid) -> Any:
+                if _pin is not None:
+                    return 1.0 if _pin.home == k else 0.0
+                assert _part is not None
+                if _part.home == _UNDECIDED:
+                    return self.h[_vid].get(k, 0.0)
+                return 1.0 if _part.home == k else 0.0
+
+            if part is not None:
+                if part.home == _UNDECIDED and owned(seg.first):
+                    hv = {k: binary() for k in seg.homes}
+                    self.h[vid] = hv
+                    if hv:
+                        model.add_linear_constraint(  # (C2)
+                            ub=1.0, expr=mathopt.fast_sum(hv.values()))
+                    if hint_choice is not None:
+                        for k, v in hv.items():
+                            hint_values[v] = 1.0 if hint_choice.home == k else 0.0
+                for r, run in enumerate(seg.runs):
+                    if part.runs[r] == _UNDECIDED and owned(run.lo):
+                        xv = {k: binary() for k in tiers}
+                        self.x[(vid, r)] = xv
+                        model.add_linear_constraint(  # (C1)
+                            lb=1.0, ub=1.0, expr=mathopt.fast_sum(xv.values()))
+                        if hint_choice is not None:
+                            for k, v in xv.items():
+                                hint_values[v] = 1.0 if hint_choice.runs[r] == k else 0.0
+                for g, gap in enumerate(seg.gaps):
+                    if part.gaps[g] == _UNDECIDED and owned(gap.lo):
+                        zv = {k: binary() for k in tiers}
+                        self.z[(vid, g)] = zv
+                        model.add_linear_constraint(  # (C1)
+                            lb=1.0, ub=1.0, expr=mathopt.fast_sum(zv.values()))
+                        if hint_choice is not None:
+                            for k, v in zv.items():
+                                hint_values[v] = 1.0 if hint_choice.gaps[g] == k else 0.0
+                # (C2) read-only tiers only as the home
+                for k in seg.homes:
+                    hk = home_val(k)
+                    for r in range(len(seg.runs)):
+                        xv = self.x.get((vid, r), {}).get(k)
+                        if xv is not None:
+                            self._le(xv, hk)
+                    for g in range(len(seg.gaps)):
+                        zv = self.z.get((vid, g), {}).get(k)
+                        if zv is not None:
+                            self._le(zv, hk)
+            # Occupancy of homes, runs and gap middles.
+            for k in seg.homes:
+                add_occ(k, seg.first, seg.last, home_val(k), seg.nbytes)
+            for r, run in enumerate(seg.runs):
+                if run.lo > c1:
+                    continue
+                for k in seg.tiers:
+                    add_occ(k, run.lo, run.hi, val("x", r, k), seg.nbytes)
+            for g, gap in enumerate(seg.gaps):
+                if gap.lo > c1:
+                    continue
+                for k in seg.tiers:
+                    add_occ(k, gap.lo, gap.hi, val("z", g, k), seg.nbytes)
+                # (V4) evictions at the gap's start, (C3)
+                if gap.prev_run is not None:
+                    for a in tiers:
+                        for b in seg.tiers:
+                            if a == b:
+                                continue
+                            xa, zb = val("x", gap.prev_run, a), val("z", g, b)
+                            coef = self._product(xa, zb, hint_choice, vid, g, a, b, True,
+                                                 hint_values)
+                            if isinstance(coef, float) and not coef:
+                                continue
+                            w = p.window(seg, g, a, b, True)
+                            if not ro[a]:
+                                add_occ(a, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
+                            add_link(a, b, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
+                            energy_terms.append(
+                                (coef, seg.nbytes * (p.energy_pj[a] + p.energy_pj[b])))
+                # (V5) prefetches at the gap's end, (C3); (C4)
+                if gap.next_run is not None and seg.runs[gap.next_run].lo <= c1:
+                    nxt = gap.next_run
+                    if gap.single_move and gap.prev_run is not None:
+                        for k in tiers:
+                            zk = val("z", g, k)
+                            if not isinstance(zk, float):
+                                self._le(zk, self._sum(val("x", gap.prev_run, k),
+                                                       val("x", nxt, k)))
+                    no_room = p.prefetch_room(seg, g) == 0
+                    for b in tiers:
+                        for c in seg.tiers:
+                            if b == c:
+                                continue
+                            zb, xc = val("z", g, b), val("x", nxt, c)
+                            if no_room:
+                                if not (isinstance(zb, float) and isinstance(xc, float)):
+                                    self._le(xc, val("z", g, c))
+                                continue
+                            coef = self._product(zb, xc, hint_choice, vid, g, b, c, False,
+                                                 hint_values)
+                            if isinstance(coef, float) and not coef:
+                                continue
+                            w = p.window(seg, g, b, c, False)
+                            add_occ(c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
+                            add_link(b, c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
+                            energy_terms.append(
+                                (coef, seg.nbytes * (p.energy_pj[b] + p.energy_pj[c])))
+            # Accesses in this chunk: kernel memory time and energy.
+            for j, step, nbytes, is_read in p.touches.get(vid, ()):
+                if not owned(step):
+                    continue
+                r = seg.run_of_step[step]
+                bw = p.read_bw if is_read else p.write_bw
+                for k in tiers:
+                    xv = val("x", r, k)
+                    coef_s = nbytes / bw[k]
+                    if isinstance(xv, float):
+                        if xv:
+                            kernel_const_s[j] = kernel_const_s.get(j, 0.0) + coef_s
+                            energy_terms.append((1.0, nbytes * p.energy_pj[k]))
+                    else:
+                        kernel_terms.setdefault(j, []).append((xv, coef_s))
+                        energy_terms.append((xv, nbytes * p.energy_pj[k]))
+
+        # (V7) step times, (C6) kernel bounds.
+        tu = self.time_unit_s
+        overhead = p.target.op_overhead_s
+        self.T = [self._cont(0.0) for _ in range(n_here)]
+        kernels_here = sorted({int(p.kernel_of_step[s]) for s in range(c0, c1 + 1)})
+        for j in kernels_here:
+            k = p.kernels[j]
+            steps = [s for s in k.steps if owned(s)]
+            lone = len(k.steps) == 1
+            lb_s = max(float(p.kernel_compute_s[j]), kernel_const_s.get(j, 0.0)) + overhead
+            terms = kernel_terms.get(j, [])
+            if lone:
+                target_var = self.T[steps[0] - c0]
+                model_var = target_var
+            else:
+                model_var = self._cont(0.0)  # (V6)
+            self._ge_const(model_var, lb_s / tu)
+            if terms:
+                self._ge_terms(model_var, [(v, c / tu) for v, c in terms],
+                               (kernel_const_s.get(j, 0.0) + overhead) / tu)
+            if not lone:
+                for s in steps:
+                    w = float(p.step_weight[s])
+                    self._ge_terms(self.T[s - c0], [(model_var, w)], 0.0)
+        # (V8)/(C5) occupancy chains for tiers whose capacity can bind.
+        for k in range(num_tiers):
+            const = np.cumsum(const_occ[k, :n_here])
+            terms = occ_terms[k]
+            cap = float(p.capacity[k])
+            if not terms:
+                if const.max(initial=0.0) > cap + 0.5:
+                    raise PassError("place-tiers", f"fixed tensors overflow tier "
+                                    f"{p.tier_names[k]} in steps {c0}..{c1}")
+                continue
+            upper = const.copy()
+            starts: dict[int, list[tuple[Any, float]]] = {}
+            ends: dict[int, list[tuple[Any, float]]] = {}
+            diff = np.zeros(n_here + 1)
+            for var, nbytes, lo, hi in terms:
+                diff[lo - c0] += nbytes
+                diff[hi + 1 - c0] -= nbytes
+                starts.setdefault(lo - c0, []).append((var, nbytes))
+                ends.setdefault(hi + 1 - c0, []).append((var, nbytes))
+            upper += np.cumsum(diff[:n_here])
+            if upper.max(initial=0.0) <= cap:
+                continue
+            self._occupancy_chain(k, const, starts, ends, cap, n_here)
+        # (V9)/(C7) link chains.
+        for key in sorted(set(link_terms) | set(const_link)):
+            const = np.cumsum(const_link.get(key, np.zeros(n_here + 1))[:n_here])
+            for s in range(n_here):
+                if const[s] > 0:
+                    self._ge_const(self.T[s], const[s] / tu)
+            terms = link_terms.get(key, [])
+            if not terms:
+                continue
+            starts_l: dict[int, list[tuple[Any, float]]] = {}
+            ends_l: dict[int, list[tuple[Any, float]]] = {}
+            for var, share_s, lo, hi in terms:
+                starts_l.setdefault(lo - c0, []).append((var, share_s / tu))
+                ends_l.setdefault(hi + 1 - c0, []).append((var, share_s / tu))
+            prev = None
+            active = 0
+            for s in range(n_here):
+                st, en = starts_l.get(s, []), ends_l.get(s, [])
+                active += len(st) - len(en)
+                if prev is None and not st:
+                    continue
+                if not st and not en and active == 0:
+                    prev = None
+                    continue
+                cur = self._cont(0.0)
+                row = [(v, c) for v, c in st] + [(v, -c) for v, c in en]
+                if prev is not None:
+                    row.append((prev, 1.0))
+                self._eq(cur, row)
+                self._ge_terms(self.T[s], [(cur, 1.0)], const[s] / tu)
+                prev = cur if active > 0 else None
+        # (O1)/(O2)
+        time_sum = mathopt.fast_sum(self.T)
+        self.energy_unit_pj = 1.0
+        if p.objective == "energy":
+            scale = sum(abs(c) for _v, c in energy_terms) or 1.0
+            self.energy_unit_pj = scale / 1e6
+            energy_expr = mathopt.fast_sum(
+                (v * (c / self.energy_unit_pj)) for v, c in energy_terms
+                if not isinstance(v, float))
+            if time_budget_s is not None:
+                model.add_linear_constraint(ub=time_budget_s / tu * (1 + 1e-9), expr=time_sum)
+            model.minimize(energy_expr + ENERGY_TIME_WEIGHT * time_sum)
+        else:
+            model.minimize(time_sum)
+        self.hint_values = hint_values
+        self.energy_const_pj = sum(c for v, c in energy_terms if isinstance(v, float))
+
+    # --- small helpers ----------------------------------------------------------------------
+
+    def _cont(self, lb: float) -> Any:
+        if self.integer:
+            return self.model.add_integer_variable(lb=lb)
+        return self.model.add_variable(lb=lb)
+
+    def _le(self, a: Any, b: Any) -> None:
+        """a <= b, each a variable, an expression or a float constant."""
+        a_const, b_const = isinstance(a, float), isinstance(b, float)
+        if a_const and b_const:
+            if a > b:
+                raise PassError("place-tiers", f"fixed decisions contradict: {a} > {b}")
+        elif b_const:
+            self.model.add_linear_constraint(ub=b, expr=a)
+        elif a_const:
+            self.model.add_linear_constraint(lb=a, expr=b)
+        else:
+            self.model.add_linear_constraint(ub=0.0, expr=a - b)
+
+    @staticmethod
+    def _sum(a: Any, b: Any) -> Any:
+        return a + b
+
+    def _ge_const(self, var: Any, value: float) -> None:
+        if value > 0:
+            if self.integer:
+                value = math.ceil(value - 1e-9)
+            self.model.add_linear_constraint(lb=value, expr=var)
+
+    def _ge_terms(self, var: Any, terms: Sequence[tuple[Any, float]], const: float) -> None:
+        """var >= const + sum c * v."""
+        row = self.model.add_linear_constraint(lb=const)
+        row.set_coefficient(var, 1.0)
+        for v, c in terms:
+            row.set_coefficient(v, row.get_coefficient(v) - c)
+
+    def _eq(self, var: Any, terms: Sequence[tuple[Any, float]]) -> None:
+        """var == sum c * v; CP-SAT (integer variables) gets coefficients rounded away from 0,
+        the same way where a term starts and where it ends, so the chain stays exact."""
+        row = self.model.add_linear_constraint(lb=0.0, ub=0.0)
+        row.set_coefficient(var, 1.0)
+        for v, c in terms:
+            if self.integer:
+                c = math.copysign(math.ceil(abs(c) - 1e-9), c)
+            row.set_coefficient(v, row.get_coefficient(v) - c)
+
+    def _product(self, a: Any, b: Any, hint_choice: Choice | None, vid: str, g: int,
+                 src: int, dst: int, evict: bool, hint_values: dict[Any, float]) -> Any:
+        """A variable >= a + b - 1 in [0, 1] (C3), or a constant when a and b are constants."""
+        if isinstance(a, float) and isinstance(b, float):
+            return 1.0 if a and b else 0.0
+        if isinstance(a, float) and not a or isinstance(b, float) and not b:
+            return 0.0
+        if isinstance(a, float):
+            return b
+        if isinstance(b, float):
+            return a
+        var = (self.model.add_binary_variable() if self.integer
+               else self.model.add_variable(lb=0.0, ub=1.0))
+        self.model.add_linear_constraint(lb=-1.0, expr=var - a - b)
+        self.pairs.append((var, vid, g, src, dst))
+        if hint_choice is not None and self.integer:
+            seg = self.p.segments[vid]
+            gap = seg.gaps[g]
+            if evict:
+                on = hint_choice.runs[gap.prev_run] == src and hint_choice.gaps[g] == dst
+            else:
+                on = hint_choice.gaps[g] == src and hint_choice.runs[gap.next_run] == dst
+            hint_values[var] = 1.0 if on else 0.0
+        return var
+
+    def _occupancy_chain(self, k: int, const: np.ndarray,
+                         starts: Mapping[int, list[tuple[Any, float]]],
+                         ends: Mapping[int, list[tuple[Any, float]]], cap: float,
+                         n_here: int) -> None:
+        """(C5): O[k,s] = O[k,s-1] + starting terms - ended terms, O[k,s] <= cap - const[s]."""
+        scale = max(cap / 1e6, 1.0)
+        if self.integer:
+            scale = max(cap / (CPSAT_RESOLUTION * 1e3), 1.0)
+        prev = None
+        slack = 1.0 / scale  # one byte of safety against solver tolerances
+        for s in range(n_here):
+            st, en = starts.get(s, []), ends.get(s, [])
+            room = (cap - const[s]) / scale
+            if self.integer:
+                room = math.floor(room + 1e-9)
+            if prev is None and not st:
+                continue
+            if not st and not en:
+                # unchanged occupancy: the bound is only tighter if the constants grew
+                if s > 0 and const[s] <= const[s - 1]:
+                    continue
+            cur = self.model.add_variable(lb=-math.inf, ub=max(room - slack, -1e-9)) if not (
+                self.integer) else self.model.add_integer_variable(lb=-10**12, ub=room)
+            row = [(v, b / scale) for v, b in st] + [(v, -b / scale) for v, b in en]
+            if prev is not None:
+                row.append((prev, 1.0))
+            self._eq(cur, row)
+            prev = cur
+
+    # --- solve ----------------------------------------------------------------------------
+
+    def solve(self, backend: str, time_limit_s: float, seed: int, workers: int) -> Any:
+        mo = self.mo
+        params = mo.SolveParameters(
+            time_limit=timedelta(seconds=max(time_limit_s, 0.05)),
+            random_seed=seed,
+            relative_gap_tolerance=RELATIVE_GAP,
+        )
+        if backend == "highs":
+            solver = mo.SolverType.HIGHS
+            # HiGHS takes its thread count as an option, not through MathOpt's `threads`.
+            params.highs.int_options["threads"] = workers
+            params.highs.int_options["random_seed"] = seed
+        elif backend == "scip":
+            solver = mo.SolverType.GSCIP
+            params.threads = workers
+        else:
+            solver = mo.SolverType.CP_SAT
+            params.threads = workers
+        model_params = None
+        if self.hint_values:
+            model_params = mo.ModelSolveParameters(
+                solution_hints=[mo.SolutionHint(variable_values=dict(self.hint_values))])
+        return mo.solve(self.model, solver, params=params, model_params=model_params)
+
+
+def solve_mip(problem: PlacementProblem, hint: Assignment, time_limit_s: float, seed: int,
+              backend: str, workers: int) -> MipOutcome:
+    """Solve the placement MIP chunk by chunk; None assignment if a chunk found no solution."""
+    from ortools.math_opt.python import mathopt
+
+    t_start = time.perf_counter()
+    chunks = problem.chunks
+    partial: dict[str, _Partial] = {}
+    for vid, seg in problem.segments.items():
+        if vid in problem.pinned:
+            continue
+        partial[vid] = _Partial([_UNDECIDED] * len(seg.runs), [_UNDECIDED] * len(seg.gaps),
+                                _UNDECIDED if seg.homes else _NO_HOME)
+    statuses: list[str] = []
+    bound_total_s = 0.0
+    objective_total = 0.0
+    have_bound = True
+    weights = [max(c1 - c0 + 1, 1) for c0, c1 in chunks]
+    hint_state = CostState(problem, {**problem.pinned, **hint}) if (
+        problem.objective == "energy") else None
+    for i, (c0, c1) in enumerate(chunks):
+        share = weights[i] / max(sum(weights[i:]), 1)
+        budget = None
+        if hint_state is not None:
+            # energy: never slower than greedy, chunk by chunk
+            budget = float(hint_state.step_times(np.arange(c0, c1 + 1)).sum())
+        model = _ChunkModel(problem, partial, c0, c1, backend, hint, budget)
+        elapsed = time.perf_counter() - t_start
+        left_s = max(time_limit_s - elapsed, 0.0)
+        limit_s = max(left_s * share, 0.05)
+        result = model.solve(backend, limit_s, seed, workers)
+        reason = result.termination.reason
+        if not result.has_primal_feasible_solution():
+            return MipOutcome(None, "greedy_fallback", None, None, None, len(chunks),
+                              f"chunk {i + 1}/{len(chunks)} (steps {c0}..{c1}): "
+                              f"{reason.name.lower()} without a solution "
+                              f"in {limit_s:.3g} s")
+        values = result.variable_values()
+        for (vid, r), table in model.x.items():
+            partial[vid].runs[r] = _argmax(table, values)
+        for (vid, g), table in model.z.items():
+            partial[vid].gaps[g] = _argmax(table, values)
+        for vid, table in model.h.items():
+            k = _argmax(table, values) if table else -1
+            partial[vid].home = k if k >= 0 and values[table[k]] > 0.5 else _NO_HOME
+        statuses.append("optimal" if reason == mathopt.TerminationReason.OPTIMAL else "feasible")
+        bounds = result.termination.objective_bounds
+        unit = model.time_unit_s if problem.objective == "time" else model.energy_unit_pj
+        objective_total += result.objective_value() * unit
+        if math.isfinite(bounds.dual_bound):
+            bound_total_s += bounds.dual_bound * unit
+        else:
+            have_bound = False
+    assignment: Assignment = dict(problem.pinned)
+    for vid, part in partial.items():
+        seg = problem.segments[vid]
+        home = None if part.home in (_NO_HOME, _UNDECIDED) else part.home
+        choice = Choice(tuple(part.runs), tuple(part.gaps), home)
+        if _UNDECIDED in part.runs or _UNDECIDED in part.gaps or not problem.valid(seg, choice):
+            return MipOutcome(None, "greedy_fallback", None, None, None, len(chunks),
+                              f"tensor {vid}: the solver's choice {choice} is not a valid "
+                              "segment-form placement")
+        assignment[vid] = choice
+    single = len(chunks) == 1
+    status = "optimal" if single and statuses == ["optimal"] else "feasible"
+    bound = bound_total_s if have_bound else None
+    gap = None
+    if bound is not None and objective_total > 0:
+        gap = max(objective_total - bound, 0.0) / abs(objective_total)
+    if status == "optimal":
+        gap = 0.0 if gap is None else gap
+    detail = (f"{len(chunks)} chunk(s); " if not single else "") + (
+        "chunk statuses " + ",".join(statuses) if not single else f"solver status {statuses[0]}")
+    return MipOutcome(assignment, status, gap, bound if problem.objective == "time" else None,
+                      objective_total, len(chunks), detail)
+
+
+def _argmax(table: Mapping[int, Any], values: Mapping[Any, float]) -> int:
+    return max(table, key=lambda k: (values[table[k]], -k))
+
+
+# --- the pass -------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """Solver threads: the machine's cores, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@dataclass(frozen=True)
+class PlaceTiersPass:
+    """Decide every tensor's tier at every step. Requires liveness; ensures `state.plan`.
+
+    Attributes:
+        strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
+        time_limit_s: the MIP's wall-clock limit (all chunks together).
+        seed: the solver's random seed.
+        backend: "highs", "scip" or "cpsat".
+        workers: solver threads (None: `default_workers()`).
+        max_chunk_binaries: decompose programs whose MIP has more binaries than this.
+    """
+
+    name: ClassVar[str] = "place-tiers"
+    strategy: str = "mip"
+    time_limit_s: float = 30.0
+    seed: int = 0
+    backend: str = "highs"
+    workers: int | None = None
+    max_chunk_binaries: int = MAX_CHUNK_BINARIES
+
+    def __post_init__(self) -> None:
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("backend", self.backend, BACKENDS)
+        if not (isinstance(self.time_limit_s, (int, float)) and self.time_limit_s > 0):
+            raise ChoiceError(f"time_limit_s={self.time_limit_s!r}: expected a positive number "
+                              "of seconds")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ChoiceError(f"workers={self.workers!r}: expected a positive integer or None")
+
+    def run(self, state: PipelineState) -> PipelineState:
+        if state.liveness is None:
+            raise PassError(self.name, "needs liveness: run the 'liveness' pass first")
+        check_choice("objective", state.objective, OBJECTIVES)
+        program, target = state.program, state.target
+        if state.objective == "energy":
+            lacking = [t.name for t in target.residency_tiers if t.energy_pj_per_byte is None]
+            if lacking:
+                raise ChoiceError(
+                    f"objective 'energy' needs energy_pj_per_byte on every residency tier; "
+                    f"target '{target.name}' lacks it on {', '.join(lacking)}. Fix: add the "
+                    "figures to the target file, or use objective='time'")
+        from tiermap.costmodel.bounds import program_lower_bound_s
+
+        lower_bound_s = program_lower_bound_s(program, target, state.fusion)
+        workers = self.workers or default_workers()
+        # naive: no fusion, no pins
+        naive_problem = PlacementProblem(program, target, Fusion(), state.liveness,
+                                         state.objective, pin=False)
+        t0 = time.perf_counter()
+        naive = naive_assignment(naive_problem)
+        naive_parts = naive_problem.to_plan_parts(naive)
+        naive_eval = evaluate(program, target, naive_parts[0], naive_parts[1], Fusion())
+        naive_wall_s = time.perf_counter() - t0
+        if self.strategy == "naive":
+            return replace(state, plan=build_plan(
+                program, target, "naive", naive_parts[0], naive_parts[1], Fusion(),
+                lower_bound_s, {}, SolverInfo("naive", "heuristic", None, naive_wall_s, None,
+                                              detail="main memory, spilling in program order")))
+        problem = PlacementProblem(program, target, state.fusion, state.liveness,
+                                   state.objective, pin=True)
+        problem.set_chunks(_chunk_bounds(problem, self.max_chunk_binaries)
+                           if self.strategy == "mip" else [(0, program.num_steps - 1)])
+        t0 = time.perf_counter()
+        greedy = greedy_assignment(problem)
+        greedy_parts = problem.to_plan_parts(greedy)
+        greedy_wall_s = time.perf_counter() - t0
+        baselines = {"naive": naive_eval.predicted_time_s}
+        greedy_info = SolverInfo("greedy", "heuristic", None, greedy_wall_s, None,
+                                 detail="memory-space-assignment-style heuristic")
+        greedy_plan = build_plan(program, target, "greedy", greedy_parts[0], greedy_parts[1],
+                                 state.fusion, lower_bound_s, baselines, greedy_info)
+        if self.strategy == "greedy":
+            return replace(state, plan=greedy_plan)
+        baselines = {"naive": naive_eval.predicted_time_s,
+                     "greedy": greedy_plan.predicted_time_s}
+        return replace(state, plan=self._mip(state, problem, greedy, greedy_plan, naive_problem,
+                                             naive, baselines, lower_bound_s, workers))
+
+    def _mip(self, state: PipelineState, problem: PlacementProblem, greedy: Assignment,
+             greedy_plan: Plan, naive_problem: PlacementProblem, naive: Assignment,
+             baselines: Mapping[str, float], lower_bound_s: float, workers: int) -> Plan:
+        program, target = state.program, state.target
+        t0 = time.perf_counter()
+        outcome = solve_mip(problem, greedy, self.time_limit_s, self.seed, self.backend, workers)
+        wall_s = time.perf_counter() - t0
+        notes: list[str] = []
+        info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, self.time_limit_s,
+                          seed=self.seed, workers=workers, bound_s=outcome.bound_s,
+                          detail=outcome.detail)
+        candidate: Plan | None = None
+        if outcome.assignment is not None:
+            parts = problem.to_plan_parts(outcome.assignment)
+            candidate = build_plan(program, target, "mip", parts[0], parts[1], state.fusion,
+                                   lower_bound_s, baselines, info)
+            if not _no_worse(candidate, greedy_plan, state.objective):
+                notes.append(
+                    f"the MIP's plan evaluates to {candidate.predicted_time_s:.6g} s, worse than "
+                    f"greedy's {greedy_plan.predicted_time_s:.6g} s; returning the greedy plan")
+                info = replace(info, status="greedy_fallback",
+                               detail=info.detail + "; MIP plan worse than greedy")
+                candidate = None
+        else:
+            notes.append(f"no MIP solution in {self.time_limit_s:g} s ({outcome.detail}); "
+                         "returning the greedy plan")
+        if candidate is None:
+            candidate = replace(greedy_plan, strategy="mip", baselines=dict(baselines),
+                                solver=info, notes=tuple(notes))
+        if candidate.predicted_time_s > baselines["naive"] * (1 + 1e-12):
+            # Fusion made this program slower than the unfused naive plan: keep the naive one.
+            parts = naive_problem.to_plan_parts(naive)
+            notes.append("the fused plan is slower than the unfused naive plan; returning the "
+                         "naive placement without fusion")
+            candidate = build_plan(program, target, "mip", parts[0], parts[1], Fusion(),
+                                   lower_bound_s, baselines,
+                                   replace(info, status="greedy_fallback"), notes)
+        return candidate
+
+
+def _no_worse(plan: Plan, reference: Plan, objective: str) -> bool:
+    tol = 1e-12
+    if plan.predicted_time_s > reference.predicted_time_s * (1 + tol):
+        return False
+    if objective == "energy":
+        e_plan = _energy_j(plan)
+        e_ref = _energy_j(reference)
+        return e_plan <= e_ref * (1 + tol) + 1e-300
+    return True
+
+
+def _energy_j(plan: Plan) -> float:
+    energy = {t.name: t.energy_pj_per_byte or 0.0 for t in plan.target.tiers}
+    return sum(b * energy[t] for t, b in plan.traffic_bytes.items()) * 1e-12
+
+
+def check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise ChoiceError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ChoiceError(f"{what}={value!r} is not one of: {', '.join(choices)}")
