@@ -122,8 +122,10 @@ _REDUCER_KINDS = frozenset({"reduce", "reduce_window", "select_and_scatter", "sc
 
 _FLOAT_PRIORITY = ("f64", "f32", "bf16", "f16")
 _HALF = frozenset({"f16", "bf16"})
-_LOC_NAME = re.compile(r'loc\("([^"]*)"')
-_LOC_FILE = re.compile(r'"([^"]+\.py)":(\d+)')
+# A NameLoc's name: `loc("name"(child))` or `loc("name")`, not a file location `"file":12:3`.
+_LOC_NAME = re.compile(r'loc\("([^"]*)"(?!:\d)')
+_LOC_PY = re.compile(r'"([^"]+\.py)":(\d+)')
+_LOC_ANY = re.compile(r'"([^"]*)":(\d+):\d+')
 _NONSPLAT = object()  # constant value whose elements differ (or are unknown)
 
 
@@ -138,13 +140,18 @@ def _dtype_name(element_type: Any) -> str:
 
 
 def _format_location(text: str) -> str:
+    """`name @ file.py:line` from a printed MLIR location; `line N` for text without a file."""
     name = _LOC_NAME.search(text)
-    where = _LOC_FILE.search(text)
+    where = _LOC_PY.search(text) or _LOC_ANY.search(text)
     parts = []
     if name:
         parts.append(name.group(1))
     if where:
-        parts.append(f"{os.path.basename(where.group(1))}:{where.group(2)}")
+        source = where.group(1)
+        if source in ("-", ""):
+            parts.append(f"line {where.group(2)}")
+        else:
+            parts.append(f"{os.path.basename(source)}:{where.group(2)}")
     return " @ ".join(parts)
 
 
@@ -1070,6 +1077,22 @@ def _program_from_module(module: Any, name: str | None, platform: str) -> Progra
     )
 
 
+def stablehlo_op_count(module: Any) -> int:
+    """StableHLO and CHLO ops in a parsed module: every function, region bodies included."""
+    count = 0
+    stack = [module.operation]
+    while stack:
+        op = stack.pop()
+        for region in op.regions:
+            for block in region.blocks:
+                for wrapped in block.operations:
+                    inner = wrapped.operation
+                    if inner.name.startswith(("stablehlo.", "chlo.")):
+                        count += 1
+                    stack.append(inner)
+    return count
+
+
 def _ir_context() -> Any:
     from jax.interpreters import mlir as jax_mlir
 
@@ -1077,7 +1100,12 @@ def _ir_context() -> Any:
 
 
 def parse_module(text: str) -> Any:
-    """Parse StableHLO text into a module in a context with every dialect JAX uses."""
+    """Parse StableHLO text into a module in a context with every dialect JAX uses.
+
+    Raises:
+        UnsupportedProgramError: the text does not parse; the message gives the line and the
+            op (an op of an unknown dialect is named with its dialect).
+    """
     from jaxlib.mlir import ir
 
     ctx = _ir_context()
@@ -1085,12 +1113,37 @@ def parse_module(text: str) -> Any:
         try:
             return ir.Module.parse(text)
         except Exception as exc:  # MLIRError: bad text or an unknown dialect
-            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-            detail = " ".join(lines[:4])
-            raise UnsupportedProgramError(
-                f"could not parse the module as StableHLO: {detail}. "
-                "Fix: pass StableHLO text (e.g. jax.jit(f).lower(...).as_text())."
-            ) from None
+            raise UnsupportedProgramError(_parse_error_message(str(exc), text)) from None
+
+
+_PARSE_AT = re.compile(r'"[^"]*":(\d+):(\d+): (.*)')
+_UNKNOWN_DIALECT = re.compile(r"Dialect `([^']+)' not found for custom op '([^']+)'")
+
+
+def _parse_error_message(error: str, text: str) -> str:
+    fix = "Fix: pass StableHLO text (e.g. jax.jit(f).lower(...).as_text())."
+    dialect = _UNKNOWN_DIALECT.search(error)
+    at = _PARSE_AT.search(error)
+    line_no = int(at.group(1)) if at else 0
+    lines = text.splitlines()
+    source = lines[line_no - 1].strip() if 0 < line_no <= len(lines) else ""
+    if len(source) > 100:
+        source = source[:97] + "..."
+    where = f"line {line_no}: " if line_no else ""
+    if dialect:
+        return (f"{where}op '{dialect.group(2)}' of dialect '{dialect.group(1)}' is not "
+                f"StableHLO (tiermap reads stablehlo, chlo, func and sdy ops). Fix: convert the "
+                "module to StableHLO first, or lower the function with jax.")
+    if "unregistered dialect" in error:
+        op_name = re.search(r'"?([A-Za-z_][\w]*\.[\w.]+)"?\s*\(', source)
+        named = f"op '{op_name.group(1)}' " if op_name else "an op "
+        return (f"{where}{named}of an unknown dialect is not StableHLO: `{source}`. "
+                "Fix: convert the module to StableHLO first, or lower the function with jax.")
+    detail = at.group(3).strip() if at else " ".join(error.strip().splitlines()[:2])
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    quoted = f" in `{source}`" if source else ""
+    return f"could not parse the module as StableHLO: {where}{detail}{quoted}. {fix}"
 
 
 def _looks_like_path(text: str) -> bool:
