@@ -18,7 +18,7 @@ def xla_flops(lowered: Any) -> float:
     the "Sharding" call a sharding constraint becomes); tiermap counts them as 0, so they are
     added back here.
     """
-    flops = float(lowered.cost_analysis()["flops"])
+    flops = float(lowered.cost_analysis().get("flops", 0.0))
     hlo = lowered.as_text(dialect="hlo")
     return flops + len(re.findall(r" custom-call\(", hlo))
 
