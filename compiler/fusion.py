@@ -37,10 +37,14 @@ class FusionGroup:
 
 @dataclass(frozen=True)
 class Fusion:
-    """All fusion groups of a program (only multi-op groups are listed)."""
+    """All fusion groups of a program (only multi-op groups are listed).
+
+    `notes` says how the groups were chosen (solver, status, what was left unfused and why).
+    """
 
     groups: tuple[FusionGroup, ...] = ()
     tiles: tuple[TileChoice, ...] = ()
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def group_of(self) -> dict[str, FusionGroup]:
         """Map op id → its group, for ops that are fused."""

@@ -21,12 +21,14 @@ Two loop orders are searched over every legal (Br, Bc) (powers of two and multip
   `e·(Nk(d + dv) + Σ_j q_rows(j)·(d + 2dv + 4))` — for Nq = Nk, d = dv and no mask this is
   `bounds.flash_attention_traffic_bytes`.
 
-Attention backward (the split two-pass backward of FlashAttention-2 and JAX's Pallas GPU kernel;
-every output written once): a pre-pass D = rowsum(dO ∘ O) reads O and dO; a kv-outer pass
-computes dK, dV (working set Bc·2(d + dv) + Br·(d + dv) + 2·Br·Bc + 2Br) and re-reads Q, dO
-and the float32 statistics per key block; a q-outer pass computes dQ (working set
-Br·(2d + dv) + Bc·(d + dv) + 2·Br·Bc + 2Br) and re-reads K and V per query block. The
-reference is FlashAttention-1's Algorithm 4 at its own block rule.
+Attention backward, two orders searched. Split (FlashAttention-2, JAX's Pallas GPU kernel; every
+output written once): a pre-pass D = rowsum(dO ∘ O) reads O and dO; a kv-outer pass computes
+dK, dV (working set Bc·2(d + dv) + Br·(d + dv) + 2·Br·Bc + 2Br) and re-reads Q, dO and the
+float32 statistics per key block; a q-outer pass computes dQ (working set
+Br·(2d + dv) + Bc·(d + dv) + 2·Br·Bc + 2Br) and re-reads K and V per query block. One pass
+(FlashAttention-1, Algorithm 4): kv-outer, reading Q_i, O_i, dO_i, dQ_i and writing dQ_i per
+reached query block (working set 2Bc(d + dv) + 2Br(d + dv) + 2·Br·Bc + 3Br). The reference is
+Algorithm 4 at FlashAttention-1's own block rule.
 
 Matmuls and convolutions (implicit GEMM m·n·k): output tiles Tm × Tn with a k-panel Tk,
 working set Tm·Tn + Tk·(Tm + Tn) ≤ M, traffic `e·(m·k·⌈n/Tn⌉ + k·n·⌈m/Tm⌉ + m·n)`, beside
@@ -235,16 +237,24 @@ def search_forward_tiles(nq: int, nk: int, d: int, dv: int, fast_bytes: float,
 
 @dataclass(frozen=True)
 class BackwardTiles:
-    """A split two-pass backward tiling and what it moves (all heads).
+    """A backward tiling and what it moves (all heads).
 
     Attributes:
-        block_q_dkv, block_kv_dkv: Br, Bc of the kv-outer pass computing dK, dV.
-        block_q_dq, block_kv_dq: Br, Bc of the q-outer pass computing dQ.
-        traffic_bytes: HBM bytes of the backward (pre-pass and both passes), all heads.
+        one_pass: True for FlashAttention-1's Algorithm 4 order (one kv-outer pass that reads
+            and writes dQ per key block); False for the split two-pass backward.
+        block_q_dkv, block_kv_dkv: Br, Bc of the kv-outer pass computing dK, dV (one pass:
+            the only pass).
+        block_q_dq, block_kv_dq: Br, Bc of the q-outer pass computing dQ (one pass: the same
+            as the dK, dV blocks).
+        traffic_bytes: HBM bytes of the backward, all heads.
         working_set_bytes: on-chip bytes of the larger pass's step.
-        q_reads, kv_reads: average times Q (and dO, the statistics) and K, V are read.
+        q_reads, do_reads, kv_reads, stats_reads: average times Q, dO, K and V, and the row
+            statistics are read. Traffic with no input of its own — the pre-pass or one-pass
+            read of O, the one-pass's repeated dQ reads and writes — is charged to the tensor
+            of the same shape (O's to dO, dQ's to Q), so the group's bytes match this model.
     """
 
+    one_pass: bool
     block_q_dkv: int
     block_kv_dkv: int
     block_q_dq: int
@@ -252,7 +262,9 @@ class BackwardTiles:
     traffic_bytes: float
     working_set_bytes: int
     q_reads: float
+    do_reads: float
     kv_reads: float
+    stats_reads: float
 
 
 def dkv_working_set_words(br: int, bc: int, d: int, dv: int) -> int:
@@ -265,59 +277,81 @@ def dq_working_set_words(br: int, bc: int, d: int, dv: int) -> int:
     return br * (2 * d + dv) + bc * (d + dv) + 2 * br * bc + 2 * br
 
 
+def one_pass_working_set_words(br: int, bc: int, d: int, dv: int) -> int:
+    """K_j, V_j, dK_j, dV_j, Q_i, dQ_i, O_i, dO_i, S/P and dP/dS blocks, three statistics."""
+    return 2 * bc * (d + dv) + br * (2 * d + 2 * dv) + 2 * br * bc + 3 * br
+
+
+def _best(parts: list[tuple[np.ndarray, ...]]) -> tuple[float, int, int, float] | None:
+    """(traffic, Br, Bc, rows) of the least traffic, then largest area, then largest Bc."""
+    if not parts:
+        return None
+    t, b_r, b_c, r = (np.concatenate(x) for x in zip(*parts, strict=True))
+    i = _best_index(t, -b_r * b_c, -b_c)
+    return float(t[i]), int(b_r[i]), int(b_c[i]), float(r[i])
+
+
 def search_backward_tiles(nq: int, nk: int, d: int, dv: int, fast_bytes: float,
                           elem_bytes: float, causal: bool = False, batch_heads: int = 1
                           ) -> BackwardTiles:
-    """Least-traffic blocks for each pass of the split backward (exhaustive over legal sizes).
+    """Least-traffic backward: the split two-pass order (each pass's blocks searched on their
+    own) or FlashAttention-1's one-pass order, exhaustive over legal sizes.
 
     Raises:
-        TiermapError: a pass cannot hold even 1×1 blocks.
+        TiermapError: neither order can hold even 1×1 blocks.
     """
     words = int(fast_bytes // elem_bytes)
+    e, st = elem_bytes, STATS_BYTES
     sizes_q = legal_block_sizes(nq)
     sizes_k = legal_block_sizes(nk)
-    # (1) dK, dV pass: kv-outer; traffic depends on Br only through causal block starts.
+    # (1) split, dK/dV pass: kv-outer; Q, dO and two statistics per reached query row.
     dkv: list[tuple[np.ndarray, ...]] = []
+    # (3) one pass: kv-outer; Q, O, dO, dQ read and dQ written per reached query row.
+    one: list[tuple[np.ndarray, ...]] = []
     for bc in sizes_k.tolist():
         room = words - 2 * bc * (d + dv)
         brs = sizes_q[sizes_q * (d + dv + 2 * bc + 2) <= room]
         if brs.size:
             rows = _q_rows_per_kv_block(nq, nk, brs, bc, causal)
-            traffic = (elem_bytes * 2 * nk * (d + dv)
-                       + rows * (elem_bytes * (d + dv) + 2 * STATS_BYTES))
-            dkv.append((traffic, brs, np.full(brs.shape, bc), rows))
-    # (2) dQ pass: q-outer.
+            dkv.append((e * 2 * nk * (d + dv) + rows * (e * (d + dv) + 2 * st), brs,
+                        np.full(brs.shape, bc), rows))
+        brs = sizes_q[sizes_q * (2 * d + 2 * dv + 2 * bc + 3) <= room]
+        if brs.size:
+            rows = _q_rows_per_kv_block(nq, nk, brs, bc, causal)
+            one.append((e * 2 * nk * (d + dv) + rows * (e * (3 * d + 2 * dv) + 2 * st), brs,
+                        np.full(brs.shape, bc), rows))
+    # (2) split, dQ pass: q-outer; K and V per reached key row.
     dq: list[tuple[np.ndarray, ...]] = []
     for br in sizes_q.tolist():
         room = words - br * (2 * d + dv) - 2 * br
         bcs = sizes_k[sizes_k * (d + dv + 2 * br) <= room]
         if bcs.size:
             rows = _kv_rows_per_q_block(nq, nk, br, bcs, causal)
-            traffic = (elem_bytes * (nq * (2 * d + dv) + (d + dv) * rows)
-                       + 2 * STATS_BYTES * nq)
-            dq.append((traffic, np.full(bcs.shape, br), bcs, rows))
-    best_dkv = best_dq = None
-    if dkv:
-        t, b_r, b_c, r = (np.concatenate(x) for x in zip(*dkv, strict=True))
-        i = _best_index(t, -b_r * b_c, -b_c)
-        best_dkv = (float(t[i]), int(b_r[i]), int(b_c[i]), float(r[i]))
-    if dq:
-        t, b_r, b_c, r = (np.concatenate(x) for x in zip(*dq, strict=True))
-        i = _best_index(t, -b_r * b_c, -b_c)
-        best_dq = (float(t[i]), int(b_r[i]), int(b_c[i]), float(r[i]))
-    if best_dkv is None or best_dq is None:
+            dq.append((e * (nq * (2 * d + dv) + (d + dv) * rows) + 2 * st * nq,
+                       np.full(bcs.shape, br), bcs, rows))
+    best_dkv, best_dq, best_one = _best(dkv), _best(dq), _best(one)
+    options: list[BackwardTiles] = []
+    if best_dkv is not None and best_dq is not None:
+        pre = e * 2 * nq * dv + st * nq  # D = rowsum(dO ∘ O)
+        ws = max(dkv_working_set_words(best_dkv[1], best_dkv[2], d, dv),
+                 dq_working_set_words(best_dq[1], best_dq[2], d, dv))
+        q_reads = 1.0 + best_dkv[3] / nq
+        options.append(BackwardTiles(
+            False, best_dkv[1], best_dkv[2], best_dq[1], best_dq[2],
+            (pre + best_dkv[0] + best_dq[0]) * batch_heads, int(ws * e),
+            q_reads, q_reads + 2.0, 1.0 + best_dq[3] / nk, q_reads))
+    if best_one is not None:
+        rows = best_one[3]
+        options.append(BackwardTiles(
+            True, best_one[1], best_one[2], best_one[1], best_one[2],
+            best_one[0] * batch_heads,
+            int(one_pass_working_set_words(best_one[1], best_one[2], d, dv) * e),
+            (3.0 * rows - nq) / nq, 2.0 * rows / nq, 1.0, rows / nq))
+    if not options:
         raise TiermapError(
             f"attention backward tiling: {fast_bytes:.0f} bytes per core cannot hold one 1×1 "
             f"block for head dims d={d}, dv={dv}; fix: a target with a larger on-chip tier")
-    pre = elem_bytes * 2 * nq * dv + STATS_BYTES * nq
-    traffic = pre + best_dkv[0] + best_dq[0]
-    ws = max(dkv_working_set_words(best_dkv[1], best_dkv[2], d, dv),
-             dq_working_set_words(best_dq[1], best_dq[2], d, dv))
-    return BackwardTiles(
-        block_q_dkv=best_dkv[1], block_kv_dkv=best_dkv[2], block_q_dq=best_dq[1],
-        block_kv_dq=best_dq[2], traffic_bytes=traffic * batch_heads,
-        working_set_bytes=int(ws * elem_bytes),
-        q_reads=1.0 + best_dkv[3] / nq, kv_reads=1.0 + best_dq[3] / nk)
+    return min(options, key=lambda b: (b.traffic_bytes, b.one_pass))
 
 
 def fa1_backward_traffic_bytes(nq: int, nk: int, d: int, dv: int, fast_bytes: float,
@@ -454,24 +488,27 @@ def _attention_choice(group: FusionGroup, program: Program, fast_bytes: int, tie
     else:
         b = search_backward_tiles(nq, nk, d, dv, fast_bytes, e, causal, bh)
         ref = fa1_backward_traffic_bytes(nq, nk, d, dv, fast_bytes, e, causal, bh)
-        for role in ("q", "do"):
+        for role, reads in (("q", b.q_reads), ("do", b.do_reads), ("k", b.kv_reads),
+                            ("v", b.kv_reads)):
             if a.get(role):
-                rpi[str(a[role])] = b.q_reads + (2.0 if role == "do" else 0.0)
-        for role in ("k", "v"):
-            if a.get(role):
-                rpi[str(a[role])] = b.kv_reads
+                rpi[str(a[role])] = reads
         for vid in a.get("row_inputs", ()):
-            rpi[str(vid)] = b.q_reads
+            rpi[str(vid)] = b.stats_reads
         for vid in a.get("recomputed", ()):
             rpi[str(vid)] = 0.0
         params = {"block_q_dkv": b.block_q_dkv, "block_kv_dkv": b.block_kv_dkv,
-                  "block_q_dq": b.block_q_dq, "block_kv_dq": b.block_kv_dq}
+                  "block_q_dq": b.block_q_dq, "block_kv_dq": b.block_kv_dq,
+                  "one_pass": int(b.one_pass)}
         fbr, fbc = fa1_blocks(fast_bytes, d, e)
+        need = one_pass_working_set_words(min(fbr, nq), min(fbc, nk), d, dv)
+        words = int(fast_bytes // e)
+        over = (f"; its blocks need {need} words > M = {words}, so this reference is "
+                "optimistic") if need > words else ""
         choice = TileChoice(
             group=group.id, kind="attention_bwd", params=params, traffic_bytes=b.traffic_bytes,
             lower_bound_bytes=lower, reference_bytes=ref,
             reference=(f"FlashAttention-1 Algorithm 4 on {tier} ({fast_bytes} B/core): "
-                       f"Bc={fbc}, Br={fbr}"))
+                       f"Bc={fbc}, Br={fbr}{over}"))
         ws = b.working_set_bytes
     return replace(group, reads_per_input=rpi, working_set_bytes=ws), choice
 
@@ -520,7 +557,7 @@ def tile_fusion(program: Program, target: Target, fusion: Fusion) -> Fusion:
             mm = _matmul_choice(op.id, op.kind, dict(op.attrs), op.dtype, fast_bytes)
             if mm is not None:
                 tiles.append(mm)
-    return Fusion(groups=tuple(groups), tiles=tuple(tiles))
+    return Fusion(groups=tuple(groups), tiles=tuple(tiles), notes=fusion.notes)
 
 
 @dataclass(frozen=True)
