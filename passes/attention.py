@@ -182,6 +182,9 @@ def _absorb_sides(graph: _Graph, group: set[str], score: Counter[int],
                     continue
                 if any(vo in graph.outputs for vo in p.outputs):
                     continue
+                if (p.kind == "stablehlo.constant" and "folded_from" not in p.attrs
+                        and graph.value(p.outputs[0]).type.num_elements > 1):
+                    continue  # a dense constant is data the kernel must read, not a splat
                 readers = {c.id for vo in p.outputs for c in graph.consumers.get(vo, [])}
                 if not readers <= group | others:
                     continue

@@ -87,6 +87,14 @@ class Candidate:
     partner: str | None = None
 
 
+def _splat(op: Op, program: Program) -> bool:
+    """A constant a kernel can generate on chip: a scalar or a folded broadcast of one."""
+    if op.kind != "stablehlo.constant":
+        return False
+    return ("folded_from" in op.attrs
+            or all(program.values[v].type.num_elements <= 1 for v in op.outputs))
+
+
 def _elem_bytes(dtype: str) -> float:
     return DTYPE_BITS.get(dtype, 32) / 8.0
 
@@ -178,7 +186,8 @@ def _attention_candidates(program: Program, target: Target, patterns: Iterable[A
 
 
 def _matmul_working_set(op: Op, extra_tiles: int, fast_bytes: int) -> int | None:
-    """Bytes of the best matmul tile leaving room for `extra_tiles` more Tm × Tn tiles."""
+    """Bytes of the best matmul tile leaving room for `extra_tiles` more Tm × Tn tiles (full-size
+    epilogue operands such as a residual; intermediates of the epilogue live in registers)."""
     batch, m, n, k = matmul_dims(dict(op.attrs), op.kind)
     e = _elem_bytes(op.dtype)
     budget = fast_bytes / (1 + extra_tiles)
@@ -190,18 +199,20 @@ def _matmul_working_set(op: Op, extra_tiles: int, fast_bytes: int) -> int | None
 
 
 def _matmul_candidates(index: _Index, taken: set[str], fast_bytes: int,
-                       clusters: list[frozenset[str]]) -> list[tuple[str, frozenset[str], int]]:
+                       clusters: list[frozenset[str]]
+                       ) -> list[tuple[str, frozenset[str], int, dict[str, Any]]]:
     """(kind, ops, working set bytes) for each contraction with its epilogue: each prefix of the
     chain of single readers of its result, and the whole elementwise cluster that alone reads
     its result (bias add and a multi-op activation such as GELU)."""
     program = index.program
-    out: list[tuple[str, frozenset[str], int]] = []
+    out: list[tuple[str, frozenset[str], int, dict[str, Any]]] = []
     cluster_of = {oid: c for c in clusters for oid in c}
     for op in program.ops:
         if op.kind not in MATMUL_KINDS or op.id in taken:
             continue
         ops = {op.id}
         cur = op.outputs[0]
+        out_elems = program.values[cur].type.num_elements
         extra_tiles = 0
         for _ in range(MAX_EPILOGUE_OPS):
             readers = index.readers.get(cur, [])
@@ -214,27 +225,34 @@ def _matmul_candidates(index: _Index, taken: set[str], fast_bytes: int,
             for vid in nxt.inputs:
                 if vid == cur:
                     continue
-                extra_tiles += 1
                 p = index.producer.get(vid)
-                if (p is not None and p.kind in BROADCAST_LIKE and p.id not in taken
+                if (p is not None and (p.kind in BROADCAST_LIKE or _splat(p, program))
+                        and p.id not in taken
                         and all(r.id in ops for r in index.readers.get(vid, []))):
                     ops.add(p.id)
+                    if not p.inputs:
+                        continue
+                    vid = p.inputs[0]
+                if program.values[vid].type.num_elements >= out_elems:
+                    extra_tiles += 1  # a full-size operand (a residual) needs its own tile
             cur = nxt.outputs[0]
             ws = _matmul_working_set(op, extra_tiles, fast_bytes)
             if ws is None:
                 break
-            out.append(("matmul", frozenset(ops), ws))
+            out.append(("matmul", frozenset(ops), ws, {"epilogue_tiles": extra_tiles}))
         readers = index.readers.get(op.outputs[0], [])
         owners = {cluster_of.get(r.id) for r in readers}
         if op.outputs[0] in index.outputs or len(owners) != 1 or None in owners:
             continue
         cluster = next(iter(owners))
         assert cluster is not None
-        touched = {v for oid in cluster for v in (*program.op(oid).inputs,
-                                                  *program.op(oid).outputs)}
-        ws = _matmul_working_set(op, max(0, len(touched) - 1), fast_bytes)
+        produced = {v for oid in cluster for v in program.op(oid).outputs}
+        external = {v for oid in cluster for v in program.op(oid).inputs
+                    if v not in produced and v != op.outputs[0]}
+        extra = sum(1 for v in external if program.values[v].type.num_elements >= out_elems)
+        ws = _matmul_working_set(op, extra, fast_bytes)
         if ws is not None:
-            out.append(("matmul", frozenset(cluster | {op.id}), ws))
+            out.append(("matmul", frozenset(cluster | {op.id}), ws, {"epilogue_tiles": extra}))
     return out
 
 
@@ -242,7 +260,7 @@ def _clusters(index: _Index, taken: set[str], through_reduce: bool) -> list[froz
     """Connected fusible ops joined along tensors that only fusible ops read."""
     program = index.program
     member = [op for op in program.ops if op.id not in taken
-              and (op.kind in FUSIBLE_KINDS or op.kind == REDUCE_KIND)]
+              and (op.kind in FUSIBLE_KINDS or op.kind == REDUCE_KIND or _splat(op, program))]
     ids = {op.id for op in member}
     parent = {oid: oid for oid in ids}
 
@@ -319,7 +337,7 @@ def candidates(program: Program, target: Target) -> tuple[list[Candidate], list[
             out.append(Candidate(g.id, g.kind, frozenset(g.op_ids), g.internal,
                                  dict(g.reads_per_input), g.working_set_bytes, share,
                                  dict(g.attrs), next((k for k in keys if k != g.id), None)))
-    raw: list[tuple[str, frozenset[str], int]] = []
+    raw: list[tuple[str, frozenset[str], int, dict[str, Any]]] = []
     seen: set[frozenset[str]] = set()
     pass_clusters = _clusters(index, taken, through_reduce=False)
     raw.extend(_matmul_candidates(index, taken, fast_bytes, pass_clusters))
@@ -328,8 +346,8 @@ def candidates(program: Program, target: Target) -> tuple[list[Candidate], list[
             continue
         seen.add(ops)
         ws, kind = _cluster_working_set(index, ops)
-        raw.append((kind, ops, ws))
-    for n, (kind, ops, ws) in enumerate(raw):
+        raw.append((kind, ops, ws, {}))
+    for n, (kind, ops, ws, attrs) in enumerate(raw):
         if ws > fast_bytes:
             continue
         if not index.convex(ops):
@@ -341,7 +359,7 @@ def candidates(program: Program, target: Target) -> tuple[list[Candidate], list[
                   - _fused_s(program, target, group, main))
         if saving <= 0:
             continue
-        out.append(Candidate(f"c{n}", kind, ops, internal, {}, ws, saving, {}))
+        out.append(Candidate(f"c{n}", kind, ops, internal, {}, ws, saving, attrs))
     return out, notes
 
 

@@ -549,7 +549,8 @@ def tile_fusion(program: Program, target: Target, fusion: Fusion) -> Fusion:
         groups.append(group)
         if group.kind == "matmul":
             dot = next(program.op(o) for o in group.op_ids if program.op(o).kind in MATMUL_KINDS)
-            mm = _matmul_choice(group.id, dot.kind, dict(dot.attrs), dot.dtype, fast_bytes)
+            budget = fast_bytes // (1 + int(group.attrs.get("epilogue_tiles", 0)))
+            mm = _matmul_choice(group.id, dot.kind, dict(dot.attrs), dot.dtype, budget)
             if mm is not None:
                 tiles.append(mm)
     for op in program.ops:
