@@ -15,8 +15,8 @@ Variables
  (V1) x[t,r,k] in {0,1}: run r of t is in tier k (a read-only k reads the home copy).
  (V2) z[t,g,k] in {0,1}: the middle tier of gap g is k.
  (V3) h[t,k] in {0,1}: t's home is read-only tier k for its whole live range.
- (V4) e[t,g,a,b] in [0,1]: eviction a -> b over the first steps of g (b writable).
- (V5) f[t,g,b,c] in [0,1]: prefetch b -> c over the last steps of g (c writable).
+ (V4) e[t,g,a,b] in [0,1]: move a -> b over the first steps of g (an eviction if a != b).
+ (V5) f[t,g,b,c] in [0,1]: move b -> c over the last steps of g (a prefetch if b != c).
  (V6) m[j] >= 0: time of a multi-op kernel j.
  (V7) T[s] >= 0: time of step s.
  (V8) O[k,s]: bytes resident in tier k at step s (only tiers whose capacity can bind).
@@ -25,10 +25,11 @@ Variables
 Constraints
  (C1) sum_k x[t,r,k] = 1 and sum_k z[t,g,k] = 1.
  (C2) x[t,r,k] <= h[t,k] and z[t,g,k] <= h[t,k] for read-only k; sum_k h[t,k] <= 1.
- (C3) e[t,g,a,b] >= x[t,prev(g),a] + z[t,g,b] - 1;  f[t,g,b,c] >= z[t,g,b] + x[t,next(g),c] - 1.
+ (C3) moves as flows (tight LP): sum_b e[t,g,a,b] = x[t,prev(g),a], sum_a e[t,g,a,b] = z[t,g,b];
+      sum_c f[t,g,b,c] = z[t,g,b], sum_b f[t,g,b,c] = x[t,next(g),c] (a = b: no move).
  (C4) a gap of one or two steps between runs holds one transfer at most:
       z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k]; where a prefetch has no room (a run at the
-      start of a chunk), x[t,next(g),c] <= z[t,g,c] for writable c.
+      start of a chunk), f[t,g,b,c] = 0 for b != c, c writable.
  (C5) occupancy: O[k,s] = O[k,s-1] + bytes of the terms starting at s - bytes of the terms that
       ended at s-1 (terms: x over its run, z over its gap, e over its window in its source, f over
       its window in its destination, h over the live range); O[k,s] <= capacity_k - constants.
@@ -57,10 +58,12 @@ say so. If no solve returns a solution in time, the greedy plan is returned with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -194,7 +197,6 @@ class _ChunkModel:
         self.x: dict[tuple[str, int], dict[int, Any]] = {}
         self.z: dict[tuple[str, int], dict[int, Any]] = {}
         self.h: dict[str, dict[int, Any]] = {}
-        self.pairs: list[tuple[Any, str, int, int, int]] = []  # (var, vid, g, a, b)
         const_occ = np.zeros((num_tiers, n_here + 1), dtype=np.float64)
         occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in range(num_tiers)]
         const_link: dict[tuple[int, int], np.ndarray] = {}
@@ -320,21 +322,21 @@ class _ChunkModel:
                     add_occ(k, gap.lo, gap.hi, val("z", g, k), seg.nbytes)
                 # (V4) evictions at the gap's start, (C3)
                 if gap.prev_run is not None:
-                    for a in tiers:
-                        for b in seg.tiers:
-                            if a == b:
-                                continue
-                            xa, zb = val("x", gap.prev_run, a), val("z", g, b)
-                            coef = self._product(xa, zb, hint_choice, vid, g, a, b, True,
-                                                 hint_values)
-                            if isinstance(coef, float) and not coef:
-                                continue
-                            w = p.window(seg, g, a, b, True)
-                            if not ro[a]:
-                                add_occ(a, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
-                            add_link(a, b, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
-                            energy_terms.append(
-                                (coef, seg.nbytes * (p.energy_pj[a] + p.energy_pj[b])))
+                    src = {a: val("x", gap.prev_run, a) for a in tiers}
+                    dst = {b: val("z", g, b) for b in tiers}
+                    hint_pair = None
+                    if hint_choice is not None:
+                        hint_pair = (hint_choice.runs[gap.prev_run], hint_choice.gaps[g])
+                    for (a, b), coef in self._flow(src, dst, set(), hint_pair,
+                                                   hint_values).items():
+                        if a == b or ro[b] or (isinstance(coef, float) and not coef):
+                            continue
+                        w = p.window(seg, g, a, b, True)
+                        if not ro[a]:
+                            add_occ(a, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
+                        add_link(a, b, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
+                        energy_terms.append(
+                            (coef, seg.nbytes * (p.energy_pj[a] + p.energy_pj[b])))
                 # (V5) prefetches at the gap's end, (C3); (C4)
                 if gap.next_run is not None and seg.runs[gap.next_run].lo <= c1:
                     nxt = gap.next_run
@@ -344,25 +346,23 @@ class _ChunkModel:
                             if not isinstance(zk, float):
                                 self._le(zk, self._sum(val("x", gap.prev_run, k),
                                                        val("x", nxt, k)))
-                    no_room = p.prefetch_room(seg, g) == 0
-                    for b in tiers:
-                        for c in seg.tiers:
-                            if b == c:
-                                continue
-                            zb, xc = val("z", g, b), val("x", nxt, c)
-                            if no_room:
-                                if not (isinstance(zb, float) and isinstance(xc, float)):
-                                    self._le(xc, val("z", g, c))
-                                continue
-                            coef = self._product(zb, xc, hint_choice, vid, g, b, c, False,
-                                                 hint_values)
-                            if isinstance(coef, float) and not coef:
-                                continue
-                            w = p.window(seg, g, b, c, False)
-                            add_occ(c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
-                            add_link(b, c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
-                            energy_terms.append(
-                                (coef, seg.nbytes * (p.energy_pj[b] + p.energy_pj[c])))
+                    forbidden = set()
+                    if p.prefetch_room(seg, g) == 0:  # no room: no move into a writable tier
+                        forbidden = {(b, c) for b in tiers for c in seg.tiers if b != c}
+                    src = {b: val("z", g, b) for b in tiers}
+                    dst = {c: val("x", nxt, c) for c in tiers}
+                    hint_pair = None
+                    if hint_choice is not None:
+                        hint_pair = (hint_choice.gaps[g], hint_choice.runs[nxt])
+                    for (b, c), coef in self._flow(src, dst, forbidden, hint_pair,
+                                                   hint_values).items():
+                        if b == c or ro[c] or (isinstance(coef, float) and not coef):
+                            continue
+                        w = p.window(seg, g, b, c, False)
+                        add_occ(c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
+                        add_link(b, c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
+                        energy_terms.append(
+                            (coef, seg.nbytes * (p.energy_pj[b] + p.energy_pj[c])))
             # Accesses in this chunk: kernel memory time and energy.
             for j, step, nbytes, is_read in p.touches.get(vid, ()):
                 if not owned(step):
@@ -522,30 +522,54 @@ class _ChunkModel:
                 c = math.copysign(math.ceil(abs(c) - 1e-9), c)
             row.set_coefficient(v, row.get_coefficient(v) - c)
 
-    def _product(self, a: Any, b: Any, hint_choice: Choice | None, vid: str, g: int,
-                 src: int, dst: int, evict: bool, hint_values: dict[Any, float]) -> Any:
-        """A variable >= a + b - 1 in [0, 1] (C3), or a constant when a and b are constants."""
-        if isinstance(a, float) and isinstance(b, float):
-            return 1.0 if a and b else 0.0
-        if isinstance(a, float) and not a or isinstance(b, float) and not b:
-            return 0.0
-        if isinstance(a, float):
-            return b
-        if isinstance(b, float):
-            return a
-        var = (self.model.add_binary_variable() if self.integer
-               else self.model.add_variable(lb=0.0, ub=1.0))
-        self.model.add_linear_constraint(lb=-1.0, expr=var - a - b)
-        self.pairs.append((var, vid, g, src, dst))
-        if hint_choice is not None and self.integer:
-            seg = self.p.segments[vid]
-            gap = seg.gaps[g]
-            if evict:
-                on = hint_choice.runs[gap.prev_run] == src and hint_choice.gaps[g] == dst
-            else:
-                on = hint_choice.gaps[g] == src and hint_choice.runs[gap.next_run] == dst
-            hint_values[var] = 1.0 if on else 0.0
-        return var
+    def _flow(self, src: Mapping[int, Any], dst: Mapping[int, Any],
+              forbidden: set[tuple[int, int]], hint_pair: tuple[int, int] | None,
+              hint_values: dict[Any, float]) -> dict[tuple[int, int], Any]:
+        """(V4)/(V5) with (C3): tier-to-tier moves between two one-hot choices, as a flow.
+
+        Returns (from, to) -> a variable in [0, 1] or a 0/1 constant, with
+        sum_to move[a, .] = src[a] and sum_from move[., b] = dst[b] (the transportation polytope,
+        whose LP relaxation is far tighter than move >= src + dst - 1). Pairs in `forbidden` are 0.
+        """
+        src_const = all(isinstance(v, float) for v in src.values())
+        dst_const = all(isinstance(v, float) for v in dst.values())
+        out: dict[tuple[int, int], Any] = {}
+        if src_const:
+            a_on = [a for a, v in src.items() if v > 0.5]
+            for a in src:
+                for b in dst:
+                    if a in a_on and (a, b) not in forbidden:
+                        out[(a, b)] = dst[b]
+                    elif a in a_on and not (isinstance(dst[b], float) and not dst[b]):
+                        self._le(dst[b], 0.0)
+            return out
+        if dst_const:
+            b_on = [b for b, v in dst.items() if v > 0.5]
+            for a in src:
+                for b in dst:
+                    if b in b_on and (a, b) not in forbidden:
+                        out[(a, b)] = src[a]
+                    elif b in b_on:
+                        self._le(src[a], 0.0)
+            return out
+        rows_src = {a: self.model.add_linear_constraint(lb=0.0, ub=0.0) for a in src}
+        rows_dst = {b: self.model.add_linear_constraint(lb=0.0, ub=0.0) for b in dst}
+        for a, v in src.items():
+            rows_src[a].set_coefficient(v, -1.0)
+        for b, v in dst.items():
+            rows_dst[b].set_coefficient(v, -1.0)
+        for a in src:
+            for b in dst:
+                if (a, b) in forbidden:
+                    continue
+                var = (self.model.add_binary_variable() if self.integer
+                       else self.model.add_variable(lb=0.0, ub=1.0))
+                rows_src[a].set_coefficient(var, 1.0)
+                rows_dst[b].set_coefficient(var, 1.0)
+                out[(a, b)] = var
+                if hint_pair is not None and self.integer:
+                    hint_values[var] = 1.0 if hint_pair == (a, b) else 0.0
+        return out
 
     def _occupancy_chain(self, k: int, const: np.ndarray,
                          starts: Mapping[int, list[tuple[Any, float]]],
@@ -590,6 +614,7 @@ class _ChunkModel:
             # HiGHS takes its thread count as an option, not through MathOpt's `threads`.
             params.highs.int_options["threads"] = workers
             params.highs.int_options["random_seed"] = seed
+            params.highs.bool_options["output_flag"] = False
         elif backend == "scip":
             solver = mo.SolverType.GSCIP
             params.threads = workers
@@ -600,7 +625,26 @@ class _ChunkModel:
         if self.hint_values:
             model_params = mo.ModelSolveParameters(
                 solution_hints=[mo.SolutionHint(variable_values=dict(self.hint_values))])
-        return mo.solve(self.model, solver, params=params, model_params=model_params)
+        with _quiet_stdout():
+            return mo.solve(self.model, solver, params=params, model_params=model_params)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence file descriptor 1 during a solve: HiGHS prints debug lines there directly."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def solve_mip(problem: PlacementProblem, hint: Assignment, time_limit_s: float, seed: int,
