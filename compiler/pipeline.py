@@ -35,19 +35,14 @@ from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import VerifyPass
 
 
-def fusion_passes() -> list[Pass]:
-    """The fusion and tiling passes, in order (empty until they are registered here)."""
-    try:
-        from tiermap.passes.fusion import FusionPass
-    except ImportError:
-        return []
-    out: list[Pass] = [FusionPass()]
-    try:
-        from tiermap.passes.tiling import TilingPass
-    except ImportError:
-        return out
-    out.append(TilingPass())
-    return out
+def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None = None
+                  ) -> list[Pass]:
+    """The fusion and tiling passes, in order: `fuse` (MIP over fusion groups) and `tile`."""
+    from tiermap.passes.fusion import FusePass
+    from tiermap.passes.tiling import TilePass
+
+    return [FusePass(time_limit_s=min(time_limit_s, 10.0), seed=seed, workers=workers or 1),
+            TilePass()]
 
 
 def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
@@ -57,7 +52,7 @@ def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 
     verification."""
     passes: list[Pass] = [SchedulePass(), LivenessPass()]
     if fusion and strategy != "naive":
-        passes.extend(fusion_passes())
+        passes.extend(fusion_passes(time_limit_s, seed, workers))
     passes.append(PlaceTiersPass(strategy=strategy, time_limit_s=time_limit_s, seed=seed,
                                  backend=backend, workers=workers))
     passes.append(VerifyPass())
