@@ -4,13 +4,17 @@ The model (ARCHITECTURE.md, "Cost model"; compiler/plan.py fixes the time semant
 
 - An op or fused kernel takes `max(compute_s, memory_s) + target.op_overhead_s`, where
   `memory_s = Σ_tier (bytes_read_tier / read_bytes_per_s + bytes_written_tier / write_bytes_per_s)`.
-- `compute_s = (flops + TRANSCENDENTAL_FLOPS[platform] · transcendentals) / peak`. The peak is
-  `target.peak(dtype)` for contractions (dot, convolution), which run on the matrix units; any
-  other op runs on the vector units and gets at most the f32 peak (`min(peak(dtype), peak("f32"))`):
-  low-precision peaks are matrix-unit figures that elementwise code never reaches.
-- A transcendental (exp, log, tanh ...) costs `TRANSCENDENTAL_FLOPS[platform]` flops: 1 where the
-  hardware has special-function units (accelerators); on "cpu" it is a polynomial of about a dozen
-  vector instructions (calibrated with benchmarks/costmodel_cpu.py).
+- `compute_s = (flops + transcendental_flops · transcendentals) / rate`, where `rate` is
+  - for contractions (dot, convolution), which run on the matrix units: `target.peak(dtype)`;
+  - for every other op, which runs as vector loop code: `min(peak(dtype), peak("f32"))` (low-
+    precision peaks are matrix-unit figures) times the platform's `vector_peak_fraction`;
+  - times `units_used / units`: an op with fewer than `units × parallel_grain_elements` elements
+    of work does not keep every core busy (contractions are split over output elements, loops
+    over the elements they read or write).
+- The per-platform figures are `PlatformModel`s in `PLATFORM_MODELS` (1, 1, no grain elsewhere).
+  The "cpu" figures were measured with benchmarks/costmodel_cpu.py (docs/benchmarks.md): XLA's CPU
+  loop code retires about one elementwise flop per 20 flops of the FMA matmul peak that targets
+  list, a transcendental costs about 4 such flops, and small matmuls run on one core.
 - An op reads each operand whole, except partial readers: slice, dynamic_slice and gather read
   from operand 0 only as many bytes as they write; dynamic_update_slice reads the update, not the
   buffer it updates in place. Per-operand bytes are scaled so they sum to `op.bytes_read`.
@@ -26,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tiermap.compiler.ir import Op, Program, Value
+from tiermap.compiler.ir import DTYPE_BITS, Op, Program, Value
 from tiermap.costmodel.cost import Cost
 
 from tiermap.errors import TiermapError
@@ -35,9 +39,31 @@ if TYPE_CHECKING:
     from tiermap.compiler.fusion import Fusion, FusionGroup
     from tiermap.hwtargets.target import Target
 
-# Flops charged per transcendental, by lowering platform (default 1.0).
-TRANSCENDENTAL_FLOPS: Mapping[str, float] = {"cpu": 16.0}
-DEFAULT_TRANSCENDENTAL_FLOPS = 1.0
+
+
+@dataclass(frozen=True)
+class PlatformModel:
+    """How ops use a platform's compute, beyond its peak FLOP/s.
+
+    Attributes:
+        transcendental_flops: flops charged per transcendental (exp, log, tanh ...).
+        vector_peak_fraction: fraction of the f32 peak that non-contraction (loop) code reaches.
+        parallel_grain_elements: elements of work one unit needs before another unit joins in;
+            0 means every op keeps all units busy.
+    """
+
+    transcendental_flops: float = 1.0
+    vector_peak_fraction: float = 1.0
+    parallel_grain_elements: float = 0.0
+
+
+# Accelerators: special-function units make a transcendental about one flop; the f32 figure is the
+# vector peak already. "cpu": measured on a 2-core AVX-512 VM (docs/benchmarks.md).
+PLATFORM_MODELS: Mapping[str, PlatformModel] = {
+    "cpu": PlatformModel(transcendental_flops=4.0, vector_peak_fraction=0.05,
+                         parallel_grain_elements=50_000.0),
+}
+DEFAULT_PLATFORM_MODEL = PlatformModel()
 
 # Ops that read only part of operand 0 (as many bytes as they write).
 PARTIAL_READERS = frozenset({
@@ -51,17 +77,46 @@ CONTRACTIONS = frozenset({"stablehlo.dot_general", "stablehlo.dot", "stablehlo.c
 # --- compute ------------------------------------------------------------------------------------
 
 
+def platform_model(target: Target) -> PlatformModel:
+    """The `PlatformModel` of the target's platform (defaults where none is listed)."""
+    return PLATFORM_MODELS.get(target.platform, DEFAULT_PLATFORM_MODEL)
+
+
 def transcendental_flops(target: Target) -> float:
-    """Flops charged for one transcendental on `target` (see TRANSCENDENTAL_FLOPS)."""
-    return TRANSCENDENTAL_FLOPS.get(target.platform, DEFAULT_TRANSCENDENTAL_FLOPS)
+    """Flops charged for one transcendental on `target`."""
+    return platform_model(target).transcendental_flops
 
 
 def peak_flops_per_s(op: Op, target: Target) -> float:
-    """The peak rate `op` can reach: the dtype peak for contractions, else at most the f32 peak."""
+    """The rate `op` computes at on all units: the dtype peak for contractions, else the vector
+    rate (at most the f32 peak, times the platform's vector_peak_fraction)."""
     peak = target.peak(op.dtype)
-    if op.kind not in CONTRACTIONS and "f32" in target.peak_flops_per_s:
+    if op.kind in CONTRACTIONS:
+        return peak
+    if "f32" in target.peak_flops_per_s:
         peak = min(peak, target.peak_flops_per_s["f32"])
-    return peak
+    return peak * platform_model(target).vector_peak_fraction
+
+
+def work_elements(op: Op) -> float:
+    """Elements an op's work splits over: output elements of a contraction (batch·m·n, or
+    n·out_spatial·cout), else the larger of the elements it reads and writes."""
+    a = op.attrs
+    if op.kind in ("stablehlo.dot_general", "stablehlo.dot") and "m" in a and "n" in a:
+        return float(a.get("batch", 1)) * float(a["m"]) * float(a["n"])
+    if op.kind == "stablehlo.convolution" and "out_spatial" in a and "cout" in a:
+        return float(a.get("n", 1)) * float(a["out_spatial"]) * float(a["cout"])
+    elem_bytes = max(DTYPE_BITS.get(op.dtype, 32), 8) / 8
+    return max(op.bytes_read, op.bytes_written) / elem_bytes
+
+
+def units_used(op: Op, target: Target) -> float:
+    """How many of the target's units `op` keeps busy: work / grain, between 1 and all."""
+    grain = platform_model(target).parallel_grain_elements
+    units = max(target.units, 1)
+    if grain <= 0.0 or units == 1:
+        return float(units)
+    return min(float(units), max(1.0, work_elements(op) / grain))
 
 
 def op_flops(op: Op, target: Target) -> float:
@@ -70,7 +125,7 @@ def op_flops(op: Op, target: Target) -> float:
 
 
 def compute_time_s(op: Op, target: Target) -> float:
-    """Seconds of compute: flop equivalent / peak (module docstring); 0 for pure data movement."""
+    """Seconds of compute: flop equivalent / (rate × units used / units); 0 for data movement."""
     flops = op_flops(op, target)
     if flops <= 0.0:
         return 0.0
@@ -79,7 +134,7 @@ def compute_time_s(op: Op, target: Target) -> float:
         raise TiermapError(
             f"target '{target.name}' has peak {peak} FLOP/s for dtype {op.dtype} ({op.id}); "
             "fix: give [compute] peak_flops_per_s a positive figure for it")
-    return flops / peak
+    return flops / (peak * units_used(op, target) / max(target.units, 1))
 
 
 # --- bytes --------------------------------------------------------------------------------------

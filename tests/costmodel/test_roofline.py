@@ -21,7 +21,7 @@ from tiermap.costmodel import (
     result_write_bytes,
     transfer_time_s,
 )
-from tiermap.costmodel.roofline import TRANSCENDENTAL_FLOPS, peak_flops_per_s
+from tiermap.costmodel.roofline import PLATFORM_MODELS, peak_flops_per_s, units_used
 
 from tiermap.errors import TiermapError
 
@@ -142,9 +142,11 @@ def test_attention_ops_by_hand(attention_program) -> None:  # type: ignore[no-un
     exp = next(op for op in p.ops if op.kind == "stablehlo.exponential")
     assert exp.transcendentals == 128 * 128
     assert compute_time_s(exp, tgt) == pytest.approx(16_384 / 1e12)  # 1 flop each on "tpu"
-    cpu_factor = TRANSCENDENTAL_FLOPS["cpu"]
+    # On "cpu" a transcendental costs `transcendental_flops` vector flops, and loop code runs at
+    # `vector_peak_fraction` of the f32 peak.
+    cpu = PLATFORM_MODELS["cpu"]
     assert compute_time_s(exp, two_tier_target(platform="cpu")) == pytest.approx(
-        cpu_factor * 16_384 / 1e12)
+        cpu.transcendental_flops * 16_384 / (1e12 * cpu.vector_peak_fraction))
     memory_s = 65_536 / 1e12 + 32_768 / 1e11 + 32_768 / 5e10
     assert op_cost(pv, p, tgt, ["fast", "slow"], ["slow"]).time_s == pytest.approx(
         max(2.097152e-6, memory_s) + OVERHEAD_S)
@@ -205,3 +207,19 @@ def test_op_cost_rejects_wrong_tier_count() -> None:
     p = lower(lambda a, b: a + b, S((4,), F32), S((4,), F32))
     with pytest.raises(TiermapError, match="2 inputs"):
         op_cost(p.ops[0], p, two_tier_target(), ["fast"], ["fast"])
+
+
+def test_small_ops_do_not_keep_every_unit_busy() -> None:
+    from dataclasses import replace
+
+    cpu = PLATFORM_MODELS["cpu"]
+    tgt = replace(two_tier_target(platform="cpu"), units=4)
+    grain = cpu.parallel_grain_elements
+    small = lower(lambda a, b: a @ b, S((64, 64), F32), S((64, 64), F32)).ops[0]
+    big = lower(lambda a, b: a @ b, S((1024, 1024), F32), S((1024, 64), F32)).ops[0]
+    assert 64 * 64 < grain and units_used(small, tgt) == 1.0
+    assert units_used(big, tgt) == min(4.0, 1024 * 64 / grain)
+    # One unit of four: a quarter of the peak.
+    assert compute_time_s(small, tgt) == pytest.approx(2 * 64**3 / (1e12 / 4))
+    # Accelerators: no grain, every unit busy.
+    assert units_used(small, replace(two_tier_target(), units=4)) == 4.0
