@@ -366,6 +366,9 @@ class _Walker:
         # splat python value or _NONSPLAT.
         self.consts: dict[int, Any] = {}
         self.next_key = 0
+        # Alias key -> canonical key: the same IR value seen as a callee parameter or a call
+        # result. Folds look at keys as they are; ops and the IR use canonical keys.
+        self.alias: dict[int, int] = {}
         self.type_cache: dict[Any, TensorType] = {}
         self.call_stack: list[str] = []
 
@@ -376,6 +379,14 @@ class _Walker:
         self.next_key += 1
         self.types[key] = ttype
         return key
+
+    def alias_of(self, key: int) -> int:
+        """A new key for the same IR value as `key` (see `alias`)."""
+        new = self.next_key
+        self.next_key += 1
+        self.types[new] = self.types[key]
+        self.alias[new] = self.alias.get(key, key)
+        return new
 
     def ttype(self, mlir_type: Any, where: Callable[[], str]) -> TensorType:
         cached = self.type_cache.get(mlir_type)
@@ -394,7 +405,8 @@ class _Walker:
             op = wrapped.operation
             name = op.name
             if name == "func.return" or name == "stablehlo.return" or name == "sdy.return":
-                returned = [env[v] for v in op.operands]
+                alias = self.alias
+                returned = [alias.get(env[v], env[v]) for v in op.operands]
                 continue
             if name == "func.call":
                 self._inline(op, _str_attr(op, "callee"), env, path + (index,), nodes)
@@ -425,15 +437,17 @@ class _Walker:
                 "without cycles.")
         self.call_stack.append(callee)
         inner_block = fn.regions[0].blocks[0]
-        inner_env = {arg: env[v] for arg, v in zip(inner_block.arguments, op.operands,
-                                                   strict=True)}
-        # XLA keeps each callee a computation of its own: constants do not fold across calls.
+        # XLA keeps each callee a computation of its own: its parameters and the call's results
+        # are values of their own (no constant folds or identities across the call), so they
+        # get alias keys, which stand for the same IR value.
+        inner_env = {arg: self.alias_of(env[v]) for arg, v in zip(inner_block.arguments,
+                                                                  op.operands, strict=True)}
         caller_consts, self.consts = self.consts, {}
         results = self.walk_block(inner_block, inner_env, path, nodes)
         self.consts = caller_consts
         self.call_stack.pop()
         for res, key in zip(op.results, results, strict=True):
-            env[res] = key
+            env[res] = self.alias_of(key)
 
     def _sharding_op(self, op: Any, name: str, env: dict[Any, int], path: tuple[int, ...],
                      nodes: list[_Node]) -> None:
@@ -517,7 +531,9 @@ class _Walker:
                                           "folded_from": kind}, loc=op.location))
                 return
 
-        # (2) cost of one execution.
+        # (2) cost of one execution, over canonical keys (aliases resolved).
+        alias = self.alias
+        ins = [alias.get(k, k) for k in ins]
         if short == "while" or short == "case" or short == "if":
             node = self._control(op, kind, short, env, ins, in_types, out_types, path)
         else:
