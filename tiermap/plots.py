@@ -132,7 +132,10 @@ def roofline(plan: Plan, ax: Axes | None = None) -> Figure:
     ax.set_yscale("log")
     ax.set_xlabel("operational intensity (FLOP / byte moved)")
     ax.set_ylabel("attained FLOP/s (predicted)")
-    ax.set_title(f"Roofline: {plan.program_name} on {target.name} ({dtype} peak "
+    source = dtype if dtype in target.peak_flops_per_s else next(
+        (k for k, v in target.peak_flops_per_s.items() if v == peak), dtype)
+    which = f"{dtype} peak" if source == dtype else f"{dtype} ops at the {source} peak"
+    ax.set_title(f"Roofline: {plan.program_name} on {target.name} ({which}, "
                  f"{peak:.3g} FLOP/s)", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, which="both", alpha=0.2)
@@ -149,8 +152,9 @@ def _rate(rate_bytes_per_s: float) -> str:
 
 
 def occupancy(plan: Plan, top_tensors: int = 6) -> Figure:
-    """Bytes resident in each tier at every step, stacked by tensor (the largest `top_tensors` of
-    each tier, the rest as "other"), with the tier's capacity as a dashed line."""
+    """Bytes resident in each tier at every step, stacked by tensor (the `top_tensors` with the
+    largest footprint, bytes × steps, in each tier; the rest as "other"), with the tier's
+    capacity as a dashed line."""
     occ = occupancy_bytes(plan)
     tiers = [t for t in plan.target.tiers if max(occ.get(t.name, [0]), default=0) > 0]
     fig = new_figure(8.0, 1.2 + 2.0 * max(len(tiers), 1))
@@ -164,10 +168,12 @@ def occupancy(plan: Plan, top_tensors: int = 6) -> Figure:
     colours = tier_colours(plan.target)
     for ax, tier in zip(axes, tiers, strict=True):
         scale, unit = _byte_scale(max(max(occ[tier.name]), 1))
-        sizes: dict[str, int] = {}
+        sizes: dict[str, int] = {}  # footprint in this tier: bytes × resident steps
         for tensor in plan.tensors:
-            if any(r.tier == tier.name for r in tensor.residency):
-                sizes[tensor.id] = tensor.nbytes
+            resident = sum(r.to_step - r.from_step + 1 for r in tensor.residency
+                           if r.tier == tier.name)
+            if resident:
+                sizes[tensor.id] = tensor.nbytes * resident
         top = sorted(sizes, key=lambda tid: (-sizes[tid], tid))[:top_tensors]
         by_id = {t.id: t for t in plan.tensors}
         base = [0.0] * (plan.num_steps + 1)
@@ -204,6 +210,10 @@ def occupancy(plan: Plan, top_tensors: int = 6) -> Figure:
     return fig
 
 
+def _resident_steps(tensor: Any) -> int:
+    return sum(r.to_step - r.from_step + 1 for r in tensor.residency)
+
+
 def _byte_scale(max_bytes: float) -> tuple[float, str]:
     for scale, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if max_bytes >= scale:
@@ -226,12 +236,14 @@ def _shape_text(tensor: Any) -> str:
 
 
 def placement_timeline(plan: Plan, top_tensors: int = 24) -> Figure:
-    """The largest tensors as rows, one bar per residency interval coloured by tier; a transfer
-    is a black-edged hatched bar over its steps with an arrow towards its destination tier."""
+    """The tensors with the largest footprint (bytes × resident steps) as rows, in order of
+    creation, one bar per residency interval coloured by tier; a transfer is a black-edged
+    hatched bar over its steps with a triangle pointing to a faster (▲) or slower (▼) tier."""
     from matplotlib.patches import Patch
 
     tensors = sorted((t for t in plan.tensors if t.materialized and t.residency),
-                     key=lambda t: (-t.nbytes, t.id))[:top_tensors]
+                     key=lambda t: (-t.nbytes * _resident_steps(t), t.id))[:top_tensors]
+    tensors.sort(key=lambda t: (max(t.producer_step, 0), t.id))
     fig = new_figure(9.0, 1.5 + 0.28 * max(len(tensors), 1))
     ax = fig.add_subplot()
     colours = tier_colours(plan.target)
@@ -241,7 +253,8 @@ def placement_timeline(plan: Plan, top_tensors: int = 24) -> Figure:
     for row, tensor in enumerate(tensors):
         for r in tensor.residency:
             ax.barh(row, r.to_step - r.from_step + 1, left=r.from_step, height=0.6,
-                    color=colours.get(r.tier, "0.5"), alpha=0.85)
+                    color=colours.get(r.tier, "0.5"), edgecolor=colours.get(r.tier, "0.5"),
+                    lw=0.8, alpha=0.85)
         for x in transfers.get(tensor.id, []):
             ax.barh(row, x.end_step - x.start_step + 1, left=x.start_step, height=0.8,
                     fill=False, hatch="///", edgecolor="k", lw=0.8)
@@ -259,7 +272,7 @@ def placement_timeline(plan: Plan, top_tensors: int = 24) -> Figure:
     handles.append(Patch(fill=False, hatch="///", edgecolor="k",
                          label="transfer (▲ to a faster tier, ▼ to a slower one)"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"Placement of the {len(tensors)} largest tensors: {plan.program_name} on "
+    ax.set_title(f"Placement of the {len(tensors)} largest footprints: {plan.program_name} on "
                  f"{plan.target.name} ({plan.strategy})", fontsize=10)
     ax.grid(True, axis="x", alpha=0.2)
     return fig
