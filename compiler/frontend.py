@@ -126,6 +126,8 @@ _HALF = frozenset({"f16", "bf16"})
 _LOC_NAME = re.compile(r'loc\("([^"]*)"(?!:\d)')
 _LOC_PY = re.compile(r'"([^"]+\.py)":(\d+)')
 _LOC_ANY = re.compile(r'"([^"]*)":(\d+):\d+')
+# Frames in these paths are library code; an op's location names the innermost frame outside them.
+_LIBRARY_PATHS = ("site-packages", "dist-packages", "/jax/_src/", "<frozen")
 _NONSPLAT = object()  # constant value whose elements differ (or are unknown)
 
 
@@ -454,8 +456,9 @@ class _Walker:
         """Shardy ops: sharding annotations pass their operand through; a manual computation
         (shard_map) is inlined, its body standing for the whole program on one device."""
         if name in _SDY_PASS_THROUGH:
+            # XLA turns these into custom calls, which no fold looks through: an alias key.
             for res, operand in zip(op.results, op.operands, strict=False):
-                env[res] = env[operand]
+                env[res] = self.alias_of(env[operand])
             return
         if name == "sdy.manual_computation":
             block = op.regions[0].blocks[0]
@@ -949,6 +952,10 @@ class _Finisher:
         self.body_values: dict[str, Value] = {}
         self.assumptions: list[str] = []
         self.loc_cache: dict[Any, str] = {}
+        self.frame_cache: dict[Any, tuple[str, str]] = {}
+        from jaxlib.mlir import ir
+
+        self.ir = ir
         self.next_value = 0
         self.dropped = 0
 
@@ -961,14 +968,51 @@ class _Finisher:
         return vid
 
     def location(self, loc: Any) -> str:
+        """`name @ file.py:line`: the op's name and its innermost frame in the user's code."""
         if loc is None:
             return ""
         attr = loc.attr
         text = self.loc_cache.get(attr)
         if text is None:
-            text = _format_location(str(attr))
+            text = self._format_location(loc)
             self.loc_cache[attr] = text
         return text
+
+    def _format_location(self, loc: Any) -> str:
+        name = ""
+        if isinstance(loc, self.ir.NameLoc):
+            name = str(loc.name_str)
+            loc = loc.child_loc
+        user, first = self._frames(loc)
+        frame = user or first
+        return " @ ".join(part for part in (name, frame) if part)
+
+    def _frames(self, loc: Any) -> tuple[str, str]:
+        """(innermost frame outside libraries, innermost frame) of a location, memoised."""
+        ir = self.ir
+        attr = loc.attr
+        cached = self.frame_cache.get(attr)
+        if cached is not None:
+            return cached
+        result = ("", "")
+        if isinstance(loc, ir.FileLineColLoc):
+            source = str(loc.filename)
+            line = int(loc.start_line)
+            frame = (f"line {line}" if source in ("-", "")
+                     else f"{os.path.basename(source)}:{line}")
+            is_library = any(mark in source for mark in _LIBRARY_PATHS)
+            result = ("" if is_library else frame, frame)
+        elif isinstance(loc, ir.CallSiteLoc):
+            callee, caller = self._frames(loc.callee), self._frames(loc.caller)
+            result = (callee[0] or caller[0], callee[1] or caller[1])
+        elif isinstance(loc, ir.NameLoc):
+            result = self._frames(loc.child_loc)
+        elif isinstance(loc, ir.FusedLoc):
+            for part in loc.locations:
+                user, first = self._frames(part)
+                result = (result[0] or user, result[1] or first)
+        self.frame_cache[attr] = result
+        return result
 
     def finish_block(self, nodes: list[_Node], roots: Iterable[int], top: bool,
                      prefix: str) -> list[Op]:
