@@ -41,13 +41,33 @@ def tier_colours(target: Target) -> dict[str, str]:
 
 
 def new_figure(width_in: float = 8.0, height_in: float = 4.5) -> Figure:
-    """A Figure with an Agg canvas, independent of pyplot and of any display."""
+    """A Figure with an Agg canvas, independent of pyplot and of any display.
+
+    In IPython/Jupyter, figures display as PNG when they are a cell's value.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    _show_figures_in_ipython(Figure)
     fig = Figure(figsize=(width_in, height_in), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _show_figures_in_ipython(figure_class: type) -> None:
+    """Register a PNG formatter for Figures with a running IPython shell, unless one exists
+    (pyplot-free figures have no display hook of their own)."""
+    import sys
+
+    ipython_module = sys.modules.get("IPython")
+    shell = ipython_module.get_ipython() if ipython_module is not None else None
+    if shell is None:
+        return
+    formatter = shell.display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(figure_class)
+    except KeyError:
+        formatter.for_type(figure_class, png_bytes)
 
 
 def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
