@@ -37,6 +37,7 @@ of its results (a slice or gather reads what it returns, a reshape is free).
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -214,7 +215,7 @@ def _ints(attr: Any, length: int | None = None) -> list[int]:
     if isinstance(attr, ir.DenseIntElementsAttr):
         if attr.is_splat and length is not None:
             return [int(ir.IntegerAttr(attr.get_splat_value()).value)] * length
-        return [int(x) for x in attr]
+        return [int(attr[i]) for i in range(len(attr))]
     if isinstance(attr, ir.IntegerAttr):
         return [int(attr.value)]
     if isinstance(attr, ir.ArrayAttr):
@@ -279,7 +280,7 @@ def _conv_cost(op: Any, ins: list[TensorType], outs: list[TensorType]
                ) -> tuple[float, dict[str, Any]]:
     from jaxlib.mlir.dialects import stablehlo as sh
 
-    dn = sh.ConvDimensionNumbers(_attr(op, "dimension_numbers"))
+    dn = sh.ConvDimensionNumbers(op.attributes["dimension_numbers"])
     lhs, rhs, out = ins[0], ins[1], outs[0]
     n_sp = len(dn.input_spatial_dimensions)
     strides = _ints(_attr(op, "window_strides"), n_sp) or [1] * n_sp
@@ -311,7 +312,7 @@ def _dot_cost(op: Any, ins: list[TensorType], outs: list[TensorType]
               ) -> tuple[float, dict[str, Any]]:
     from jaxlib.mlir.dialects import stablehlo as sh
 
-    dn = sh.DotDimensionNumbers(_attr(op, "dot_dimension_numbers"))
+    dn = sh.DotDimensionNumbers(op.attributes["dot_dimension_numbers"])
     lhs, rhs = ins[0], ins[1]
     lhs_batch, lhs_contract = list(dn.lhs_batching_dimensions), list(dn.lhs_contracting_dimensions)
     rhs_batch, rhs_contract = list(dn.rhs_batching_dimensions), list(dn.rhs_contracting_dimensions)
@@ -1115,7 +1116,8 @@ def _program_from_module(module: Any, name: str | None, platform: str) -> Progra
     input_keys = []
     main_name = _str_attr(main, "sym_name")
     for i, arg in enumerate(block.arguments):
-        key = walker.new_key(walker.ttype(arg.type, lambda i=i: f"argument {i} of @{main_name}"))
+        where = f"argument {i} of @{main_name}"
+        key = walker.new_key(walker.ttype(arg.type, functools.partial(str, where)))
         env[arg] = key
         input_keys.append(key)
     nodes: list[_Node] = []

@@ -173,7 +173,13 @@ class Program:
         return max(self.producer_step(vid), 0), self.last_use_step(vid)
 
     def op(self, op_id: str) -> Op:
-        return self.ops[int(op_id.removeprefix("op"))]
+        """The op with this id: "op17" at the top level, "op17.r1.3" inside a body."""
+        if "." not in op_id:
+            return self.ops[int(op_id.removeprefix("op"))]
+        for op in self.walk():
+            if op.id == op_id:
+                return op
+        raise KeyError(f"no op {op_id!r} in program {self.name!r}")
 
     def walk(self) -> Iterator[Op]:
         """Every op, nested bodies included, depth first."""
