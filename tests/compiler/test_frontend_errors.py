@@ -69,7 +69,7 @@ def test_invalid_op_quotes_the_source_line() -> None:
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "model.mlir"
     with pytest.raises(UnsupportedProgramError, match=r"model.mlir: no such file"):
-        tiermap.lower_mlir(missing)
+        frontend.lower_mlir(missing)
     with pytest.raises(UnsupportedProgramError, match=r"no such file"):
         tiermap.lower_mlir(str(missing))
 
