@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 bad input (usage, a missing file or function, an unknown target or a
 target file with mistakes, a malformed --arg, an unsupported program, an exception raised by the
-user's own code); 3 infeasible (the program does not fit the target); 1 an internal error of
-tiermap. User errors print one "tiermap: error: ..." message on stderr, without a traceback.
+user's own code, any other deliberate tiermap error, which names the fix); 3 infeasible (the
+program does not fit the target); 1 a failed compiler pass (an internal error of tiermap). Errors
+print one "tiermap: error: ..." message on stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 from tiermap.errors import (
     HardwareSpecError,
     InfeasiblePlacementError,
+    PassError,
     TiermapError,
     UnsupportedProgramError,
     UserCodeError,
@@ -543,9 +545,11 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None,
         return _fail(err, f"{exc}{_user_code_frame(exc)}", EXIT_BAD_INPUT)
     except InfeasiblePlacementError as exc:
         return _fail(err, f"does not fit: {exc}", EXIT_INFEASIBLE)
-    except TiermapError as exc:
+    except PassError as exc:
         return _fail(err, f"{exc} (an internal error of tiermap; please report it)",
                      EXIT_INTERNAL)
+    except TiermapError as exc:  # any other deliberate error names the culprit and the fix
+        return _fail(err, str(exc), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         return _fail(err, "interrupted", 130)
     except OSError as exc:

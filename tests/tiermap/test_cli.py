@@ -268,3 +268,117 @@ def test_calibrate_writes_a_loadable_target(tmp_path: Path) -> None:
     target = tiermap.target(str(path))
     assert target.platform == "cpu" and target.tiers[-1].name == "dram"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- compile: success and infeasible ------------------------------------------------------------
+
+FAST = ("--time-limit-s", "2")
+PLAN_KEYS = {"schema", "program", "target", "strategy", "ops", "tensors", "transfers",
+             "predicted_time_s", "lower_bound_s", "traffic_bytes", "baselines", "solver"}
+
+
+def test_compile_a_function_with_args_prints_the_summary(user_file: Path) -> None:
+    code, out, err = run("compile", f"{user_file}:mlp", "--arg", "f32[64,128]",
+                         "--arg", "f32[128,256]", "--target", "h100", *FAST)
+    assert code == 0, err
+    for needle in ("tiermap plan", "mlp", "h100", "naive", "greedy", "mip (this plan)",
+                   "lower bound", "Tiers", "hbm", "capacity"):
+        assert needle in out, needle
+    assert err == ""  # no progress display when stderr is not a terminal
+
+
+def test_compile_a_builder_with_kwargs_and_json_summary(user_file: Path) -> None:
+    code, out, err = run("compile", f"{user_file}:build_with_kwargs", "--target", "cpu",
+                         "--strategy", "greedy", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["schema"] == "tiermap.summary/v1"
+    assert summary["strategy"] == "greedy" and summary["target"] == "cpu"
+    assert summary["predicted_time_s"] >= summary["lower_bound_s"] > 0
+    assert summary["outputs"] == {}
+
+
+def test_compile_writes_each_requested_output(user_file: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "o"
+    code, out, err = run("compile", f"{user_file}:build", "--target", "sn40l", *FAST,
+                         "-o", str(out_dir / "p.json"), "--mlir", str(out_dir / "a.mlir"),
+                         "--trace", str(out_dir / "t.json"), "--report", str(out_dir / "r.md"),
+                         "--plots", str(out_dir / "charts"), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["outputs"]["plan"] == str(out_dir / "p.json")
+    plan = json.loads((out_dir / "p.json").read_text())
+    assert plan["schema"] == "tiermap.plan/v1" and PLAN_KEYS <= plan.keys()
+    assert plan["target"]["name"] == "sn40l" and plan["program"]["name"] == "mlp"
+    assert {"id", "shape", "dtype", "nbytes", "producer_step", "last_use_step", "materialized",
+            "residency"} <= plan["tensors"][0].keys()
+    assert {"id", "kind", "step", "flops", "inputs", "outputs", "fusion_group",
+            "predicted_time_s", "bytes_by_tier"} <= plan["ops"][0].keys()
+    assert tiermap.Plan.from_json((out_dir / "p.json").read_text()).strategy == "mip"
+    mlir = (out_dir / "a.mlir").read_text()
+    assert "stablehlo.dot_general" in mlir and "tiermap." in mlir
+    trace = json.loads((out_dir / "t.json").read_text())
+    assert any(e["ph"] == "X" and e["cat"] == "op" for e in trace["traceEvents"])
+    assert (out_dir / "r.md").read_text().startswith("# tiermap plan: mlp on sn40l")
+    for name in ("roofline.png", "occupancy.png", "timeline.png", "traffic.png"):
+        assert (out_dir / "charts" / name).stat().st_size > 5_000
+    assert not list(out_dir.rglob("*.tmp"))
+
+
+def test_out_dir_writes_everything(user_file: Path, tmp_path: Path) -> None:
+    code, out, err = run("compile", f"{user_file}:build", "--target", "cpu", *FAST,
+                         "--out-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["annotated.mlir", "occupancy.png", "plan.json", "report.md",
+                     "roofline.png", "timeline.png", "trace.json", "traffic.png"]
+    assert f"wrote plan            {tmp_path / 'out' / 'plan.json'}" in out
+    traffic = (tmp_path / "out" / "traffic.png").read_bytes()
+    assert traffic.startswith(b"\x89PNG")
+
+
+def test_compile_an_mlir_module(tmp_path: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    spec = jax.ShapeDtypeStruct((128, 128), jnp.float32)
+    text = jax.jit(lambda a, b: jnp.exp(a @ b)).lower(spec, spec).as_text()
+    module = tmp_path / "module.mlir"
+    module.write_text(text)
+    code, out, err = run("compile", str(module), "--target", "tpu-v5e", "--strategy", "naive",
+                         "--mlir", str(tmp_path / "annotated.mlir"))
+    assert code == 0, err
+    assert "tpu-v5e" in out
+    assert "tiermap." in (tmp_path / "annotated.mlir").read_text()
+
+
+def test_a_program_that_does_not_fit_exits_3(user_file: Path, tmp_path: Path) -> None:
+    tiny = write(tmp_path / "tiny.toml", """
+        name = "tiny"
+        description = "main memory smaller than one tensor of the program"
+        platform = "cpu"
+
+        [compute]
+        peak_flops_per_s = { f32 = 1e9 }
+        units = 1
+
+        [[tiers]]
+        name = "sram"
+        capacity_bytes = 65536
+        per_unit = true
+        read_bytes_per_s = 1e10
+        write_bytes_per_s = 1e10
+
+        [[tiers]]
+        name = "dram"
+        capacity_bytes = 8192
+        read_bytes_per_s = 1e9
+        write_bytes_per_s = 1e9
+        """)
+    code, out, err = run("compile", f"{user_file}:mlp", "--arg", "f32[64,64]",
+                         "--arg", "f32[64,64]", "--target", str(tiny))
+    assert code == 3
+    assert out == ""
+    assert err.startswith("tiermap: error: does not fit: ")
+    assert "16384 bytes" in err and "dram" in err   # what does not fit, and where
+    assert "Traceback" not in err
