@@ -132,6 +132,8 @@ class _Config:
     block_q: int
     block_k: int
     out_dtype: str | None
+    bwd_block_q: int = 0
+    bwd_block_k: int = 0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -167,9 +169,13 @@ def _dot_t(a: Array, b: Array) -> Array:
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _blocks(cfg: _Config, nq: int, nk: int) -> tuple[int, int, int, int]:
-    br = max(1, min(cfg.block_q, nq))
-    bc = max(1, min(cfg.block_k, nk))
+def _blocks(cfg: _Config, nq: int, nk: int, backward: bool = False
+            ) -> tuple[int, int, int, int]:
+    bq, bk = cfg.block_q, cfg.block_k
+    if backward and cfg.bwd_block_q > 0 and cfg.bwd_block_k > 0:
+        bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+    br = max(1, min(bq, nq))
+    bc = max(1, min(bk, nk))
     return br, bc, _cdiv(nq, br), _cdiv(nk, bc)
 
 
@@ -226,7 +232,7 @@ def _backward(cfg: _Config, q: Array, k: Array, v: Array, sides: tuple[Array, ..
     """(dQ, dK, dV, dsides) of one head, recomputing P blockwise."""
     nq, d = q.shape
     nk, dv = v.shape
-    br, bc, tq, tk = _blocks(cfg, nq, nk)
+    br, bc, tq, tk = _blocks(cfg, nq, nk, backward=True)
     do32 = do.astype(jnp.float32)
     delta = jnp.sum(do32 * o.astype(jnp.float32), axis=1)
     qp = _pad_axis(q.astype(jnp.float32), 0, tq * br)
@@ -349,7 +355,8 @@ def _vmap_leading(fn: Any, arrays: list[Array], num_batch: int) -> Array:
 
 def blocked_attention(q: Array, k: Array, v: Array, sides: Sequence[Array] = (), *,
                       transform: LogitsTransform = LogitsTransform(), block_q: int = 128,
-                      block_k: int = 128, out_dtype: Any = None) -> Array:
+                      block_k: int = 128, out_dtype: Any = None,
+                      backward_blocks: tuple[int, int] | None = None) -> Array:
     """Blocked attention with online softmax and a recomputing backward.
 
     Args:
@@ -359,6 +366,7 @@ def blocked_attention(q: Array, k: Array, v: Array, sides: Sequence[Array] = (),
         transform: the elementwise map from raw scores `q·kᵀ` to logits.
         block_q: query rows per block (Br); block_k: key/value rows per block (Bc).
         out_dtype: dtype of the result (default: v's dtype).
+        backward_blocks: (Br, Bc) of the backward (default: the forward's).
 
     Returns:
         `[*batch, Nq, dv]`: `softmax(transform(q kᵀ)) v` along the last axis of the scores.
@@ -368,8 +376,10 @@ def blocked_attention(q: Array, k: Array, v: Array, sides: Sequence[Array] = (),
     for a in arrays:
         if a.ndim != num_batch + 2:
             raise ValueError(f"blocked_attention: expected rank {num_batch + 2}, got {a.shape}")
+    bwd_q, bwd_k = backward_blocks if backward_blocks is not None else (0, 0)
     cfg = _Config(transform, int(block_q), int(block_k),
-                  None if out_dtype is None else jnp.dtype(out_dtype).name)
+                  None if out_dtype is None else jnp.dtype(out_dtype).name,
+                  int(bwd_q), int(bwd_k))
 
     def head(qh: Array, kh: Array, vh: Array, *sh: Array) -> Array:
         return _attention_head(cfg, qh, kh, vh, tuple(sh))
