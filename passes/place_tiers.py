@@ -78,6 +78,7 @@ from tiermap.passes.baselines import (
     Choice,
     CostState,
     PlacementProblem,
+    Segments,
     greedy_assignment,
     naive_assignment,
 )
@@ -125,51 +126,60 @@ class _Partial:
     home: int
 
 
-def _chunk_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[int, int]]:
-    """Split the steps into chunks of about `max_binaries` binaries, cutting between kernels and
-    preferably where no run spans the cut."""
-    n = problem.num_steps
-    per_step = np.zeros(n + 1)
-    crossing = np.zeros(n + 1, dtype=np.int64)  # runs spanning the cut before step s
+def _binaries_per_step(problem: PlacementProblem) -> np.ndarray:
+    """Binary variables whose run or gap starts at each step (free tensors only)."""
+    per_step = np.zeros(problem.num_steps + 1)
     for vid, seg in problem.segments.items():
         if vid in problem.pinned:
             continue
         width = len(seg.tiers) + len(seg.homes)
         for run in seg.runs:
             per_step[run.lo] += width
-            if run.hi > run.lo:
-                crossing[run.lo + 1] += 1
-                crossing[run.hi + 1] -= 1
         for gap in seg.gaps:
             per_step[gap.lo] += width
-    crossing = np.cumsum(crossing)
+    return per_step
+
+
+def _chunk_binaries(problem: PlacementProblem) -> list[float]:
+    """Binary variables of each chunk (at least 1), to share the time limit."""
+    cum = np.concatenate([[0.0], np.cumsum(_binaries_per_step(problem))])
+    return [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in problem.chunks]
+
+
+def _chunk_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[int, int]]:
+    """Split the steps into chunks of about `max_binaries` binaries each, cutting where fewest
+    runs and fused kernels span the cut (near the ideal position)."""
+    n = problem.num_steps
+    per_step = _binaries_per_step(problem)
     total = float(per_step.sum())
     if total <= max_binaries or n < 8:
         return [(0, n - 1)] if n else []
-    kernel_cut = np.ones(n + 1, dtype=bool)
+    span = np.zeros(n + 1)  # what spans the cut before step s
+    for vid, seg in problem.segments.items():
+        if vid in problem.pinned:
+            continue
+        for run in seg.runs:
+            if run.hi > run.lo:
+                span[run.lo + 1] += 1.0
+                span[run.hi + 1] -= 1.0
     for k in problem.kernels:
-        for s in range(k.steps[0] + 1, k.steps[-1] + 1):
-            kernel_cut[s] = False
+        if len(k.steps) > 1:
+            span[k.steps[0] + 1] += 4.0
+            span[k.steps[-1] + 1] -= 4.0
+    badness = np.cumsum(span)
     num_chunks = int(math.ceil(total / max_binaries))
     target = total / num_chunks
     cum = np.cumsum(per_step[:n])
     cuts = [0]
+    radius = max(4, n // (4 * num_chunks))
     for i in range(1, num_chunks):
         ideal = int(np.searchsorted(cum, i * target))
-        best = None
-        for radius in range(0, max(8, n // (4 * num_chunks))):
-            for s in (ideal - radius, ideal + radius):
-                if cuts[-1] + 2 <= s <= n - 2 and kernel_cut[s] and crossing[s] == 0:
-                    best = s
-                    break
-            if best is not None:
-                break
-        if best is None:
-            best = min(max(ideal, cuts[-1] + 2), n - 2)
-            while best < n - 1 and not kernel_cut[best]:
-                best += 1
-        if best > cuts[-1] + 1 and best <= n - 1:
-            cuts.append(best)
+        lo, hi = max(cuts[-1] + 2, ideal - radius), min(n - 2, ideal + radius)
+        if lo > hi:
+            continue
+        pos = np.arange(lo, hi + 1)
+        score = badness[lo:hi + 1] + np.abs(pos - ideal) / (radius + 1)
+        cuts.append(int(pos[int(np.argmin(score))]))
     cuts.append(n)
     return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
@@ -178,309 +188,298 @@ class _ChunkModel:
     """The MIP of one chunk of steps [c0, c1] (module docstring, V1-O2)."""
 
     def __init__(self, problem: PlacementProblem, partial: Mapping[str, _Partial],
-                 c0: int, c1: int, backend: str,
-                 hint: Mapping[str, Choice], time_budget_s: float | None) -> None:
+                 c0: int, c1: int, backend: str, hint: Mapping[str, Choice],
+                 time_budget_s: float | None) -> None:
         from ortools.math_opt.python import mathopt
 
         self.mo = mathopt
         self.p = p = problem
+        self.partial = partial
         self.c0, self.c1 = c0, c1
+        self.n_here = n_here = c1 - c0 + 1
         self.integer = backend == "cpsat"
-        self.model = model = mathopt.Model(name=f"place-tiers[{c0}..{c1}]")
-        n_here = c1 - c0 + 1
+        self.model = mathopt.Model(name=f"place-tiers[{c0}..{c1}]")
         ref_s = float(np.mean(p.est_op_s[c0:c1 + 1])) if n_here else 1.0
-        self.time_unit_s = ref_s if ref_s > 0 else 1e-9
-        if self.integer:
-            self.time_unit_s /= CPSAT_RESOLUTION
+        self.time_unit_s = (ref_s if ref_s > 0 else 1e-9) / (
+            CPSAT_RESOLUTION if self.integer else 1.0)
         num_tiers = len(p.tier_names)
-        ro = p.read_only
         self.x: dict[tuple[str, int], dict[int, Any]] = {}
         self.z: dict[tuple[str, int], dict[int, Any]] = {}
         self.h: dict[str, dict[int, Any]] = {}
-        const_occ = np.zeros((num_tiers, n_here + 1), dtype=np.float64)
-        occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in range(num_tiers)]
-        const_link: dict[tuple[int, int], np.ndarray] = {}
-        link_terms: dict[tuple[int, int], list[tuple[Any, float, int, int]]] = {}
-        energy_terms: list[tuple[Any, float]] = []
-        kernel_terms: dict[int, list[tuple[Any, float]]] = {}
-        kernel_const_s: dict[int, float] = {}
-        hint_values: dict[Any, float] = {}
-
-        def owned(step: int) -> bool:
-            return c0 <= step <= c1
-
-        def binary() -> Any:
-            return model.add_binary_variable()
-
-        def add_occ(k: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
-            lo, hi = max(lo, c0), min(hi, c1)
-            if lo > hi:
-                return
-            if isinstance(coef, (int, float)):
-                if coef:
-                    const_occ[k, lo - c0] += coef * nbytes
-                    const_occ[k, hi + 1 - c0] -= coef * nbytes
-            else:
-                occ_terms[k].append((coef, float(nbytes), lo, hi))
-
-        def add_link(a: int, b: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
-            key = (a, b) if a < b else (b, a)
-            share_s = nbytes / p.link_bw(a, b) / (hi - lo + 1)
-            lo, hi = max(lo, c0), min(hi, c1)
-            if lo > hi:
-                return
-            if isinstance(coef, (int, float)):
-                if coef:
-                    arr = const_link.setdefault(key, np.zeros(n_here + 1))
-                    arr[lo - c0] += share_s * coef
-                    arr[hi + 1 - c0] -= share_s * coef
-            else:
-                link_terms.setdefault(key, []).append((coef, share_s, lo, hi))
-
-        # (V1)-(V3) and the constants of decided items, tensor by tensor.
+        self.hint_values: dict[Any, float] = {}
+        self.const_occ = np.zeros((num_tiers, n_here + 1))
+        self.occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in range(num_tiers)]
+        self.const_link: dict[tuple[int, int], np.ndarray] = {}
+        self.link_terms: dict[tuple[int, int], list[tuple[Any, float, int, int]]] = {}
+        self.energy_terms: list[tuple[Any, float]] = []
+        # (V1)-(V5), (C1)-(C4), and the occupancy and link terms of each tensor.
         for vid, seg in p.segments.items():
             if seg.last < c0 or seg.first > c1:
                 continue
-            pinned = p.pinned.get(vid)
-            part = partial.get(vid)
-            tiers = list(seg.tiers) + list(seg.homes)
-            hint_choice = hint.get(vid)
-
-            def val(kind: str, i: int, k: int, _part: _Partial | None = part,
-                    _pin: Choice | None = pinned, _vid: str = vid) -> Any:
-                """A decision as a 0/1 constant or a variable."""
-                if _pin is not None:
-                    src = _pin.runs if kind == "x" else _pin.gaps
-                    return 1.0 if src[i] == k else 0.0
-                assert _part is not None
-                decided = (_part.runs if kind == "x" else _part.gaps)[i]
-                if decided != _UNDECIDED:
-                    return 1.0 if decided == k else 0.0
-                table = self.x if kind == "x" else self.z
-                return table[(_vid, i)].get(k, 0.0)
-
-            def home_val(k: int, _part: _Partial | None = part,
-                         _pin: Choice | None = pinned, _vid: str = vid) -> Any:
-                if _pin is not None:
-                    return 1.0 if _pin.home == k else 0.0
-                assert _part is not None
-                if _part.home == _UNDECIDED:
-                    return self.h[_vid].get(k, 0.0)
-                return 1.0 if _part.home == k else 0.0
-
-            if part is not None:
-                if part.home == _UNDECIDED and owned(seg.first):
-                    hv = {k: binary() for k in seg.homes}
-                    self.h[vid] = hv
-                    if hv:
-                        model.add_linear_constraint(  # (C2)
-                            ub=1.0, expr=mathopt.fast_sum(hv.values()))
-                    if hint_choice is not None:
-                        for k, v in hv.items():
-                            hint_values[v] = 1.0 if hint_choice.home == k else 0.0
-                for r, run in enumerate(seg.runs):
-                    if part.runs[r] == _UNDECIDED and owned(run.lo):
-                        xv = {k: binary() for k in tiers}
-                        self.x[(vid, r)] = xv
-                        model.add_linear_constraint(  # (C1)
-                            lb=1.0, ub=1.0, expr=mathopt.fast_sum(xv.values()))
-                        if hint_choice is not None:
-                            for k, v in xv.items():
-                                hint_values[v] = 1.0 if hint_choice.runs[r] == k else 0.0
-                for g, gap in enumerate(seg.gaps):
-                    if part.gaps[g] == _UNDECIDED and owned(gap.lo):
-                        zv = {k: binary() for k in tiers}
-                        self.z[(vid, g)] = zv
-                        model.add_linear_constraint(  # (C1)
-                            lb=1.0, ub=1.0, expr=mathopt.fast_sum(zv.values()))
-                        if hint_choice is not None:
-                            for k, v in zv.items():
-                                hint_values[v] = 1.0 if hint_choice.gaps[g] == k else 0.0
-                # (C2) read-only tiers only as the home
-                for k in seg.homes:
-                    hk = home_val(k)
-                    for r in range(len(seg.runs)):
-                        xv = self.x.get((vid, r), {}).get(k)
-                        if xv is not None:
-                            self._le(xv, hk)
-                    for g in range(len(seg.gaps)):
-                        zv = self.z.get((vid, g), {}).get(k)
-                        if zv is not None:
-                            self._le(zv, hk)
-            # Occupancy of homes, runs and gap middles.
-            for k in seg.homes:
-                add_occ(k, seg.first, seg.last, home_val(k), seg.nbytes)
-            for r, run in enumerate(seg.runs):
-                if run.lo > c1:
-                    continue
-                for k in seg.tiers:
-                    add_occ(k, run.lo, run.hi, val("x", r, k), seg.nbytes)
-            for g, gap in enumerate(seg.gaps):
-                if gap.lo > c1:
-                    continue
-                for k in seg.tiers:
-                    add_occ(k, gap.lo, gap.hi, val("z", g, k), seg.nbytes)
-                # (V4) evictions at the gap's start, (C3)
-                if gap.prev_run is not None:
-                    src = {a: val("x", gap.prev_run, a) for a in tiers}
-                    dst = {b: val("z", g, b) for b in tiers}
-                    hint_pair = None
-                    if hint_choice is not None:
-                        hint_pair = (hint_choice.runs[gap.prev_run], hint_choice.gaps[g])
-                    for (a, b), coef in self._flow(src, dst, set(), hint_pair,
-                                                   hint_values).items():
-                        if a == b or ro[b] or (isinstance(coef, float) and not coef):
-                            continue
-                        w = p.window(seg, g, a, b, True)
-                        if not ro[a]:
-                            add_occ(a, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
-                        add_link(a, b, gap.lo, gap.lo + w - 1, coef, seg.nbytes)
-                        energy_terms.append(
-                            (coef, seg.nbytes * (p.energy_pj[a] + p.energy_pj[b])))
-                # (V5) prefetches at the gap's end, (C3); (C4)
-                if gap.next_run is not None and seg.runs[gap.next_run].lo <= c1:
-                    nxt = gap.next_run
-                    if gap.single_move and gap.prev_run is not None:
-                        for k in tiers:
-                            zk = val("z", g, k)
-                            if not isinstance(zk, float):
-                                self._le(zk, self._sum(val("x", gap.prev_run, k),
-                                                       val("x", nxt, k)))
-                    forbidden = set()
-                    if p.prefetch_room(seg, g) == 0:  # no room: no move into a writable tier
-                        forbidden = {(b, c) for b in tiers for c in seg.tiers if b != c}
-                    src = {b: val("z", g, b) for b in tiers}
-                    dst = {c: val("x", nxt, c) for c in tiers}
-                    hint_pair = None
-                    if hint_choice is not None:
-                        hint_pair = (hint_choice.gaps[g], hint_choice.runs[nxt])
-                    for (b, c), coef in self._flow(src, dst, forbidden, hint_pair,
-                                                   hint_values).items():
-                        if b == c or ro[c] or (isinstance(coef, float) and not coef):
-                            continue
-                        w = p.window(seg, g, b, c, False)
-                        add_occ(c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
-                        add_link(b, c, gap.hi - w + 1, gap.hi, coef, seg.nbytes)
-                        energy_terms.append(
-                            (coef, seg.nbytes * (p.energy_pj[b] + p.energy_pj[c])))
-            # Accesses in this chunk: kernel memory time and energy.
-            for j, step, nbytes, is_read in p.touches.get(vid, ()):
-                if not owned(step):
-                    continue
-                r = seg.run_of_step[step]
-                bw = p.read_bw if is_read else p.write_bw
-                for k in tiers:
-                    xv = val("x", r, k)
-                    coef_s = nbytes / bw[k]
-                    if isinstance(xv, float):
-                        if xv:
-                            kernel_const_s[j] = kernel_const_s.get(j, 0.0) + coef_s
-                            energy_terms.append((1.0, nbytes * p.energy_pj[k]))
-                    else:
-                        kernel_terms.setdefault(j, []).append((xv, coef_s))
-                        energy_terms.append((xv, nbytes * p.energy_pj[k]))
-
-        # (V7) step times, (C6) kernel bounds.
-        tu = self.time_unit_s
-        overhead = p.target.op_overhead_s
-        self.T = [self._cont(0.0) for _ in range(n_here)]
-        kernels_here = sorted({int(p.kernel_of_step[s]) for s in range(c0, c1 + 1)})
-        for j in kernels_here:
-            k = p.kernels[j]
-            steps = [s for s in k.steps if owned(s)]
-            lone = len(k.steps) == 1
-            lb_s = max(float(p.kernel_compute_s[j]), kernel_const_s.get(j, 0.0)) + overhead
-            terms = kernel_terms.get(j, [])
-            if lone:
-                target_var = self.T[steps[0] - c0]
-                model_var = target_var
-            else:
-                model_var = self._cont(0.0)  # (V6)
-            self._ge_const(model_var, lb_s / tu)
-            if terms:
-                self._ge_terms(model_var, [(v, c / tu) for v, c in terms],
-                               (kernel_const_s.get(j, 0.0) + overhead) / tu)
-            if not lone:
-                for s in steps:
-                    w = float(p.step_weight[s])
-                    self._ge_terms(self.T[s - c0], [(model_var, w)], 0.0)
-        # (V8)/(C5) occupancy chains for tiers whose capacity can bind.
-        for k in range(num_tiers):
-            const = np.cumsum(const_occ[k, :n_here])
-            terms = occ_terms[k]
-            cap = float(p.capacity[k])
-            if not terms:
-                if const.max(initial=0.0) > cap + 0.5:
-                    raise PassError("place-tiers", f"fixed tensors overflow tier "
-                                    f"{p.tier_names[k]} in steps {c0}..{c1}")
-                continue
-            upper = const.copy()
-            starts: dict[int, list[tuple[Any, float]]] = {}
-            ends: dict[int, list[tuple[Any, float]]] = {}
-            diff = np.zeros(n_here + 1)
-            for var, nbytes, lo, hi in terms:
-                diff[lo - c0] += nbytes
-                diff[hi + 1 - c0] -= nbytes
-                starts.setdefault(lo - c0, []).append((var, nbytes))
-                ends.setdefault(hi + 1 - c0, []).append((var, nbytes))
-            upper += np.cumsum(diff[:n_here])
-            if upper.max(initial=0.0) <= cap:
-                continue
-            self._occupancy_chain(k, const, starts, ends, cap, n_here)
-        # (V9)/(C7) link chains.
-        for key in sorted(set(link_terms) | set(const_link)):
-            const = np.cumsum(const_link.get(key, np.zeros(n_here + 1))[:n_here])
-            for s in range(n_here):
-                if const[s] > 0:
-                    self._ge_const(self.T[s], const[s] / tu)
-            terms = link_terms.get(key, [])
-            if not terms:
-                continue
-            starts_l: dict[int, list[tuple[Any, float]]] = {}
-            ends_l: dict[int, list[tuple[Any, float]]] = {}
-            for var, share_s, lo, hi in terms:
-                starts_l.setdefault(lo - c0, []).append((var, share_s / tu))
-                ends_l.setdefault(hi + 1 - c0, []).append((var, share_s / tu))
-            prev = None
-            active = 0
-            for s in range(n_here):
-                st, en = starts_l.get(s, []), ends_l.get(s, [])
-                active += len(st) - len(en)
-                if prev is None and not st:
-                    continue
-                if not st and not en and active == 0:
-                    prev = None
-                    continue
-                cur = self._cont(0.0)
-                row = [(v, c) for v, c in st] + [(v, -c) for v, c in en]
-                if prev is not None:
-                    row.append((prev, 1.0))
-                self._eq(cur, row)
-                self._ge_terms(self.T[s], [(cur, 1.0)], const[s] / tu)
-                prev = cur if active > 0 else None
-        # (O1)/(O2)
+            self._tensor(vid, seg, hint.get(vid))
+        self.T = [self._cont() for _ in range(n_here)]  # (V7)
+        self._kernels()  # (V6), (C6)
+        for k in range(num_tiers):  # (V8), (C5)
+            self._occupancy_chain(k)
+        for key in sorted(set(self.link_terms) | set(self.const_link)):  # (V9), (C7)
+            self._link_chain(key)
+        # (O1) / (O2)
         time_sum = mathopt.fast_sum(self.T)
         self.energy_unit_pj = 1.0
         if p.objective == "energy":
-            scale = sum(abs(c) for _v, c in energy_terms) or 1.0
+            scale = sum(abs(c) for _v, c in self.energy_terms) or 1.0
             self.energy_unit_pj = scale / 1e6
             energy_expr = mathopt.fast_sum(
-                (v * (c / self.energy_unit_pj)) for v, c in energy_terms
+                v * (c / self.energy_unit_pj) for v, c in self.energy_terms
                 if not isinstance(v, float))
             if time_budget_s is not None:
-                model.add_linear_constraint(ub=time_budget_s / tu * (1 + 1e-9), expr=time_sum)
-            model.minimize(energy_expr + ENERGY_TIME_WEIGHT * time_sum)
+                self.model.add_linear_constraint(
+                    ub=time_budget_s / self.time_unit_s * (1 + 1e-9), expr=time_sum)
+            self.model.minimize(energy_expr + ENERGY_TIME_WEIGHT * time_sum)
         else:
-            model.minimize(time_sum)
-        self.hint_values = hint_values
-        self.energy_const_pj = sum(c for v, c in energy_terms if isinstance(v, float))
+            self.model.minimize(time_sum)
+
+    # --- decisions as variables or constants ------------------------------------------------
+
+    def owned(self, step: int) -> bool:
+        return self.c0 <= step <= self.c1
+
+    def val(self, vid: str, kind: str, i: int, k: int) -> Any:
+        """Run (kind "x") or gap ("z") i of `vid` in tier k: a variable or a 0/1 constant."""
+        pinned = self.p.pinned.get(vid)
+        if pinned is not None:
+            return 1.0 if (pinned.runs if kind == "x" else pinned.gaps)[i] == k else 0.0
+        part = self.partial[vid]
+        decided = (part.runs if kind == "x" else part.gaps)[i]
+        if decided != _UNDECIDED:
+            return 1.0 if decided == k else 0.0
+        return (self.x if kind == "x" else self.z)[(vid, i)].get(k, 0.0)
+
+    def home_val(self, vid: str, k: int) -> Any:
+        pinned = self.p.pinned.get(vid)
+        if pinned is not None:
+            return 1.0 if pinned.home == k else 0.0
+        part = self.partial[vid]
+        if part.home == _UNDECIDED:
+            return self.h[vid].get(k, 0.0)
+        return 1.0 if part.home == k else 0.0
+
+    def _one_hot(self, tiers: Sequence[int], hinted: int | None) -> dict[int, Any]:
+        """(V1)/(V2) with (C1): one binary per tier, exactly one set."""
+        table = {k: self.model.add_binary_variable() for k in tiers}
+        self.model.add_linear_constraint(lb=1.0, ub=1.0,
+                                         expr=self.mo.fast_sum(table.values()))
+        if hinted is not None:
+            for k, v in table.items():
+                self.hint_values[v] = 1.0 if hinted == k else 0.0
+        return table
+
+    def _tensor(self, vid: str, seg: Segments, hint_choice: Choice | None) -> None:
+        p = self.p
+        ro = p.read_only
+        tiers = list(seg.tiers) + list(seg.homes)
+        part = self.partial.get(vid)
+        if part is not None:
+            if part.home == _UNDECIDED and self.owned(seg.first):  # (V3), (C2)
+                hv = {k: self.model.add_binary_variable() for k in seg.homes}
+                self.h[vid] = hv
+                self.model.add_linear_constraint(ub=1.0, expr=self.mo.fast_sum(hv.values()))
+                if hint_choice is not None:
+                    for k, v in hv.items():
+                        self.hint_values[v] = 1.0 if hint_choice.home == k else 0.0
+            for r, run in enumerate(seg.runs):
+                if part.runs[r] == _UNDECIDED and self.owned(run.lo):
+                    self.x[(vid, r)] = self._one_hot(
+                        tiers, hint_choice.runs[r] if hint_choice else None)
+            for g, gap in enumerate(seg.gaps):
+                if part.gaps[g] == _UNDECIDED and self.owned(gap.lo):
+                    self.z[(vid, g)] = self._one_hot(
+                        tiers, hint_choice.gaps[g] if hint_choice else None)
+            for k in seg.homes:  # (C2) a read-only tier only as the home
+                hk = self.home_val(vid, k)
+                for table in [self.x.get((vid, r)) for r in range(len(seg.runs))] + [
+                        self.z.get((vid, g)) for g in range(len(seg.gaps))]:
+                    if table is not None and k in table:
+                        self._le(table[k], hk)
+        nbytes = seg.nbytes
+        for k in seg.homes:
+            self._occ(k, seg.first, seg.last, self.home_val(vid, k), nbytes)
+        for r, run in enumerate(seg.runs):
+            if run.lo <= self.c1:
+                for k in seg.tiers:
+                    self._occ(k, run.lo, run.hi, self.val(vid, "x", r, k), nbytes)
+        for g, gap in enumerate(seg.gaps):
+            if gap.lo > self.c1:
+                continue
+            for k in seg.tiers:
+                self._occ(k, gap.lo, gap.hi, self.val(vid, "z", g, k), nbytes)
+            if gap.prev_run is not None:  # (V4), (C3): evictions at the gap's start
+                src = {a: self.val(vid, "x", gap.prev_run, a) for a in tiers}
+                dst = {b: self.val(vid, "z", g, b) for b in tiers}
+                hint_pair = None if hint_choice is None else (
+                    hint_choice.runs[gap.prev_run], hint_choice.gaps[g])
+                for (a, b), coef in self._flow(src, dst, set(), hint_pair).items():
+                    if a == b or ro[b] or (isinstance(coef, float) and not coef):
+                        continue
+                    w = p.window(seg, g, a, b, True)
+                    if not ro[a]:
+                        self._occ(a, gap.lo, gap.lo + w - 1, coef, nbytes)
+                    self._move(a, b, gap.lo, gap.lo + w - 1, coef, nbytes)
+            if gap.next_run is None or seg.runs[gap.next_run].lo > self.c1:
+                continue
+            nxt = gap.next_run
+            if gap.single_move and gap.prev_run is not None:  # (C4)
+                for k in tiers:
+                    zk = self.val(vid, "z", g, k)
+                    if not isinstance(zk, float):
+                        self._le(zk, self.val(vid, "x", gap.prev_run, k)
+                                 + self.val(vid, "x", nxt, k))
+            forbidden: set[tuple[int, int]] = set()
+            if p.prefetch_room(seg, g) == 0:  # (C4) no room: no move into a writable tier
+                forbidden = {(b, c) for b in tiers for c in seg.tiers if b != c}
+            src = {b: self.val(vid, "z", g, b) for b in tiers}
+            dst = {c: self.val(vid, "x", nxt, c) for c in tiers}
+            hint_pair = None if hint_choice is None else (
+                hint_choice.gaps[g], hint_choice.runs[nxt])
+            for (b, c), coef in self._flow(src, dst, forbidden, hint_pair).items():  # (V5)
+                if b == c or ro[c] or (isinstance(coef, float) and not coef):
+                    continue
+                w = p.window(seg, g, b, c, False)
+                self._occ(c, gap.hi - w + 1, gap.hi, coef, nbytes)
+                self._move(b, c, gap.hi - w + 1, gap.hi, coef, nbytes)
+
+    def _occ(self, k: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
+        """Tier k holds `nbytes` over [lo, hi] when `coef` (a variable or a 0/1 constant) is 1."""
+        lo, hi = max(lo, self.c0), min(hi, self.c1)
+        if lo > hi:
+            return
+        if isinstance(coef, float):
+            if coef:
+                self.const_occ[k, lo - self.c0] += coef * nbytes
+                self.const_occ[k, hi + 1 - self.c0] -= coef * nbytes
+        else:
+            self.occ_terms[k].append((coef, float(nbytes), lo, hi))
+
+    def _move(self, a: int, b: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
+        """A transfer a -> b over [lo, hi] when `coef` is 1: link time and energy."""
+        p = self.p
+        self.energy_terms.append((coef, nbytes * (p.energy_pj[a] + p.energy_pj[b])))
+        key = (a, b) if a < b else (b, a)
+        share_s = nbytes / p.link_bw(a, b) / (hi - lo + 1)
+        lo, hi = max(lo, self.c0), min(hi, self.c1)
+        if lo > hi:
+            return
+        if isinstance(coef, float):
+            if coef:
+                arr = self.const_link.setdefault(key, np.zeros(self.n_here + 1))
+                arr[lo - self.c0] += share_s * coef
+                arr[hi + 1 - self.c0] -= share_s * coef
+        else:
+            self.link_terms.setdefault(key, []).append((coef, share_s, lo, hi))
+
+    def _kernels(self) -> None:
+        """(V6), (C6): kernel times from the tiers of their accesses (up to this chunk's end)."""
+        p, c0, c1 = self.p, self.c0, self.c1
+        tu = self.time_unit_s
+        overhead = p.target.op_overhead_s
+        for j in sorted({int(p.kernel_of_step[s]) for s in range(c0, c1 + 1)}):
+            kernel = p.kernels[j]
+            const_s = 0.0
+            terms: list[tuple[Any, float]] = []
+            for vid, step, nbytes, is_read in kernel.accesses:
+                if step > c1:
+                    continue  # decided by a later chunk; this chunk cannot see it
+                seg = p.segments[vid]
+                r = seg.run_of_step[step]
+                bw = p.read_bw if is_read else p.write_bw
+                for k in list(seg.tiers) + list(seg.homes):
+                    xv = self.val(vid, "x", r, k)
+                    if isinstance(xv, float):
+                        if xv:
+                            const_s += nbytes / bw[k]
+                            self.energy_terms.append((1.0, nbytes * p.energy_pj[k]))
+                    else:
+                        terms.append((xv, nbytes / bw[k] / tu))
+                        self.energy_terms.append((xv, nbytes * p.energy_pj[k]))
+            steps = [s for s in kernel.steps if self.owned(s)]
+            lone = len(kernel.steps) == 1
+            var = self.T[steps[0] - c0] if lone else self._cont()
+            self._ge_const(var, (max(float(p.kernel_compute_s[j]), const_s) + overhead) / tu)
+            if terms:
+                self._ge_terms(var, terms, (const_s + overhead) / tu)
+            if not lone:
+                for s in steps:
+                    self._ge_terms(self.T[s - c0], [(var, float(p.step_weight[s]))], 0.0)
+
+    def _link_chain(self, key: tuple[int, int]) -> None:
+        """(V9), (C7): L[l,s] = L[l,s-1] + starting shares - ended shares; T[s] >= L[l,s]."""
+        n_here, c0, tu = self.n_here, self.c0, self.time_unit_s
+        const = np.cumsum(self.const_link.get(key, np.zeros(n_here + 1))[:n_here])
+        terms = self.link_terms.get(key, [])
+        starts: dict[int, list[tuple[Any, float]]] = {}
+        ends: dict[int, list[tuple[Any, float]]] = {}
+        for var, share_s, lo, hi in terms:
+            starts.setdefault(lo - c0, []).append((var, share_s / tu))
+            ends.setdefault(hi + 1 - c0, []).append((var, share_s / tu))
+        prev = None
+        active = 0
+        for s in range(n_here):
+            st, en = starts.get(s, []), ends.get(s, [])
+            active += len(st) - len(en)
+            if prev is None and not st:
+                self._ge_const(self.T[s], const[s] / tu)
+                continue
+            cur = self._cont()
+            self._eq(cur, [*st, *((v, -c) for v, c in en), *(((prev, 1.0),) if prev else ())])
+            self._ge_terms(self.T[s], [(cur, 1.0)], const[s] / tu)
+            prev = cur if active > 0 else None
+
+
+    def _occupancy_chain(self, k: int) -> None:
+        """(V8), (C5): O[k,s] = O[k,s-1] + starting terms - ended terms <= cap - constants[s],
+        for a tier whose capacity the terms could exceed."""
+        n_here, c0 = self.n_here, self.c0
+        const = np.cumsum(self.const_occ[k, :n_here])
+        cap = float(self.p.capacity[k])
+        terms = self.occ_terms[k]
+        if not terms:
+            return
+        diff = np.zeros(n_here + 1)
+        starts: dict[int, list[tuple[Any, float]]] = {}
+        ends: dict[int, list[tuple[Any, float]]] = {}
+        for var, nbytes, lo, hi in terms:
+            diff[lo - c0] += nbytes
+            diff[hi + 1 - c0] -= nbytes
+            starts.setdefault(lo - c0, []).append((var, nbytes))
+            ends.setdefault(hi + 1 - c0, []).append((var, nbytes))
+        if (const + np.cumsum(diff[:n_here])).max(initial=0.0) <= cap:
+            return
+        scale = max(cap / (CPSAT_RESOLUTION * 1e3 if self.integer else 1e6), 1.0)
+        prev = None
+        for s in range(n_here):
+            st, en = starts.get(s, []), ends.get(s, [])
+            if prev is None and not st:
+                continue
+            if not st and not en and s > 0 and const[s] <= const[s - 1]:
+                continue  # nothing changed and the room did not shrink
+            room = (cap - const[s]) / scale
+            if self.integer:
+                cur = self.model.add_integer_variable(lb=-(10**12), ub=math.floor(room + 1e-9))
+            else:  # one byte of safety against the solver's feasibility tolerance
+                cur = self.model.add_variable(lb=-math.inf, ub=room - 1.0 / scale)
+            row = [(v, b / scale) for v, b in st] + [(v, -b / scale) for v, b in en]
+            if prev is not None:
+                row.append((prev, 1.0))
+            self._eq(cur, row)
+            prev = cur
 
     # --- small helpers ----------------------------------------------------------------------
 
-    def _cont(self, lb: float) -> Any:
+    def _cont(self) -> Any:
+        """A non-negative quantity: continuous, or integer for CP-SAT."""
         if self.integer:
-            return self.model.add_integer_variable(lb=lb)
-        return self.model.add_variable(lb=lb)
+            return self.model.add_integer_variable(lb=0.0)
+        return self.model.add_variable(lb=0.0)
 
     def _le(self, a: Any, b: Any) -> None:
         """a <= b, each a variable, an expression or a float constant."""
@@ -495,14 +494,9 @@ class _ChunkModel:
         else:
             self.model.add_linear_constraint(ub=0.0, expr=a - b)
 
-    @staticmethod
-    def _sum(a: Any, b: Any) -> Any:
-        return a + b
-
     def _ge_const(self, var: Any, value: float) -> None:
+        """var >= value (skipped when value <= 0)."""
         if value > 0:
-            if self.integer:
-                value = math.ceil(value - 1e-9)
             self.model.add_linear_constraint(lb=value, expr=var)
 
     def _ge_terms(self, var: Any, terms: Sequence[tuple[Any, float]], const: float) -> None:
@@ -523,34 +517,32 @@ class _ChunkModel:
             row.set_coefficient(v, row.get_coefficient(v) - c)
 
     def _flow(self, src: Mapping[int, Any], dst: Mapping[int, Any],
-              forbidden: set[tuple[int, int]], hint_pair: tuple[int, int] | None,
-              hint_values: dict[Any, float]) -> dict[tuple[int, int], Any]:
+              forbidden: set[tuple[int, int]], hint_pair: tuple[int, int] | None
+              ) -> dict[tuple[int, int], Any]:
         """(V4)/(V5) with (C3): tier-to-tier moves between two one-hot choices, as a flow.
 
         Returns (from, to) -> a variable in [0, 1] or a 0/1 constant, with
         sum_to move[a, .] = src[a] and sum_from move[., b] = dst[b] (the transportation polytope,
         whose LP relaxation is far tighter than move >= src + dst - 1). Pairs in `forbidden` are 0.
         """
-        src_const = all(isinstance(v, float) for v in src.values())
-        dst_const = all(isinstance(v, float) for v in dst.values())
         out: dict[tuple[int, int], Any] = {}
-        if src_const:
-            a_on = [a for a, v in src.items() if v > 0.5]
-            for a in src:
-                for b in dst:
-                    if a in a_on and (a, b) not in forbidden:
-                        out[(a, b)] = dst[b]
-                    elif a in a_on and not (isinstance(dst[b], float) and not dst[b]):
-                        self._le(dst[b], 0.0)
+        if all(isinstance(v, float) for v in src.values()):
+            for a, va in src.items():
+                if va > 0.5:
+                    for b, vb in dst.items():
+                        if (a, b) not in forbidden:
+                            out[(a, b)] = vb
+                        elif not (isinstance(vb, float) and not vb):
+                            self._le(vb, 0.0)
             return out
-        if dst_const:
-            b_on = [b for b, v in dst.items() if v > 0.5]
-            for a in src:
-                for b in dst:
-                    if b in b_on and (a, b) not in forbidden:
-                        out[(a, b)] = src[a]
-                    elif b in b_on:
-                        self._le(src[a], 0.0)
+        if all(isinstance(v, float) for v in dst.values()):
+            for b, vb in dst.items():
+                if vb > 0.5:
+                    for a, va in src.items():
+                        if (a, b) not in forbidden:
+                            out[(a, b)] = va
+                        else:
+                            self._le(va, 0.0)
             return out
         rows_src = {a: self.model.add_linear_constraint(lb=0.0, ub=0.0) for a in src}
         rows_dst = {b: self.model.add_linear_constraint(lb=0.0, ub=0.0) for b in dst}
@@ -568,37 +560,8 @@ class _ChunkModel:
                 rows_dst[b].set_coefficient(var, 1.0)
                 out[(a, b)] = var
                 if hint_pair is not None and self.integer:
-                    hint_values[var] = 1.0 if hint_pair == (a, b) else 0.0
+                    self.hint_values[var] = 1.0 if hint_pair == (a, b) else 0.0
         return out
-
-    def _occupancy_chain(self, k: int, const: np.ndarray,
-                         starts: Mapping[int, list[tuple[Any, float]]],
-                         ends: Mapping[int, list[tuple[Any, float]]], cap: float,
-                         n_here: int) -> None:
-        """(C5): O[k,s] = O[k,s-1] + starting terms - ended terms, O[k,s] <= cap - const[s]."""
-        scale = max(cap / 1e6, 1.0)
-        if self.integer:
-            scale = max(cap / (CPSAT_RESOLUTION * 1e3), 1.0)
-        prev = None
-        slack = 1.0 / scale  # one byte of safety against solver tolerances
-        for s in range(n_here):
-            st, en = starts.get(s, []), ends.get(s, [])
-            room = (cap - const[s]) / scale
-            if self.integer:
-                room = math.floor(room + 1e-9)
-            if prev is None and not st:
-                continue
-            if not st and not en:
-                # unchanged occupancy: the bound is only tighter if the constants grew
-                if s > 0 and const[s] <= const[s - 1]:
-                    continue
-            cur = self.model.add_variable(lb=-math.inf, ub=max(room - slack, -1e-9)) if not (
-                self.integer) else self.model.add_integer_variable(lb=-10**12, ub=room)
-            row = [(v, b / scale) for v, b in st] + [(v, -b / scale) for v, b in en]
-            if prev is not None:
-                row.append((prev, 1.0))
-            self._eq(cur, row)
-            prev = cur
 
     # --- solve ----------------------------------------------------------------------------
 
@@ -611,8 +574,10 @@ class _ChunkModel:
         )
         if backend == "highs":
             solver = mo.SolverType.HIGHS
-            # HiGHS takes its thread count as an option, not through MathOpt's `threads`.
-            params.highs.int_options["threads"] = workers
+            # HiGHS takes its thread count as an option, not through MathOpt's `threads`, and
+            # fixes it process-wide on first use (another count is then an error). Its MIP
+            # search is serial, so one thread: `solver_workers` reports 1 for HiGHS.
+            params.highs.int_options["threads"] = solver_workers("highs", workers)
             params.highs.int_options["random_seed"] = seed
             params.highs.bool_options["output_flag"] = False
         elif backend == "scip":
@@ -664,7 +629,7 @@ def solve_mip(problem: PlacementProblem, hint: Assignment, time_limit_s: float, 
     bound_total_s = 0.0
     objective_total = 0.0
     have_bound = True
-    weights = [max(c1 - c0 + 1, 1) for c0, c1 in chunks]
+    weights = _chunk_binaries(problem)
     hint_state = CostState(problem, {**problem.pinned, **hint}) if (
         problem.objective == "energy") else None
     for i, (c0, c1) in enumerate(chunks):
@@ -677,7 +642,12 @@ def solve_mip(problem: PlacementProblem, hint: Assignment, time_limit_s: float, 
         elapsed = time.perf_counter() - t_start
         left_s = max(time_limit_s - elapsed, 0.0)
         limit_s = max(left_s * share, 0.05)
-        result = model.solve(backend, limit_s, seed, workers)
+        try:
+            result = model.solve(backend, limit_s, seed, workers)
+        except Exception as exc:  # the solver refused the model or crashed
+            cause = exc.__context__ if exc.__context__ is not None else exc
+            raise PassError("place-tiers", f"{backend} failed on chunk {i + 1}/{len(chunks)} "
+                            f"(steps {c0}..{c1}): {type(cause).__name__}: {cause}") from exc
         reason = result.termination.reason
         if not result.has_primal_feasible_solution():
             return MipOutcome(None, "greedy_fallback", None, None, None, len(chunks),
@@ -731,6 +701,11 @@ def _argmax(table: Mapping[int, Any], values: Mapping[Any, float]) -> int:
 # --- the pass -------------------------------------------------------------------------------------
 
 
+def solver_workers(backend: str, workers: int) -> int:
+    """Threads a backend is given: HiGHS always one (see `_ChunkModel.solve`), else `workers`."""
+    return 1 if backend == "highs" else workers
+
+
 def default_workers() -> int:
     """Solver threads: the machine's cores, at most 8."""
     return max(1, min(os.cpu_count() or 1, 8))
@@ -745,7 +720,7 @@ class PlaceTiersPass:
         time_limit_s: the MIP's wall-clock limit (all chunks together).
         seed: the solver's random seed.
         backend: "highs", "scip" or "cpsat".
-        workers: solver threads (None: `default_workers()`).
+        workers: solver threads (None: `default_workers()`); HiGHS always runs one.
         max_chunk_binaries: decompose programs whose MIP has more binaries than this.
     """
 
@@ -824,7 +799,8 @@ class PlaceTiersPass:
         wall_s = time.perf_counter() - t0
         notes: list[str] = []
         info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, self.time_limit_s,
-                          seed=self.seed, workers=workers, bound_s=outcome.bound_s,
+                          seed=self.seed, workers=solver_workers(self.backend, workers),
+                          bound_s=outcome.bound_s,
                           detail=outcome.detail)
         candidate: Plan | None = None
         if outcome.assignment is not None:
