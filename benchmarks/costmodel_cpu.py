@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -380,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="halve main-memory write bandwidth in the prediction")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
+    load_before = os.getloadavg()[0]
     target = _load_target(args.target, args.quick)
     cases = suite(args.quick)
     programs = [lower(c.fn, *c.args) for c in cases]
@@ -395,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ", ".join(f"{t.name} {t.capacity_bytes / 2**20:.3g} MiB "
                       f"{t.read_bytes_per_s / 1e9:.3g} GB/s" for t in target.tiers)
           + f", op overhead {target.op_overhead_s * 1e6:.3g} µs")
-    print(f"# call floor {floor_s * 1e6:.3g} µs (trivial program), subtracted less one overhead")
+    print(f"# call floor {floor_s * 1e6:.3g} µs (trivial program), subtracted less one overhead;"
+          f" load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(table(rows, args.markdown))
     rho, med = summary(rows)
     print(f"\nSpearman rank correlation: {rho:.3f}   median |log2(pred/measured)|: {med:.3f}"

@@ -206,7 +206,7 @@ def _best_bw(nbytes: int, tiers: Sequence[Tier], read: bool) -> float:
     return max(t.read_bytes_per_s if read else t.write_bytes_per_s for t in fits)
 
 
-def _knapsack_time_s(items: Sequence[tuple[int, float]], tiers: Sequence[Tier]) -> float:
+def _knapsack_time_s(items: Sequence[tuple[float, float]], tiers: Sequence[Tier]) -> float:
     """Least Σ bytes/bandwidth when tensors that coexist must share the tiers' capacities.
 
     `items` are (nbytes resident, bytes moved). Relaxed to fractional placement with each tier at

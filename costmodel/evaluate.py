@@ -146,8 +146,8 @@ def evaluate(program: Program, target: Target, residency: Mapping[str, Sequence[
                     best_k < 0 or lo > res_of[x.tensor][best_k][0]):
                 best_k = k
         if best_k >= 0:
-            key = (x.tensor, best_k)
-            usable_from[key] = max(usable_from.get(key, 0), x.end_step + 1)
+            copy_key = (x.tensor, best_k)
+            usable_from[copy_key] = max(usable_from.get(copy_key, 0), x.end_step + 1)
 
     residency_idx = [i for i, t in enumerate(tiers) if t.holds_tensors] or [len(tiers) - 1]
     unplaced: list[str] = []
@@ -240,10 +240,10 @@ def evaluate(program: Program, target: Target, residency: Mapping[str, Sequence[
         lo = min(max(x.start_step, 0), n - 1)
         hi = min(max(x.end_step, lo), n - 1)
         share = t_s / (hi - lo + 1)
-        key = (x.src, x.dst) if x.src <= x.dst else (x.dst, x.src)
-        diff = link_diff.get(key)
+        link_key = (x.src, x.dst) if x.src <= x.dst else (x.dst, x.src)
+        diff = link_diff.get(link_key)
         if diff is None:
-            diff = link_diff[key] = [0.0] * (n + 1)
+            diff = link_diff[link_key] = [0.0] * (n + 1)
         diff[lo] += share
         diff[hi + 1] -= share
     step_time = list(op_time)

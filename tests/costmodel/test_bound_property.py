@@ -95,7 +95,7 @@ def random_fusion(program: Program, rng: random.Random) -> Fusion | None:
     """Random runs of consecutive ops fused; a tensor used only inside its run is internal."""
     if rng.random() < 0.4:
         return None
-    groups = []
+    groups: list[FusionGroup] = []
     step = 0
     outputs = set(program.outputs)
     while step < program.num_steps:
