@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from tiermap.compiler import frontend
 from tiermap.compiler.ir import Op, Program, Value
 
 FLOP_TOLERANCE = 0.02  # relative; never loosen it
@@ -87,3 +88,38 @@ def check_invariants(program: Program) -> None:
         for step in program.consumers[vid]:
             assert first <= step <= last, f"{vid}: read at {step} outside {first}..{last}"
     assert program.flops >= 0 and program.flops_one_trip >= 0
+
+
+def annotated_ops(text: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """tiermap.id → (op name, {attribute name: printed value}) over a whole annotated module."""
+    module = frontend.parse_module(text)
+    found: dict[str, tuple[str, dict[str, str]]] = {}
+    with module.context:
+        stack = [module.operation]
+        while stack:
+            op = stack.pop()
+            for region in op.regions:
+                for block in region.blocks:
+                    for wrapped in block.operations:
+                        inner = wrapped.operation
+                        table = inner.attributes
+                        attrs = {table[i].name: str(table[i].attr) for i in range(len(table))
+                                 if table[i].name.startswith("tiermap.")}
+                        if "tiermap.id" in attrs:
+                            op_id = attrs["tiermap.id"].strip('"')
+                            assert op_id not in found, f"{op_id} annotated twice"
+                            found[op_id] = (inner.name, attrs)
+                        stack.append(inner)
+    return found
+
+
+def round_trip(program: Program) -> tuple[str, dict[str, tuple[str, dict[str, str]]]]:
+    """Annotate every op with its id; check each id lands on an op of the op's kind."""
+    attrs = {op.id: {"id": op.id} for op in program.walk()}
+    text = program.annotate(attrs)
+    found = annotated_ops(text)
+    assert set(found) == set(attrs)
+    for op in program.walk():
+        name, _ = found[op.id]
+        assert name == op.attrs.get("folded_from", op.kind), op.id
+    return text, found

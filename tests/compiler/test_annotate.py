@@ -11,50 +11,17 @@ import pytest
 import zoo
 from tiermap.compiler import frontend
 from tiermap.compiler.annotate import annotate_mlir
-from tiermap.compiler.ir import Program
 
 import tiermap
 from examples import models
 
-
-def _annotated_ops(text: str) -> dict[str, tuple[str, dict[str, str]]]:
-    """tiermap.id → (op name, {attribute name: printed value}) over the whole parsed module."""
-    module = frontend.parse_module(text)
-    found: dict[str, tuple[str, dict[str, str]]] = {}
-    with module.context:
-        stack = [module.operation]
-        while stack:
-            op = stack.pop()
-            for region in op.regions:
-                for block in region.blocks:
-                    for wrapped in block.operations:
-                        inner = wrapped.operation
-                        table = inner.attributes
-                        attrs = {table[i].name: str(table[i].attr) for i in range(len(table))
-                                 if table[i].name.startswith("tiermap.")}
-                        if "tiermap.id" in attrs:
-                            op_id = attrs["tiermap.id"].strip('"')
-                            assert op_id not in found, f"{op_id} annotated twice"
-                            found[op_id] = (inner.name, attrs)
-                        stack.append(inner)
-    return found
-
-
-def _round_trip(program: Program) -> tuple[str, dict[str, tuple[str, dict[str, str]]]]:
-    attrs = {op.id: {"id": op.id} for op in program.walk()}
-    text = program.annotate(attrs)
-    found = _annotated_ops(text)
-    assert set(found) == set(attrs)
-    for op in program.walk():
-        name, _ = found[op.id]
-        assert name == op.attrs.get("folded_from", op.kind), op.id
-    return text, found
+from .helpers import annotated_ops, round_trip
 
 
 def test_round_trip_through_shared_callees() -> None:
     fn, args = models.transformer_train(layers=2, d_model=32, seq=16, batch=2, vocab=64)
     program = tiermap.lower(fn, *args)
-    text, _ = _round_trip(program)
+    text, _ = round_trip(program)
     # layer_norm & co are called from several sites: each annotated site got its own copy.
     assert "_tiermap_" in text
     again = frontend.lower_mlir(text)
@@ -66,7 +33,7 @@ def test_round_trip_into_loop_bodies_and_branches() -> None:
     for fn, args in (zoo.scan_rnn(steps=4), zoo.cond_branches(n=8)):
         program = tiermap.lower(fn, *args)
         assert any(op.body for op in program.ops)
-        _round_trip(program)
+        round_trip(program)
 
 
 def test_attribute_types() -> None:
@@ -78,7 +45,7 @@ def test_attribute_types() -> None:
         "tiles": [64, 128], "placement": {"hbm": 3, "sram": 1}, "pinned": None,
     }
     text = program.annotate({dot.id: values})
-    name, attrs = _annotated_ops(text)[dot.id]
+    name, attrs = annotated_ops(text)[dot.id]
     assert name == "stablehlo.dot_general"
     assert attrs["tiermap.tier"] == '"sram"'
     assert attrs["tiermap.step"] == "7 : i64"
