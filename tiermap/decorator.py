@@ -49,7 +49,8 @@ class _Entry:
     """What one cache key resolves to: the plan and the functions that run it."""
 
     plan: Plan
-    run_dynamic: Callable[..., Any]   # jax.jit(applied): takes (dynamic args, dynamic kwargs)
+    applied: Callable[..., Any]       # apply_plan's function: takes (dynamic args, dyn. kwargs)
+    run_dynamic: Callable[..., Any]   # jax.jit(applied)
     run_user: Callable[..., Any]      # the user's signature (static args ignored, baked in)
 
 
@@ -104,6 +105,12 @@ class Lowered:
         jitted = jax.jit(self._entry.run_user, static_argnums=self._owner.static_argnums,
                          static_argnames=self._owner.static_argnames)
         return jitted.lower(*self._args, **self._kwargs)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What applying the plan changed (kernels chosen for attention, host placement), as
+        `tiermap.compiler.apply` reports it; filled once the program has been traced."""
+        return tuple(getattr(self._entry.applied, "notes", ()))
 
     def as_text(self) -> str:
         """The planned program's StableHLO with `tiermap.*` attributes on every op."""
@@ -250,20 +257,14 @@ class TiermapJitted:
             return applied(dyn_args, dyn_kw)
 
         functools.update_wrapper(run_user, fn)
-        return _Entry(plan=plan, run_dynamic=run_dynamic, run_user=run_user)
+        return _Entry(plan=plan, applied=applied, run_dynamic=run_dynamic, run_user=run_user)
 
 
 def _apply(fn: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
-    """The planned program as a JAX function (`compiler.apply.apply_plan`).
+    """The planned program as a JAX function: tiled attention kernels with the plan's block
+    sizes, host-tier inputs in host memory (see `tiermap.compiler.apply`)."""
+    from tiermap.compiler.apply import apply_plan
 
-    TODO(issue 6): until compiler/apply.py lands, the function itself runs (as jax.jit would).
-    """
-    try:
-        from tiermap.compiler.apply import apply_plan
-    except ModuleNotFoundError as exc:
-        if exc.name != "tiermap.compiler.apply":
-            raise
-        return fn
     return apply_plan(fn, plan)
 
 

@@ -170,15 +170,20 @@ def test_vmap_around_a_tiermap_function(plan_calls: list[str]) -> None:
     assert len(plan_calls) == 1      # planned for one example, the per-example shapes
 
 
-def test_outputs_equal_jax_jit_on_a_transformer_block() -> None:
+def test_outputs_and_grads_equal_jax_on_attention_with_the_planned_kernel() -> None:
     from examples.models import attention
 
     fn, specs = attention(n=64, d=16, heads=2)
     key = jax.random.key(0)
     q, k, v = (jax.random.normal(kk, s.shape, s.dtype)
                for kk, s in zip(jax.random.split(key, 3), specs, strict=True))
-    got = tiermap.jit(fn, target="h100", **FAST)(q, k, v)
-    np.testing.assert_allclose(got, jax.jit(fn)(q, k, v), rtol=2e-5, atol=2e-5)
+    f = tiermap.jit(fn, target="h100", **FAST)
+    np.testing.assert_allclose(f(q, k, v), jax.jit(fn)(q, k, v), rtol=2e-5, atol=2e-5)
+    notes = " ".join(f.lower(q, k, v).notes)
+    assert "attention 0" in notes and "blocked" in notes    # the planned kernel ran
+    grad = jax.grad(lambda q: jnp.sum(f(q, k, v) ** 2))(q)   # through the kernel's custom_vjp
+    want = jax.grad(lambda q: jnp.sum(fn(q, k, v) ** 2))(q)
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_options_fail_early() -> None:
