@@ -18,7 +18,7 @@ $(VENV)/.installed-test: $(BIN)/activate pyproject.toml
 	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
-	$(BIN)/tiermap compile examples/transformer_train.py:build --target sn40l --out-dir out
+	$(BIN)/tiermap compile examples/transformer_train.py:build --target sn40l --time-limit-s 60 --out-dir out
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
