@@ -200,6 +200,7 @@ class _Matcher:
             if any((not _is_literal(v)) and v in dependent for v in eqn.invars) or eqn.effects:
                 dependent.update(eqn.outvars)
         self._concrete: dict[Any, Any] = {}
+        self.skipped: list[str] = []
 
     # --- concrete evaluation of input-independent values --------------------------------------
 
@@ -241,9 +242,15 @@ class _Matcher:
         for idx, eqn in enumerate(self.jaxpr.eqns):
             if eqn.primitive.name != "dot_general" or idx in taken or not self.live[idx]:
                 continue
+            builder = _PatternBuilder(self, idx)
             try:
-                m = _PatternBuilder(self, idx).build()
-            except _NoMatch:
+                m = builder.build()
+            except _NoMatch as exc:
+                if builder.saw_softmax:
+                    self.skipped.append(
+                        f"an attention at equation {idx} was left to XLA: {exc} (when a backward "
+                        "written by jax.grad inside the function reads its probabilities, "
+                        "apply the plan to the forward function and differentiate that)")
                 continue
             if m.region & taken:
                 continue
@@ -262,6 +269,7 @@ class _PatternBuilder:
         self.size: list[int] = []
         self.sides: list[_Side] = []
         self.kv_side: str | None = None  # "x" (lhs free dims) or "y" (rhs free dims)
+        self.saw_softmax = False  # an exp of the logits was seen (worth a note if no match)
 
     def new(self, role: str, size: int) -> int:
         self.role.append("u" if size == 1 else role)
@@ -510,6 +518,7 @@ class _PatternBuilder:
         if name in ("reduce_max", "reduce_sum"):
             return [self.reduce(eqn, a)]
         if name == "exp" and a.kind in ("L", "SHIFT"):
+            self.saw_softmax = True
             return [_AV("EXP", a.labels, a.steps)]
         if name == "integer_pow" and a.kind == "RSUM" and eqn.params.get("y") == -1:
             return [_AV("RINV", a.labels, a.steps)]
@@ -874,8 +883,10 @@ class _Rewriter:
         key = id(jaxpr)
         hit = self._matches.get(key)
         if hit is None or hit[0] is not jaxpr:
-            hit = (jaxpr, _Matcher(jaxpr, consts).find())
+            matcher = _Matcher(jaxpr, consts)
+            hit = (jaxpr, matcher.find())
             self._matches[key] = hit
+            self.notes.extend(matcher.skipped)
         return hit[1]
 
     def tiles_for(self, m: AttentionMatch, top_index: int | None) -> _Tiles:
