@@ -321,7 +321,8 @@ def solver_line(plan: Plan) -> str:
     limit = f" of {s.time_limit_s:g} s" if s.time_limit_s else ""
     parts.append(f"{s.wall_s:.2f} s{limit}")
     line = f"{s.status} ({', '.join(parts)})"
-    return f"{line}: {s.detail}" if s.detail else line
+    redundant = s.detail.strip().lower() in ("", s.status.lower(), f"solver status {s.status}")
+    return line if redundant else f"{line}: {s.detail}"
 
 
 def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -549,7 +550,7 @@ def rich_summary(plan: Plan) -> RenderableType:
     head = Text.assemble(
         ("tiermap plan ", "bold"), (plan.program_name, "bold cyan"), " on ",
         (plan.target.name, "bold cyan"), f" · {plan.num_steps} steps · {len(plan.tensors)} "
-        f"tensors · strategy {plan.strategy} · solver {solver_line(plan)}",
+        f"tensors\nstrategy {plan.strategy} · solver {solver_line(plan)}",
     )
     times = Table(title="Predicted time", title_justify="left", show_edge=False)
     times.add_column("plan")
