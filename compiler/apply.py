@@ -843,7 +843,8 @@ def _attention_kernel(q: Any, k: Any, v: Any, sides: list[Any], transform: Logit
             return out.astype(out_dtype)
         notes.append(f"Pallas GPU mha not applicable ({why}); blocked JAX kernel")
     elif choice == "pallas-tpu":
-        out, why = pallas.tpu_attention(q, k, v, sides, transform, tiles.block_q, tiles.block_k)
+        out, why = pallas.tpu_attention(q, k, v, sides, transform, tiles.block_q, tiles.block_k,
+                                        interpret)
         if out is not None:
             notes.append(f"Pallas TPU flash_attention ({why})")
             return out.astype(out_dtype)

@@ -9,10 +9,12 @@ pattern, so the caller falls back to the blocked JAX kernel:
   are rounded down to such a divisor. `interpret=True` runs it on any backend (slowly).
 - TPU (`jax.experimental.pallas.ops.tpu.flash_attention`, Mosaic): same pattern restrictions,
   lengths divisible by the blocks, blocks multiples of 128 as Mosaic tiles require.
+  `interpret=True` runs it through Pallas's TPU interpreter on any backend.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -45,7 +47,7 @@ def _flatten(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any, tuple[int, ...]]:
     q = jnp.broadcast_to(q, (*batch, *q.shape[-2:]))
     k = jnp.broadcast_to(k, (*batch, *k.shape[-2:]))
     v = jnp.broadcast_to(v, (*batch, *v.shape[-2:]))
-    flat = max(1, int(jnp.prod(jnp.array(batch))) if batch else 1)
+    flat = math.prod(batch)
     return (q.reshape(flat, *q.shape[-2:]), k.reshape(flat, *k.shape[-2:]),
             v.reshape(flat, *v.shape[-2:]), batch)
 
@@ -78,8 +80,12 @@ def gpu_attention(q: Any, k: Any, v: Any, sides: list[Any], transform: LogitsTra
 
 
 def tpu_attention(q: Any, k: Any, v: Any, sides: list[Any], transform: LogitsTransform,
-                  block_q: int, block_k: int) -> tuple[Any | None, str]:
-    """Pallas TPU `flash_attention` with the plan's blocks (rounded to multiples of 128)."""
+                  block_q: int, block_k: int, interpret: bool = False
+                  ) -> tuple[Any | None, str]:
+    """Pallas TPU `flash_attention` with the plan's blocks (rounded to multiples of 128).
+
+    `interpret=True` runs it through Pallas's TPU interpreter on any backend (forward and
+    backward both traced under `force_tpu_interpret_mode`)."""
     sc = _scale_causal(transform, sides)
     if isinstance(sc, str):
         return None, sc
@@ -92,14 +98,37 @@ def tpu_attention(q: Any, k: Any, v: Any, sides: list[Any], transform: LogitsTra
     bk = _pow2_block(nk, max(block_k, 128), smallest=128)
     if bq is None or bk is None:
         return None, f"lengths {nq}, {nk} are not multiples of a 128-row block"
-    if jax.default_backend() != "tpu":
-        return None, "the Mosaic TPU kernel runs only on TPU"
+    if jax.default_backend() != "tpu" and not interpret:
+        return None, "the Mosaic TPU kernel runs only on TPU (or with interpret=True)"
+    from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu
 
     qf, kf, vf, batch = _flatten(q, k, v)
     sizes = tpu.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
                            block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk,
                            block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
-    out = tpu.flash_attention(qf[:, None], kf[:, None], vf[:, None], causal=causal,
-                              sm_scale=scale, block_sizes=sizes)
-    return out[:, 0].reshape(*batch, nq, dv), f"blocks {bq}x{bk}"
+
+    def kernel(qq: Any, kk: Any, vv: Any) -> Any:
+        return tpu.flash_attention(qq, kk, vv, causal=causal, sm_scale=scale,
+                                   block_sizes=sizes)
+
+    if not interpret:
+        out = kernel(qf[:, None], kf[:, None], vf[:, None])
+    else:
+        @jax.custom_vjp
+        def run(qq: Any, kk: Any, vv: Any) -> Any:
+            with pltpu.force_tpu_interpret_mode():
+                return kernel(qq, kk, vv)
+
+        def run_fwd(qq: Any, kk: Any, vv: Any) -> tuple[Any, Any]:
+            with pltpu.force_tpu_interpret_mode():
+                return jax.vjp(kernel, qq, kk, vv)
+
+        def run_bwd(vjp_fn: Any, g: Any) -> Any:
+            with pltpu.force_tpu_interpret_mode():
+                return vjp_fn(g)
+
+        run.defvjp(run_fwd, run_bwd)
+        out = run(qf[:, None], kf[:, None], vf[:, None])
+    return (out[:, 0].reshape(*batch, nq, dv),
+            f"blocks {bq}x{bk}" + (", interpret" if interpret else ""))
