@@ -191,7 +191,6 @@ class PlacementProblem:
         self._check_feasible()
         self._estimate_op_times()
         self._window_cache: dict[tuple[str, int, int, int, bool], int] = {}
-        self.set_chunks([(0, self.num_steps - 1)] if self.num_steps else [])
         self.pinned: Assignment = {}
         if pin:
             self._pin()
@@ -318,7 +317,7 @@ class PlacementProblem:
         if small and peak <= SMALL_TENSOR_BUDGET_FRACTION * int(self.capacity[k0]):
             for seg in small:
                 self.pinned[seg.vid] = Choice.whole(seg, k0)
-        if not self._dominates(k0) or n == 0:
+        if not self.dominates(k0) or n == 0:
             return
         pressure = (self.live_bytes > self.capacity[k0]).astype(np.int64)
         before = np.concatenate([[0], np.cumsum(pressure)])
@@ -328,7 +327,7 @@ class PlacementProblem:
             if before[seg.last + 1] - before[seg.first] == 0:
                 self.pinned[vid] = Choice.whole(seg, k0)
 
-    def _dominates(self, k0: int) -> bool:
+    def dominates(self, k0: int) -> bool:
         """Whether tier k0 is at least as good as every residency tier for every access."""
         others = [k for k in self.writable + self.homes if k != k0]
         for k in others:
@@ -338,36 +337,17 @@ class PlacementProblem:
                 return False
         return True
 
-    # --- chunks, windows and layouts -------------------------------------------------------
-
-    def set_chunks(self, bounds: Sequence[tuple[int, int]]) -> None:
-        """Decompose the steps into chunks [lo, hi] (in order, covering every step).
-
-        A transfer window never reaches into an earlier chunk than the one deciding it: an
-        eviction stays in the chunk where its gap starts, a prefetch in the chunk of the run it
-        feeds (so a run that starts a chunk cannot be prefetched into a new tier).
-        """
-        n = self.num_steps
-        self.chunks = list(bounds)
-        self.chunk_lo = np.zeros(n + 1, dtype=np.int64)
-        self.chunk_hi = np.full(n + 1, max(n - 1, 0), dtype=np.int64)
-        for lo, hi in self.chunks:
-            self.chunk_lo[lo:hi + 1] = lo
-            self.chunk_hi[lo:hi + 1] = hi
-        self._window_cache.clear()
+    # --- windows and layouts --------------------------------------------------------------
 
     def evict_room(self, seg: Segments, g: int) -> int:
         """Longest eviction window of gap g (0: none possible)."""
         gap = seg.gaps[g]
-        return int(min(gap.evict_cap_steps, self.chunk_hi[gap.lo] - gap.lo + 1))
+        return gap.evict_cap_steps
 
     def prefetch_room(self, seg: Segments, g: int) -> int:
         """Longest prefetch window of gap g (0: none possible)."""
         gap = seg.gaps[g]
-        if gap.next_run is None:
-            return 0
-        start = max(gap.lo, int(self.chunk_lo[gap.hi + 1]))
-        return int(min(gap.prefetch_cap_steps, gap.hi - start + 1))
+        return gap.prefetch_cap_steps if gap.next_run is not None else 0
 
     def link_bw(self, a: int, b: int) -> float:
         return self.target.link_bytes_per_s(self.tier_names[a], self.tier_names[b])
@@ -436,10 +416,6 @@ class PlacementProblem:
             b = choice.gaps[g]
             if gap.single_move and gap.prev_run is not None and gap.next_run is not None:
                 if b not in (choice.runs[gap.prev_run], choice.runs[gap.next_run]):
-                    return False
-            if gap.next_run is not None and self.prefetch_room(seg, g) == 0:
-                c = choice.runs[gap.next_run]
-                if c != b and not self.read_only[c]:
                     return False
         return True
 
@@ -554,12 +530,28 @@ class CostState:
             self.energy_pj += sign * b * p.energy_pj[k]
         return pieces, moves
 
-    def step_times(self, steps: np.ndarray) -> np.ndarray:
-        """Step times at `steps` (an index array)."""
+    def remove(self, vid: str) -> None:
+        """Take `vid`'s contributions out (its choice stays recorded)."""
+        self._apply(vid, self.assignment[vid], -1)
+
+    def add(self, vid: str, choice: Choice) -> None:
+        """Put `vid`'s contributions back under `choice` (after `remove`)."""
+        self._apply(vid, choice, +1)
+        self.assignment[vid] = choice
+
+    def assignment_of(self, vids: Iterable[str]) -> dict[str, Choice]:
+        return {vid: self.assignment[vid] for vid in vids}
+
+    def op_times(self, steps: np.ndarray) -> np.ndarray:
+        """Op times (kernel roofline shares, no transfers) at `steps`."""
         p = self.p
         j = p.kernel_of_step[steps]
         kernel_s = np.maximum(p.kernel_compute_s[j], self.kernel_mem_s[j]) + p.target.op_overhead_s
-        out = kernel_s * p.step_weight[steps]
+        return kernel_s * p.step_weight[steps]
+
+    def step_times(self, steps: np.ndarray) -> np.ndarray:
+        """Step times at `steps` (an index array)."""
+        out = self.op_times(steps)
         for load in self.links.values():
             out = np.maximum(out, load[steps])
         return out

@@ -6,10 +6,10 @@ strategy shares, so that the greedy plan is a feasible point of the MIP and warm
 
 The MIP (OR-tools MathOpt; HiGHS by default, SCIP or CP-SAT on request). Numbers match the code.
 
-Sets: free tensors t (not pinned); runs r and gaps g of t; tiers K_t (the writable tiers that
-can hold t, plus read-only homes for inputs and constants); steps s of the chunk; kernels j
-(fusion groups and lone ops); links l (tier pairs). Pinned tensors and decisions of earlier
-chunks are constants.
+Sets: free tensors t (not pinned, with a decision in the window); runs r and gaps g of t; tiers
+K_t (the writable tiers that can hold t, plus read-only homes for inputs and constants); steps s
+that the free decisions affect; kernels j (fusion groups and lone ops) that access a free tensor;
+links l (tier pairs). Pinned tensors and decisions outside the window are constants.
 
 Variables
  (V1) x[t,r,k] in {0,1}: run r of t is in tier k (a read-only k reads the home copy).
@@ -28,27 +28,31 @@ Constraints
  (C3) moves as flows (tight LP): sum_b e[t,g,a,b] = x[t,prev(g),a], sum_a e[t,g,a,b] = z[t,g,b];
       sum_c f[t,g,b,c] = z[t,g,b], sum_b f[t,g,b,c] = x[t,next(g),c] (a = b: no move).
  (C4) a gap of one or two steps between runs holds one transfer at most:
-      z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k]; where a prefetch has no room (a run at the
-      start of a chunk), f[t,g,b,c] = 0 for b != c, c writable.
- (C5) occupancy: O[k,s] = O[k,s-1] + bytes of the terms starting at s - bytes of the terms that
-      ended at s-1 (terms: x over its run, z over its gap, e over its window in its source, f over
-      its window in its destination, h over the live range); O[k,s] <= capacity_k - constants.
+      z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k].
+ (C5) occupancy: O[k,s] = O[k,s'] + bytes of the terms started - bytes of the terms ended since
+      the previous row s' (terms: x over its run, z over its gap, e over its window in its source,
+      f over its window in its destination, h over the live range); O[k,s] <= capacity_k -
+      constants[s]; rows only where a term starts or the constants grow, and only where the
+      tier could overflow.
  (C6) kernel time: a lone op's T[s] >= compute_j + overhead and
       T[s] >= overhead + sum_access bytes / bandwidth_k * x; for a multi-op kernel the same bounds
       on m[j], and T[s] >= w_s * m[j] for each of its steps (w_s: its flop share).
  (C7) links: L[l,s] = L[l,s-1] + shares of the transfers starting at s - shares of those that
-      ended at s-1 (share = bytes / link bandwidth / window steps); T[s] >= L[l,s].
+      ended at s-1 (share = bytes / link bandwidth / window steps); T[s] >= constant load + L[l,s];
+      T[s] >= the constant load of every other link.
 
 Objective
- (O1) time: minimise sum_s T[s] (= the cost model's predicted time of the plan).
+ (O1) time: minimise sum_s T[s] (plus the constant time of the other steps, this is the cost
+      model's predicted time of the plan: the model is exact for segment-form plans).
  (O2) energy: minimise sum bytes * energy_pj_per_byte over accesses and transfers (on both tiers)
-      + 1e-6 * sum_s T[s], subject to sum_s T[s] <= the greedy plan's time.
+      + 1e-6 * sum_s T[s], subject to sum_s T[s] <= the incumbent's time at those steps.
 
-Very long programs are decomposed into chunks of steps solved in order (rolling horizon): a chunk
-decides the runs, gaps and homes that start in it; what earlier chunks decided is fixed there;
-transfer windows never cross into an earlier chunk (passes/baselines.py clips them). Each solve
-has a time limit, a seed and a worker count; the solution hint is the greedy plan. A chunk's bound
-is conditional on the chunks before it, so a decomposed solve is reported as "feasible".
+Every solve has a time limit, a seed and a worker count, and the incumbent (the greedy plan) as
+its solution hint. A program whose MIP has more than MAX_WINDOW_BINARIES binaries is decomposed
+into windows of steps solved in turn (fix-and-optimise): a window frees the decisions that start
+in it and keeps all others at the incumbent, so each solve keeps or improves the whole plan. A
+window's bound holds only with the rest fixed, so a decomposed solve is reported as "feasible",
+its gap measured against the program's lower bound (costmodel/bounds.py).
 
 The plan the MIP finds is re-evaluated by the cost model; if it is worse than greedy (it should
 not be: the model is exact for segment-form plans) the greedy plan is returned and the notes
@@ -88,8 +92,8 @@ from tiermap.errors import PassError, TiermapError
 STRATEGIES = ("mip", "greedy", "naive")
 OBJECTIVES = ("time", "energy")
 BACKENDS = ("highs", "scip", "cpsat")
-# A chunk holds about this many binary variables; longer programs are decomposed.
-MAX_CHUNK_BINARIES = 12_000
+# A window holds about this many binary variables; longer programs are decomposed.
+MAX_WINDOW_BINARIES = 12_000
 # Relative gap at which a solve stops.
 RELATIVE_GAP = 1e-4
 # Weight of time in the energy objective (O2), per time unit.
@@ -113,21 +117,12 @@ class MipOutcome:
     gap: float | None
     bound_s: float | None
     objective: float | None
-    num_chunks: int
+    num_windows: int
     detail: str
 
 
-@dataclass
-class _Partial:
-    """Decisions made so far for one tensor: tiers of runs and gaps (-1 undecided), home."""
-
-    runs: list[int]
-    gaps: list[int]
-    home: int
-
-
 def _binaries_per_step(problem: PlacementProblem) -> np.ndarray:
-    """Binary variables whose run or gap starts at each step (free tensors only)."""
+    """Binary variables whose decision (run, gap) starts at each step (free tensors only)."""
     per_step = np.zeros(problem.num_steps + 1)
     for vid, seg in problem.segments.items():
         if vid in problem.pinned:
@@ -140,14 +135,8 @@ def _binaries_per_step(problem: PlacementProblem) -> np.ndarray:
     return per_step
 
 
-def _chunk_binaries(problem: PlacementProblem) -> list[float]:
-    """Binary variables of each chunk (at least 1), to share the time limit."""
-    cum = np.concatenate([[0.0], np.cumsum(_binaries_per_step(problem))])
-    return [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in problem.chunks]
-
-
-def _chunk_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[int, int]]:
-    """Split the steps into chunks of about `max_binaries` binaries each, cutting where fewest
+def window_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[int, int]]:
+    """Split the steps into windows of about `max_binaries` binaries each, cutting where fewest
     runs and fused kernels span the cut (near the ideal position)."""
     n = problem.num_steps
     per_step = _binaries_per_step(problem)
@@ -167,12 +156,12 @@ def _chunk_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[in
             span[k.steps[0] + 1] += 4.0
             span[k.steps[-1] + 1] -= 4.0
     badness = np.cumsum(span)
-    num_chunks = int(math.ceil(total / max_binaries))
-    target = total / num_chunks
+    num_windows = int(math.ceil(total / max_binaries))
+    target = total / num_windows
     cum = np.cumsum(per_step[:n])
     cuts = [0]
-    radius = max(4, n // (4 * num_chunks))
-    for i in range(1, num_chunks):
+    radius = max(4, n // (4 * num_windows))
+    for i in range(1, num_windows):
         ideal = int(np.searchsorted(cum, i * target))
         lo, hi = max(cuts[-1] + 2, ideal - radius), min(n - 2, ideal + radius)
         if lo > hi:
@@ -184,22 +173,27 @@ def _chunk_bounds(problem: PlacementProblem, max_binaries: int) -> list[tuple[in
     return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-class _ChunkModel:
-    """The MIP of one chunk of steps [c0, c1] (module docstring, V1-O2)."""
+class _WindowModel:
+    """The MIP over the decisions that start in steps [c0, c1]; all others fixed at the incumbent.
 
-    def __init__(self, problem: PlacementProblem, partial: Mapping[str, _Partial],
-                 c0: int, c1: int, backend: str, hint: Mapping[str, Choice],
-                 time_budget_s: float | None) -> None:
+    `base` is the incumbent's CostState with the free tensors (those with a decision in the
+    window) taken out: its occupancy, link loads and kernel times are the constants.
+    """
+
+    def __init__(self, problem: PlacementProblem, base: CostState, incumbent: Mapping[str, Choice],
+                 free: Sequence[str], c0: int, c1: int, backend: str,
+                 incumbent_step_s: np.ndarray | None) -> None:
         from ortools.math_opt.python import mathopt
 
         self.mo = mathopt
         self.p = p = problem
-        self.partial = partial
+        self.base = base
+        self.incumbent = incumbent
         self.c0, self.c1 = c0, c1
-        self.n_here = n_here = c1 - c0 + 1
         self.integer = backend == "cpsat"
         self.model = mathopt.Model(name=f"place-tiers[{c0}..{c1}]")
-        ref_s = float(np.mean(p.est_op_s[c0:c1 + 1])) if n_here else 1.0
+        n = p.num_steps
+        ref_s = float(np.mean(p.est_op_s[c0:c1 + 1])) if c1 >= c0 else 1.0
         self.time_unit_s = (ref_s if ref_s > 0 else 1e-9) / (
             CPSAT_RESOLUTION if self.integer else 1.0)
         num_tiers = len(p.tier_names)
@@ -207,24 +201,24 @@ class _ChunkModel:
         self.z: dict[tuple[str, int], dict[int, Any]] = {}
         self.h: dict[str, dict[int, Any]] = {}
         self.hint_values: dict[Any, float] = {}
-        self.const_occ = np.zeros((num_tiers, n_here + 1))
+        self.const_occ = np.zeros((num_tiers, n + 1))
         self.occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in range(num_tiers)]
         self.const_link: dict[tuple[int, int], np.ndarray] = {}
         self.link_terms: dict[tuple[int, int], list[tuple[Any, float, int, int]]] = {}
         self.energy_terms: list[tuple[Any, float]] = []
-        # (V1)-(V5), (C1)-(C4), and the occupancy and link terms of each tensor.
-        for vid, seg in p.segments.items():
-            if seg.last < c0 or seg.first > c1:
-                continue
-            self._tensor(vid, seg, hint.get(vid))
-        self.T = [self._cont() for _ in range(n_here)]  # (V7)
+        self.T: dict[int, Any] = {}
+        self.free = set(free)
+        # (V1)-(V5), (C1)-(C4): decisions, moves, occupancy and link terms of the free tensors.
+        for vid in free:
+            self._tensor(vid, p.segments[vid])
         self._kernels()  # (V6), (C6)
         for k in range(num_tiers):  # (V8), (C5)
             self._occupancy_chain(k)
-        for key in sorted(set(self.link_terms) | set(self.const_link)):  # (V9), (C7)
+        for key in sorted(set(self.link_terms)):  # (V9), (C7)
             self._link_chain(key)
+        self._other_links()
         # (O1) / (O2)
-        time_sum = mathopt.fast_sum(self.T)
+        time_sum = mathopt.fast_sum(self.T.values())
         self.energy_unit_pj = 1.0
         if p.objective == "energy":
             scale = sum(abs(c) for _v, c in self.energy_terms) or 1.0
@@ -232,100 +226,93 @@ class _ChunkModel:
             energy_expr = mathopt.fast_sum(
                 v * (c / self.energy_unit_pj) for v, c in self.energy_terms
                 if not isinstance(v, float))
-            if time_budget_s is not None:
+            if incumbent_step_s is not None and self.T:
+                budget_s = float(incumbent_step_s[np.array(sorted(self.T))].sum())
                 self.model.add_linear_constraint(
-                    ub=time_budget_s / self.time_unit_s * (1 + 1e-9), expr=time_sum)
+                    ub=budget_s / self.time_unit_s * (1 + 1e-9), expr=time_sum)
             self.model.minimize(energy_expr + ENERGY_TIME_WEIGHT * time_sum)
         else:
             self.model.minimize(time_sum)
 
     # --- decisions as variables or constants ------------------------------------------------
 
-    def owned(self, step: int) -> bool:
+    def in_window(self, step: int) -> bool:
         return self.c0 <= step <= self.c1
 
     def val(self, vid: str, kind: str, i: int, k: int) -> Any:
         """Run (kind "x") or gap ("z") i of `vid` in tier k: a variable or a 0/1 constant."""
-        pinned = self.p.pinned.get(vid)
-        if pinned is not None:
-            return 1.0 if (pinned.runs if kind == "x" else pinned.gaps)[i] == k else 0.0
-        part = self.partial[vid]
-        decided = (part.runs if kind == "x" else part.gaps)[i]
-        if decided != _UNDECIDED:
-            return 1.0 if decided == k else 0.0
-        return (self.x if kind == "x" else self.z)[(vid, i)].get(k, 0.0)
+        table = (self.x if kind == "x" else self.z).get((vid, i))
+        if table is not None:
+            return table.get(k, 0.0)
+        fixed = self.incumbent[vid]
+        return 1.0 if (fixed.runs if kind == "x" else fixed.gaps)[i] == k else 0.0
 
     def home_val(self, vid: str, k: int) -> Any:
-        pinned = self.p.pinned.get(vid)
-        if pinned is not None:
-            return 1.0 if pinned.home == k else 0.0
-        part = self.partial[vid]
-        if part.home == _UNDECIDED:
-            return self.h[vid].get(k, 0.0)
-        return 1.0 if part.home == k else 0.0
+        table = self.h.get(vid)
+        if table is not None:
+            return table.get(k, 0.0)
+        return 1.0 if self.incumbent[vid].home == k else 0.0
 
-    def _one_hot(self, tiers: Sequence[int], hinted: int | None) -> dict[int, Any]:
+    def step_var(self, s: int) -> Any:
+        """(V7) T[s], created on first use."""
+        var = self.T.get(s)
+        if var is None:
+            var = self.T[s] = self._cont()
+        return var
+
+    def _one_hot(self, tiers: Sequence[int], hinted: int) -> dict[int, Any]:
         """(V1)/(V2) with (C1): one binary per tier, exactly one set."""
         table = {k: self.model.add_binary_variable() for k in tiers}
         self.model.add_linear_constraint(lb=1.0, ub=1.0,
                                          expr=self.mo.fast_sum(table.values()))
-        if hinted is not None:
-            for k, v in table.items():
-                self.hint_values[v] = 1.0 if hinted == k else 0.0
+        for k, v in table.items():
+            self.hint_values[v] = 1.0 if hinted == k else 0.0
         return table
 
-    def _tensor(self, vid: str, seg: Segments, hint_choice: Choice | None) -> None:
+    def _tensor(self, vid: str, seg: Segments) -> None:
         p = self.p
         ro = p.read_only
         tiers = list(seg.tiers) + list(seg.homes)
-        part = self.partial.get(vid)
-        if part is not None:
-            if part.home == _UNDECIDED and self.owned(seg.first):  # (V3), (C2)
-                hv = {k: self.model.add_binary_variable() for k in seg.homes}
-                self.h[vid] = hv
-                self.model.add_linear_constraint(ub=1.0, expr=self.mo.fast_sum(hv.values()))
-                if hint_choice is not None:
-                    for k, v in hv.items():
-                        self.hint_values[v] = 1.0 if hint_choice.home == k else 0.0
-            for r, run in enumerate(seg.runs):
-                if part.runs[r] == _UNDECIDED and self.owned(run.lo):
-                    self.x[(vid, r)] = self._one_hot(
-                        tiers, hint_choice.runs[r] if hint_choice else None)
-            for g, gap in enumerate(seg.gaps):
-                if part.gaps[g] == _UNDECIDED and self.owned(gap.lo):
-                    self.z[(vid, g)] = self._one_hot(
-                        tiers, hint_choice.gaps[g] if hint_choice else None)
-            for k in seg.homes:  # (C2) a read-only tier only as the home
-                hk = self.home_val(vid, k)
-                for table in [self.x.get((vid, r)) for r in range(len(seg.runs))] + [
-                        self.z.get((vid, g)) for g in range(len(seg.gaps))]:
-                    if table is not None and k in table:
-                        self._le(table[k], hk)
+        hint = self.incumbent[vid]
+        if seg.homes and self.in_window(seg.first):  # (V3), (C2)
+            hv = {k: self.model.add_binary_variable() for k in seg.homes}
+            self.h[vid] = hv
+            self.model.add_linear_constraint(ub=1.0, expr=self.mo.fast_sum(hv.values()))
+            for k, v in hv.items():
+                self.hint_values[v] = 1.0 if hint.home == k else 0.0
+        for r, run in enumerate(seg.runs):
+            if self.in_window(run.lo):
+                self.x[(vid, r)] = self._one_hot(tiers, hint.runs[r])
+        for g, gap in enumerate(seg.gaps):
+            if self.in_window(gap.lo):
+                self.z[(vid, g)] = self._one_hot(tiers, hint.gaps[g])
+        for k in seg.homes:  # (C2) a read-only tier only as the home
+            hk = self.home_val(vid, k)
+            for table in [self.x.get((vid, r)) for r in range(len(seg.runs))] + [
+                    self.z.get((vid, g)) for g in range(len(seg.gaps))]:
+                if table is not None and k in table:
+                    self._le(table[k], hk)
         nbytes = seg.nbytes
         for k in seg.homes:
             self._occ(k, seg.first, seg.last, self.home_val(vid, k), nbytes)
         for r, run in enumerate(seg.runs):
-            if run.lo <= self.c1:
-                for k in seg.tiers:
-                    self._occ(k, run.lo, run.hi, self.val(vid, "x", r, k), nbytes)
+            for k in seg.tiers:
+                self._occ(k, run.lo, run.hi, self.val(vid, "x", r, k), nbytes)
         for g, gap in enumerate(seg.gaps):
-            if gap.lo > self.c1:
-                continue
             for k in seg.tiers:
                 self._occ(k, gap.lo, gap.hi, self.val(vid, "z", g, k), nbytes)
             if gap.prev_run is not None:  # (V4), (C3): evictions at the gap's start
                 src = {a: self.val(vid, "x", gap.prev_run, a) for a in tiers}
                 dst = {b: self.val(vid, "z", g, b) for b in tiers}
-                hint_pair = None if hint_choice is None else (
-                    hint_choice.runs[gap.prev_run], hint_choice.gaps[g])
-                for (a, b), coef in self._flow(src, dst, set(), hint_pair).items():
+                pair = (hint.runs[gap.prev_run], hint.gaps[g])
+                for (a, b), coef in self._flow(src, dst, set(), pair).items():
                     if a == b or ro[b] or (isinstance(coef, float) and not coef):
                         continue
                     w = p.window(seg, g, a, b, True)
                     if not ro[a]:
                         self._occ(a, gap.lo, gap.lo + w - 1, coef, nbytes)
                     self._move(a, b, gap.lo, gap.lo + w - 1, coef, nbytes)
-            if gap.next_run is None or seg.runs[gap.next_run].lo > self.c1:
+            if gap.next_run is None:
                 continue
             nxt = gap.next_run
             if gap.single_move and gap.prev_run is not None:  # (C4)
@@ -334,14 +321,10 @@ class _ChunkModel:
                     if not isinstance(zk, float):
                         self._le(zk, self.val(vid, "x", gap.prev_run, k)
                                  + self.val(vid, "x", nxt, k))
-            forbidden: set[tuple[int, int]] = set()
-            if p.prefetch_room(seg, g) == 0:  # (C4) no room: no move into a writable tier
-                forbidden = {(b, c) for b in tiers for c in seg.tiers if b != c}
             src = {b: self.val(vid, "z", g, b) for b in tiers}
             dst = {c: self.val(vid, "x", nxt, c) for c in tiers}
-            hint_pair = None if hint_choice is None else (
-                hint_choice.gaps[g], hint_choice.runs[nxt])
-            for (b, c), coef in self._flow(src, dst, forbidden, hint_pair).items():  # (V5)
+            pair = (hint.gaps[g], hint.runs[nxt])
+            for (b, c), coef in self._flow(src, dst, set(), pair).items():  # (V5)
                 if b == c or ro[c] or (isinstance(coef, float) and not coef):
                     continue
                 w = p.window(seg, g, b, c, False)
@@ -350,13 +333,10 @@ class _ChunkModel:
 
     def _occ(self, k: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
         """Tier k holds `nbytes` over [lo, hi] when `coef` (a variable or a 0/1 constant) is 1."""
-        lo, hi = max(lo, self.c0), min(hi, self.c1)
-        if lo > hi:
-            return
         if isinstance(coef, float):
             if coef:
-                self.const_occ[k, lo - self.c0] += coef * nbytes
-                self.const_occ[k, hi + 1 - self.c0] -= coef * nbytes
+                self.const_occ[k, lo] += coef * nbytes
+                self.const_occ[k, hi + 1] -= coef * nbytes
         else:
             self.occ_terms[k].append((coef, float(nbytes), lo, hi))
 
@@ -366,29 +346,27 @@ class _ChunkModel:
         self.energy_terms.append((coef, nbytes * (p.energy_pj[a] + p.energy_pj[b])))
         key = (a, b) if a < b else (b, a)
         share_s = nbytes / p.link_bw(a, b) / (hi - lo + 1)
-        lo, hi = max(lo, self.c0), min(hi, self.c1)
-        if lo > hi:
-            return
         if isinstance(coef, float):
             if coef:
-                arr = self.const_link.setdefault(key, np.zeros(self.n_here + 1))
-                arr[lo - self.c0] += share_s * coef
-                arr[hi + 1 - self.c0] -= share_s * coef
+                arr = self.const_link.setdefault(key, np.zeros(self.p.num_steps + 1))
+                arr[lo] += share_s * coef
+                arr[hi + 1] -= share_s * coef
         else:
             self.link_terms.setdefault(key, []).append((coef, share_s, lo, hi))
 
     def _kernels(self) -> None:
-        """(V6), (C6): kernel times from the tiers of their accesses (up to this chunk's end)."""
-        p, c0, c1 = self.p, self.c0, self.c1
+        """(V6), (C6): times of the kernels that access a free tensor."""
+        p, base = self.p, self.base
         tu = self.time_unit_s
         overhead = p.target.op_overhead_s
-        for j in sorted({int(p.kernel_of_step[s]) for s in range(c0, c1 + 1)}):
+        touched = sorted({j for vid in self.free for j, _s, _b, _r in p.touches.get(vid, ())})
+        for j in touched:
             kernel = p.kernels[j]
-            const_s = 0.0
+            const_s = float(base.kernel_mem_s[j])
             terms: list[tuple[Any, float]] = []
             for vid, step, nbytes, is_read in kernel.accesses:
-                if step > c1:
-                    continue  # decided by a later chunk; this chunk cannot see it
+                if vid not in self.free:
+                    continue  # counted in base.kernel_mem_s
                 seg = p.segments[vid]
                 r = seg.run_of_step[step]
                 bw = p.read_bw if is_read else p.write_bw
@@ -401,77 +379,115 @@ class _ChunkModel:
                     else:
                         terms.append((xv, nbytes / bw[k] / tu))
                         self.energy_terms.append((xv, nbytes * p.energy_pj[k]))
-            steps = [s for s in kernel.steps if self.owned(s)]
             lone = len(kernel.steps) == 1
-            var = self.T[steps[0] - c0] if lone else self._cont()
+            var = self.step_var(kernel.steps[0]) if lone else self._cont()
             self._ge_const(var, (max(float(p.kernel_compute_s[j]), const_s) + overhead) / tu)
             if terms:
                 self._ge_terms(var, terms, (const_s + overhead) / tu)
             if not lone:
-                for s in steps:
-                    self._ge_terms(self.T[s - c0], [(var, float(p.step_weight[s]))], 0.0)
+                for s in kernel.steps:
+                    self._ge_terms(self.step_var(s), [(var, float(p.step_weight[s]))], 0.0)
+
+    def _link_load_s(self, key: tuple[int, int]) -> np.ndarray:
+        """Constant load of a link per step: the base plus the fixed moves of free tensors."""
+        n = self.p.num_steps
+        load = self.base.links.get(key)
+        out = np.zeros(n) if load is None else load.copy()
+        extra = self.const_link.get(key)
+        if extra is not None:
+            out += np.cumsum(extra[:n])
+        return out
 
     def _link_chain(self, key: tuple[int, int]) -> None:
-        """(V9), (C7): L[l,s] = L[l,s-1] + starting shares - ended shares; T[s] >= L[l,s]."""
-        n_here, c0, tu = self.n_here, self.c0, self.time_unit_s
-        const = np.cumsum(self.const_link.get(key, np.zeros(n_here + 1))[:n_here])
-        terms = self.link_terms.get(key, [])
+        """(V9), (C7): L[l,s] = L[l,s'] + shares started - shares ended since the last row s';
+        T[s] >= constant load + L[l,s] at every step where a variable share is active."""
+        tu = self.time_unit_s
+        const = self._link_load_s(key)
         starts: dict[int, list[tuple[Any, float]]] = {}
         ends: dict[int, list[tuple[Any, float]]] = {}
-        for var, share_s, lo, hi in terms:
-            starts.setdefault(lo - c0, []).append((var, share_s / tu))
-            ends.setdefault(hi + 1 - c0, []).append((var, share_s / tu))
+        for var, share_s, lo, hi in self.link_terms[key]:
+            starts.setdefault(lo, []).append((var, share_s / tu))
+            ends.setdefault(hi + 1, []).append((var, share_s / tu))
         prev = None
+        pending: list[tuple[Any, float]] = []
         active = 0
-        for s in range(n_here):
+        for s in range(min(starts), max(ends)):
             st, en = starts.get(s, []), ends.get(s, [])
             active += len(st) - len(en)
-            if prev is None and not st:
-                self._ge_const(self.T[s], const[s] / tu)
+            pending.extend(st)
+            pending.extend((v, -c) for v, c in en)
+            if active <= 0:
+                prev, pending = None, []
                 continue
             cur = self._cont()
-            self._eq(cur, [*st, *((v, -c) for v, c in en), *(((prev, 1.0),) if prev else ())])
-            self._ge_terms(self.T[s], [(cur, 1.0)], const[s] / tu)
-            prev = cur if active > 0 else None
+            self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
+            self._ge_terms(self.step_var(s), [(cur, 1.0)], const[s] / tu)
+            prev, pending = cur, []
 
+    def _other_links(self) -> None:
+        """T[s] >= every link's constant load at the steps this model times."""
+        keys = set(self.base.links) | set(self.const_link)
+        if not keys or not self.T:
+            return
+        steps = np.array(sorted(self.T), dtype=np.int64)
+        most = np.zeros(len(steps))
+        for key in keys:
+            most = np.maximum(most, self._link_load_s(key)[steps])
+        tu = self.time_unit_s
+        for s, load_s in zip(steps.tolist(), most.tolist(), strict=True):
+            self._ge_const(self.T[s], load_s / tu)
+        # untouched steps that only a link chain created: their op time is a constant
+        p, base = self.p, self.base
+        touched = {s for vid in self.free for j, _s, _b, _r in p.touches.get(vid, ())
+                   for s in p.kernels[j].steps}
+        rest = [s for s in self.T if s not in touched]
+        if rest:
+            op_s = base.op_times(np.array(rest, dtype=np.int64))
+            for s, t_s in zip(rest, op_s.tolist(), strict=True):
+                self._ge_const(self.T[s], t_s / tu)
 
     def _occupancy_chain(self, k: int) -> None:
         """(V8), (C5): O[k,s] = O[k,s-1] + starting terms - ended terms <= cap - constants[s],
         for a tier whose capacity the terms could exceed."""
-        n_here, c0 = self.n_here, self.c0
-        const = np.cumsum(self.const_occ[k, :n_here])
-        cap = float(self.p.capacity[k])
         terms = self.occ_terms[k]
         if not terms:
             return
-        diff = np.zeros(n_here + 1)
+        n = self.p.num_steps
+        const = self.base.occ[k].astype(float) + np.cumsum(self.const_occ[k, :n])
+        cap = float(self.p.capacity[k])
+        diff = np.zeros(n + 1)
         starts: dict[int, list[tuple[Any, float]]] = {}
         ends: dict[int, list[tuple[Any, float]]] = {}
         for var, nbytes, lo, hi in terms:
-            diff[lo - c0] += nbytes
-            diff[hi + 1 - c0] -= nbytes
-            starts.setdefault(lo - c0, []).append((var, nbytes))
-            ends.setdefault(hi + 1 - c0, []).append((var, nbytes))
-        if (const + np.cumsum(diff[:n_here])).max(initial=0.0) <= cap:
+            diff[lo] += nbytes
+            diff[hi + 1] -= nbytes
+            starts.setdefault(lo, []).append((var, nbytes))
+            ends.setdefault(hi + 1, []).append((var, nbytes))
+        active = np.cumsum(diff[:n])
+        if (const + active).max(initial=0.0) <= cap:
             return
         scale = max(cap / (CPSAT_RESOLUTION * 1e3 if self.integer else 1e6), 1.0)
         prev = None
-        for s in range(n_here):
+        pending: list[tuple[Any, float]] = []
+        count = 0
+        grows = np.flatnonzero(np.diff(const, prepend=const[0]) > 0).tolist()
+        for s in sorted((set(starts) | set(ends) | set(grows)) - {n}):
             st, en = starts.get(s, []), ends.get(s, [])
-            if prev is None and not st:
+            count += len(st) - len(en)
+            pending.extend((v, b / scale) for v, b in st)
+            pending.extend((v, -b / scale) for v, b in en)
+            if count <= 0:
+                prev, pending = None, []  # every variable term has ended
                 continue
-            if not st and not en and s > 0 and const[s] <= const[s - 1]:
-                continue  # nothing changed and the room did not shrink
+            if const[s] + active[s] <= cap:
+                continue  # cannot bind here; the changes carry over to the next row
             room = (cap - const[s]) / scale
             if self.integer:
                 cur = self.model.add_integer_variable(lb=-(10**12), ub=math.floor(room + 1e-9))
             else:  # one byte of safety against the solver's feasibility tolerance
                 cur = self.model.add_variable(lb=-math.inf, ub=room - 1.0 / scale)
-            row = [(v, b / scale) for v, b in st] + [(v, -b / scale) for v, b in en]
-            if prev is not None:
-                row.append((prev, 1.0))
-            self._eq(cur, row)
-            prev = cur
+            self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
+            prev, pending = cur, []
 
     # --- small helpers ----------------------------------------------------------------------
 
@@ -612,86 +628,119 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def solve_mip(problem: PlacementProblem, hint: Assignment, time_limit_s: float, seed: int,
-              backend: str, workers: int) -> MipOutcome:
-    """Solve the placement MIP chunk by chunk; None assignment if a chunk found no solution."""
-    from ortools.math_opt.python import mathopt
-
-    t_start = time.perf_counter()
-    chunks = problem.chunks
-    partial: dict[str, _Partial] = {}
+def _free_tensors(problem: PlacementProblem, c0: int, c1: int) -> list[str]:
+    """Tensors with a decision (home, run or gap) that starts in steps [c0, c1]."""
+    out = []
     for vid, seg in problem.segments.items():
         if vid in problem.pinned:
             continue
-        partial[vid] = _Partial([_UNDECIDED] * len(seg.runs), [_UNDECIDED] * len(seg.gaps),
-                                _UNDECIDED if seg.homes else _NO_HOME)
+        if (seg.homes and c0 <= seg.first <= c1) or any(c0 <= r.lo <= c1 for r in seg.runs) or (
+                any(c0 <= g.lo <= c1 for g in seg.gaps)):
+            out.append(vid)
+    return out
+
+
+def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: float, seed: int,
+              backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES
+              ) -> MipOutcome:
+    """Improve `incumbent` (the greedy assignment) with the MIP, window by window.
+
+    A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
+    every decision, warm-started from the incumbent. Longer programs are swept window by window
+    (fix-and-optimise): the decisions that start in the window are free, all others stay at the
+    incumbent, so each solve keeps or improves the whole plan.
+    """
+    from ortools.math_opt.python import mathopt
+
+    t_start = time.perf_counter()
+    p = problem
+    windows = window_bounds(p, max_window_binaries)
+    cum = np.concatenate([[0.0], np.cumsum(_binaries_per_step(p))])
+    weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in windows]
+    assignment: Assignment = dict(incumbent)
+    state = CostState(p, assignment)
     statuses: list[str] = []
-    bound_total_s = 0.0
-    objective_total = 0.0
-    have_bound = True
-    weights = _chunk_binaries(problem)
-    hint_state = CostState(problem, {**problem.pinned, **hint}) if (
-        problem.objective == "energy") else None
-    for i, (c0, c1) in enumerate(chunks):
-        share = weights[i] / max(sum(weights[i:]), 1)
-        budget = None
-        if hint_state is not None:
-            # energy: never slower than greedy, chunk by chunk
-            budget = float(hint_state.step_times(np.arange(c0, c1 + 1)).sum())
-        model = _ChunkModel(problem, partial, c0, c1, backend, hint, budget)
-        elapsed = time.perf_counter() - t_start
-        left_s = max(time_limit_s - elapsed, 0.0)
-        limit_s = max(left_s * share, 0.05)
+    bound_s: float | None = None
+    gap: float | None = None
+    solved_any = False
+    for i, (c0, c1) in enumerate(windows):
+        free = _free_tensors(p, c0, c1)
+        if not free:
+            statuses.append("optimal")
+            continue
+        before = state.objective_value()
+        step_s_before = state.step_times(np.arange(p.num_steps)) if (
+            p.objective == "energy") else None
+        for vid in free:
+            state.remove(vid)
+        model = _WindowModel(p, state, assignment, free, c0, c1, backend, step_s_before)
+        share = weights[i] / max(sum(weights[i:]), 1.0)
+        limit_s = max((time_limit_s - (time.perf_counter() - t_start)) * share, 0.05)
         try:
             result = model.solve(backend, limit_s, seed, workers)
         except Exception as exc:  # the solver refused the model or crashed
             cause = exc.__context__ if exc.__context__ is not None else exc
-            raise PassError("place-tiers", f"{backend} failed on chunk {i + 1}/{len(chunks)} "
+            raise PassError("place-tiers", f"{backend} failed on window {i + 1}/{len(windows)} "
                             f"(steps {c0}..{c1}): {type(cause).__name__}: {cause}") from exc
         reason = result.termination.reason
-        if not result.has_primal_feasible_solution():
-            return MipOutcome(None, "greedy_fallback", None, None, None, len(chunks),
-                              f"chunk {i + 1}/{len(chunks)} (steps {c0}..{c1}): "
-                              f"{reason.name.lower()} without a solution "
-                              f"in {limit_s:.3g} s")
-        values = result.variable_values()
-        for (vid, r), table in model.x.items():
-            partial[vid].runs[r] = _argmax(table, values)
-        for (vid, g), table in model.z.items():
-            partial[vid].gaps[g] = _argmax(table, values)
-        for vid, table in model.h.items():
-            k = _argmax(table, values) if table else -1
-            partial[vid].home = k if k >= 0 and values[table[k]] > 0.5 else _NO_HOME
-        statuses.append("optimal" if reason == mathopt.TerminationReason.OPTIMAL else "feasible")
-        bounds = result.termination.objective_bounds
-        unit = model.time_unit_s if problem.objective == "time" else model.energy_unit_pj
-        objective_total += result.objective_value() * unit
-        if math.isfinite(bounds.dual_bound):
-            bound_total_s += bounds.dual_bound * unit
+        new: dict[str, Choice] = {}
+        if result.has_primal_feasible_solution():
+            solved_any = True
+            values = result.variable_values()
+            for vid in free:
+                seg = p.segments[vid]
+                old = assignment[vid]
+                runs = tuple(_argmax(model.x[(vid, r)], values) if (vid, r) in model.x else k
+                             for r, k in enumerate(old.runs))
+                gaps = tuple(_argmax(model.z[(vid, g)], values) if (vid, g) in model.z else k
+                             for g, k in enumerate(old.gaps))
+                home = old.home
+                if vid in model.h:
+                    table = model.h[vid]
+                    on = [k for k, v in table.items() if values[v] > 0.5]
+                    home = on[0] if on else None
+                choice = Choice(runs, gaps, home)
+                new[vid] = choice if p.valid(seg, choice) else old
+        for vid in free:
+            state.add(vid, new.get(vid, assignment[vid]))
+        if new and state.objective_value() > before * (1 + 1e-12) + 1e-300:
+            for vid in free:  # the model is exact, so this is float noise at most: keep the old
+                state.remove(vid)
+                state.add(vid, assignment[vid])
         else:
-            have_bound = False
-    assignment: Assignment = dict(problem.pinned)
-    for vid, part in partial.items():
-        seg = problem.segments[vid]
-        home = None if part.home in (_NO_HOME, _UNDECIDED) else part.home
-        choice = Choice(tuple(part.runs), tuple(part.gaps), home)
-        if _UNDECIDED in part.runs or _UNDECIDED in part.gaps or not problem.valid(seg, choice):
-            return MipOutcome(None, "greedy_fallback", None, None, None, len(chunks),
-                              f"tensor {vid}: the solver's choice {choice} is not a valid "
-                              "segment-form placement")
-        assignment[vid] = choice
-    single = len(chunks) == 1
+            assignment.update(state.assignment_of(free))
+        statuses.append("optimal" if reason == mathopt.TerminationReason.OPTIMAL else (
+            "feasible" if result.has_primal_feasible_solution() else reason.name.lower()))
+        if len(windows) == 1 and result.has_primal_feasible_solution():
+            bounds = result.termination.objective_bounds
+            primal = result.objective_value()
+            if math.isfinite(bounds.dual_bound) and primal > 0:
+                gap = max(primal - bounds.dual_bound, 0.0) / abs(primal)
+                if p.objective == "time":
+                    modelled = np.array(sorted(model.T), dtype=np.int64)
+                    rest_s = state.total_time_s() - float(state.step_times(modelled).sum())
+                    bound_s = bounds.dual_bound * model.time_unit_s + rest_s
+    if not any(_free_tensors(p, c0, c1) for c0, c1 in windows):
+        # Every tensor is pinned: tiny ones and those that never meet memory pressure go to
+        # the fastest tier, optimal when that tier is at least as fast as every other.
+        proven = p.dominates(p.writable[0])
+        return MipOutcome(assignment, "optimal" if proven else "feasible", 0.0 if proven else None,
+                          state.objective_value() if proven and p.objective == "time" else None,
+                          state.objective_value(), len(windows),
+                          "every tensor pinned (tiny, or never under memory pressure); "
+                          "nothing left to decide")
+    if not solved_any:
+        return MipOutcome(None, "greedy_fallback", None, None, None, len(windows),
+                          f"no solve returned a solution ({', '.join(statuses)})")
+    single = len(windows) == 1
     status = "optimal" if single and statuses == ["optimal"] else "feasible"
-    bound = bound_total_s if have_bound else None
-    gap = None
-    if bound is not None and objective_total > 0:
-        gap = max(objective_total - bound, 0.0) / abs(objective_total)
-    if status == "optimal":
-        gap = 0.0 if gap is None else gap
-    detail = (f"{len(chunks)} chunk(s); " if not single else "") + (
-        "chunk statuses " + ",".join(statuses) if not single else f"solver status {statuses[0]}")
-    return MipOutcome(assignment, status, gap, bound if problem.objective == "time" else None,
-                      objective_total, len(chunks), detail)
+    if single:
+        detail = f"one window; solver status {statuses[0]}"
+    else:
+        detail = (f"{len(windows)} windows solved in turn (fix-and-optimise), each proven "
+                  f"within its own gap with the rest fixed: {','.join(statuses)}")
+    return MipOutcome(assignment, status, gap if single else None, bound_s,
+                      state.objective_value(), len(windows), detail)
 
 
 def _argmax(table: Mapping[int, Any], values: Mapping[Any, float]) -> int:
@@ -717,11 +766,11 @@ class PlaceTiersPass:
 
     Attributes:
         strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
-        time_limit_s: the MIP's wall-clock limit (all chunks together).
+        time_limit_s: the MIP's wall-clock limit (all windows together).
         seed: the solver's random seed.
         backend: "highs", "scip" or "cpsat".
         workers: solver threads (None: `default_workers()`); HiGHS always runs one.
-        max_chunk_binaries: decompose programs whose MIP has more binaries than this.
+        max_window_binaries: decompose programs whose MIP has more binaries than this.
     """
 
     name: ClassVar[str] = "place-tiers"
@@ -730,7 +779,7 @@ class PlaceTiersPass:
     seed: int = 0
     backend: str = "highs"
     workers: int | None = None
-    max_chunk_binaries: int = MAX_CHUNK_BINARIES
+    max_window_binaries: int = MAX_WINDOW_BINARIES
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -772,8 +821,6 @@ class PlaceTiersPass:
                                               detail="main memory, spilling in program order")))
         problem = PlacementProblem(program, target, state.fusion, state.liveness,
                                    state.objective, pin=True)
-        problem.set_chunks(_chunk_bounds(problem, self.max_chunk_binaries)
-                           if self.strategy == "mip" else [(0, program.num_steps - 1)])
         t0 = time.perf_counter()
         greedy = greedy_assignment(problem)
         greedy_parts = problem.to_plan_parts(greedy)
@@ -795,40 +842,48 @@ class PlaceTiersPass:
              baselines: Mapping[str, float], lower_bound_s: float, workers: int) -> Plan:
         program, target = state.program, state.target
         t0 = time.perf_counter()
-        outcome = solve_mip(problem, greedy, self.time_limit_s, self.seed, self.backend, workers)
+        outcome = solve_mip(problem, greedy, self.time_limit_s, self.seed, self.backend, workers,
+                            self.max_window_binaries)
         wall_s = time.perf_counter() - t0
         notes: list[str] = []
         info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, self.time_limit_s,
                           seed=self.seed, workers=solver_workers(self.backend, workers),
-                          bound_s=outcome.bound_s,
-                          detail=outcome.detail)
-        candidate: Plan | None = None
+                          bound_s=outcome.bound_s, detail=outcome.detail)
+        plan: Plan | None = None
         if outcome.assignment is not None:
             parts = problem.to_plan_parts(outcome.assignment)
-            candidate = build_plan(program, target, "mip", parts[0], parts[1], state.fusion,
-                                   lower_bound_s, baselines, info)
-            if not _no_worse(candidate, greedy_plan, state.objective):
+            plan = build_plan(program, target, "mip", parts[0], parts[1], state.fusion,
+                              lower_bound_s, baselines, info)
+            if not _no_worse(plan, greedy_plan, state.objective):
                 notes.append(
-                    f"the MIP's plan evaluates to {candidate.predicted_time_s:.6g} s, worse than "
-                    f"greedy's {greedy_plan.predicted_time_s:.6g} s; returning the greedy plan")
+                    f"the MIP's plan evaluates to {plan.predicted_time_s:.9g} s, worse than "
+                    f"greedy's {greedy_plan.predicted_time_s:.9g} s; returning the greedy plan")
                 info = replace(info, status="greedy_fallback",
-                               detail=info.detail + "; MIP plan worse than greedy")
-                candidate = None
+                               detail=info.detail + "; the MIP plan was worse than greedy")
+                plan = None
         else:
-            notes.append(f"no MIP solution in {self.time_limit_s:g} s ({outcome.detail}); "
+            notes.append(f"no MIP solution within {self.time_limit_s:g} s ({outcome.detail}); "
                          "returning the greedy plan")
-        if candidate is None:
-            candidate = replace(greedy_plan, strategy="mip", baselines=dict(baselines),
-                                solver=info, notes=tuple(notes))
-        if candidate.predicted_time_s > baselines["naive"] * (1 + 1e-12):
+        if plan is None:
+            plan = replace(greedy_plan, strategy="mip", baselines=dict(baselines), solver=info)
+        fusion = state.fusion
+        if plan.predicted_time_s > baselines["naive"] * (1 + 1e-12):
             # Fusion made this program slower than the unfused naive plan: keep the naive one.
             parts = naive_problem.to_plan_parts(naive)
             notes.append("the fused plan is slower than the unfused naive plan; returning the "
                          "naive placement without fusion")
-            candidate = build_plan(program, target, "mip", parts[0], parts[1], Fusion(),
-                                   lower_bound_s, baselines,
-                                   replace(info, status="greedy_fallback"), notes)
-        return candidate
+            info = replace(info, status="greedy_fallback",
+                           detail=info.detail + "; naive (unfused) placement returned")
+            fusion = Fusion()
+            plan = build_plan(program, target, "mip", parts[0], parts[1], fusion,
+                              lower_bound_s, baselines, info)
+        if state.objective == "time" and (outcome.bound_s is None or info.status not in (
+                "optimal", "feasible")):
+            # decomposed or fallen back: measure the gap against the program's lower bound
+            pred = plan.predicted_time_s
+            info = replace(info, bound_s=plan.lower_bound_s,
+                           gap=max(pred - plan.lower_bound_s, 0.0) / pred if pred > 0 else 0.0)
+        return replace(plan, solver=info, notes=tuple(notes))
 
 
 def _no_worse(plan: Plan, reference: Plan, objective: str) -> bool:
