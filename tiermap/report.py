@@ -291,9 +291,13 @@ def group_rows(plan: Plan) -> list[GroupRow]:
             lower_bound_bytes=tile.lower_bound_bytes if tile else None,
             reference_bytes=tile.reference_bytes if tile else None,
         ))
+    ops_by_id = {o.id: o for o in plan.ops}
     for group, tile in tiles.items():
-        if group not in ops_by_group:
-            rows.append(GroupRow(group=group, num_ops=0, kinds=(), predicted_time_s=0.0,
+        if group not in ops_by_group:  # a lone op tiled on its own: the group is named by the op
+            lone = [ops_by_id[group]] if group in ops_by_id else []
+            rows.append(GroupRow(group=group, num_ops=len(lone),
+                                 kinds=tuple(o.kind.split(".")[-1] for o in lone),
+                                 predicted_time_s=sum(o.predicted_time_s for o in lone),
                                  tile_kind=tile.kind, params=dict(tile.params),
                                  traffic_bytes=tile.traffic_bytes,
                                  lower_bound_bytes=tile.lower_bound_bytes,
@@ -474,7 +478,7 @@ def _shape(shape: Sequence[int], dtype: str) -> str:
     return f"{dtype}[{','.join(str(d) for d in shape)}]"
 
 
-def plan_report(plan: Plan, top_tensors: int = 10) -> str:
+def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
     """A markdown report: program, target, solver, predicted times against the baselines and the
     lower bound, the per-tier table, the costliest tensors and the fusion/tiling groups."""
     lines = [f"# tiermap plan: {plan.program_name} on {plan.target.name}", ""]
@@ -515,16 +519,31 @@ def plan_report(plan: Plan, top_tensors: int = 10) -> str:
     groups = group_rows(plan)
     if groups:
         lines += ["## Fusion and tiling groups", ""]
-        grows = []
+        by_kind: dict[str, list[GroupRow]] = {}
         for g in groups:
+            by_kind.setdefault(g.tile_kind or "fused", []).append(g)
+        krows = []
+        for kind, rows_of_kind in by_kind.items():
+            tiled = [g for g in rows_of_kind if g.traffic_bytes is not None]
+            krows.append([kind, str(len(rows_of_kind)), str(sum(g.num_ops for g in rows_of_kind)),
+                          fmt_time_s(sum(g.predicted_time_s for g in rows_of_kind)),
+                          fmt_bytes(sum(g.traffic_bytes or 0.0 for g in tiled)) if tiled else "-",
+                          fmt_bytes(sum(g.lower_bound_bytes or 0.0 for g in tiled))
+                          if tiled else "-"])
+        lines += _md_table(["kind", "groups", "ops", "predicted time", "tiled traffic",
+                            "traffic lower bound"], krows, align="lrrrrr")
+        costly = sorted(groups, key=lambda g: (-g.predicted_time_s, g.group))[:top_groups]
+        lines += ["", f"The {len(costly)} costliest of {len(groups)} groups:", ""]
+        grows = []
+        for g in costly:
             params = ", ".join(f"{k}={v}" for k, v in (g.params or {}).items()) or "-"
             grows.append([f"`{g.group}`", g.tile_kind or "fused", str(g.num_ops),
-                          " ".join(g.kinds[:4]) + (" …" if len(g.kinds) > 4 else ""), params,
+                          fmt_time_s(g.predicted_time_s), params,
                           fmt_bytes(g.traffic_bytes) if g.traffic_bytes is not None else "-",
                           fmt_bytes(g.lower_bound_bytes)
                           if g.lower_bound_bytes is not None else "-"])
-        lines += _md_table(["group", "kind", "ops", "op kinds", "tile", "traffic",
-                            "traffic lower bound"], grows, align="llrllrr")
+        lines += _md_table(["group", "kind", "ops", "predicted time", "tile", "traffic",
+                            "traffic lower bound"], grows, align="llrrlrr")
         lines.append("")
     transfers = len(plan.transfers)
     if transfers:
