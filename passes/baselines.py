@@ -61,6 +61,8 @@ SMALL_TENSOR_BUDGET_FRACTION = 0.25
 # A transfer window spans enough steps to hide the transfer this many times over.
 WINDOW_SLACK = 2.0
 CONSTANT_KIND = "stablehlo.constant"
+# Eviction candidates the greedy strategy scores at each overflowing step.
+RELIEVE_CANDIDATES = 8
 # Relative improvement below which a greedy move is not worth making (float noise).
 MOVE_TOLERANCE = 1e-12
 
@@ -574,9 +576,26 @@ class CostState:
                 steps.update(range(lo, hi + 1))
         return np.array(sorted(steps), dtype=np.int64)
 
-    def try_move(self, vid: str, new: Choice, commit_if_better: bool = True
-                 ) -> tuple[bool, float, float]:
-        """Score replacing `vid`'s choice by `new`; keep it if it fits and improves the objective.
+    def probe(self, vid: str, new: Choice, ignore_tier: int | None = None) -> tuple[bool, float]:
+        """(fits, Δtime_s) of replacing `vid`'s choice by `new`, changing nothing.
+
+        `fits` checks the capacity of the tiers `new` puts the tensor in, `ignore_tier` aside.
+        """
+        old = self.assignment[vid]
+        steps = self._affected(vid, (old, new))
+        before_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
+        self._apply(vid, old, -1)
+        pieces, _ = self._apply(vid, new, +1)
+        fits = self.fits([pc for pc in pieces if pc[0] != ignore_tier])
+        after_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
+        self._apply(vid, new, -1)
+        self._apply(vid, old, +1)
+        return fits, after_s - before_s
+
+    def try_move(self, vid: str, new: Choice, commit_if_better: bool = True,
+                 accept_equal: bool = False) -> tuple[bool, float, float]:
+        """Score replacing `vid`'s choice by `new`; keep it if it fits and improves the objective
+        (or, with `accept_equal`, does not worsen it).
 
         Returns (kept, Δtime_s, Δenergy_pj); Δ are inf when `new` does not fit.
         """
@@ -597,9 +616,10 @@ class CostState:
         d_energy = self.energy_pj - energy_before
         tol_s = MOVE_TOLERANCE * max(before_s, 1e-30)
         if self.p.objective == "energy":
-            better = d_energy < -MOVE_TOLERANCE * max(abs(energy_before), 1e-30) and d_time <= tol_s
+            tol_pj = MOVE_TOLERANCE * max(abs(energy_before), 1e-30)
+            better = d_time <= tol_s and (d_energy < -tol_pj or accept_equal and d_energy <= tol_pj)
         else:
-            better = d_time < -tol_s
+            better = d_time < -tol_s or accept_equal and d_time <= tol_s
         if better and commit_if_better:
             self.assignment[vid] = new
             return True, d_time, d_energy
@@ -707,19 +727,25 @@ def _idle_spill(problem: PlacementProblem) -> Assignment | None:
             if guard > 4 * len(p.segments) + 16:
                 return None
             step = int(np.argmax(over))
-            if not _relieve(state, tier, step, slower):
+            if not _relieve(state, tier, step, slower, int(over[step])):
                 return None
     return dict(state.assignment)
 
 
-def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int]) -> bool:
-    """Move one tensor out of `tier` at `step`: its idle gap there (longest first), else whole."""
+def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int], over_bytes: int
+             ) -> bool:
+    """Move one tensor (part) out of `tier` at `step`, the one that costs least per byte freed.
+
+    Candidates: the idle gaps there, longest first (evicted to the next slower tier that takes
+    them, with the prefetch back before the next use), then whole tensors with the fewest bytes
+    accessed per byte held.
+    """
     p = state.p
     gaps: list[tuple[int, int, str, int]] = []
     wholes: list[tuple[float, int, str]] = []
     for vid, choice in state.assignment.items():
         seg = p.segments[vid]
-        if vid in p.pinned or not seg.first <= step <= seg.last:
+        if not seg.first <= step <= seg.last:
             continue
         for g, gap in enumerate(seg.gaps):
             if gap.lo <= step <= gap.hi and choice.gaps[g] == tier:
@@ -728,7 +754,11 @@ def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int]) -> b
             accessed = sum(b for _j, _s, b, _r in p.touches.get(vid, ()))
             wholes.append((accessed / max(seg.nbytes, 1), -seg.first, vid))
     gaps.sort()
+    wholes.sort()
+    options: list[tuple[str, Choice]] = []
     for _neg_len, _neg_bytes, vid, g in gaps:
+        if len(options) >= RELIEVE_CANDIDATES:
+            break
         seg = p.segments[vid]
         choice = state.assignment[vid]
         for k in slower:
@@ -736,31 +766,33 @@ def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int]) -> b
                 continue
             if p.read_only[k] and choice.home not in (None, k):
                 continue
-            home = k if p.read_only[k] else choice.home
             new_gaps = list(choice.gaps)
             new_gaps[g] = k
-            new = Choice(choice.runs, tuple(new_gaps), home)
-            if not p.valid(seg, new):
-                continue
-            pieces, _ = p.layout(seg, new)
-            if not any(kk == tier and lo <= step <= hi for kk, lo, hi in pieces):
-                state.force(vid, new)
-                if state.fits([pc for pc in pieces if pc[0] != tier]):
-                    return True
-                state.force(vid, choice)
-    wholes.sort()
-    for _density, _neg_first, vid in wholes:
-        seg = state.p.segments[vid]
+            new = Choice(choice.runs, tuple(new_gaps), k if p.read_only[k] else choice.home)
+            if p.valid(seg, new) and not any(
+                    kk == tier and lo <= step <= hi for kk, lo, hi in p.layout(seg, new)[0]):
+                options.append((vid, new))
+                break
+    for _density, _neg_first, vid in wholes[:RELIEVE_CANDIDATES // 2]:
+        seg = p.segments[vid]
         for k in slower:
-            if k not in seg.tiers and k not in seg.homes:
-                continue
-            new = Choice.whole(seg, k, p.read_only[k])
-            old = state.assignment[vid]
-            state.force(vid, new)
-            if state.fits(p.layout(seg, new)[0]):
-                return True
-            state.force(vid, old)
-    return False
+            if k in seg.tiers or k in seg.homes:
+                options.append((vid, Choice.whole(seg, k, p.read_only[k])))
+                break
+    best: tuple[float, int] | None = None
+    for index, (vid, new) in enumerate(options):
+        fits, d_time = state.probe(vid, new, ignore_tier=tier)
+        if not fits:
+            continue
+        freed = min(p.segments[vid].nbytes, over_bytes) or 1
+        score = d_time / freed
+        if best is None or score < best[0]:
+            best = (score, index)
+    if best is None:
+        return False
+    vid, new = options[best[1]]
+    state.force(vid, new)
+    return True
 
 
 def _benefit(problem: PlacementProblem, vid: str, choice: Choice, tier: int) -> float:
@@ -808,26 +840,33 @@ def _candidates(problem: PlacementProblem, seg: Segments, choice: Choice, tier: 
 
 
 def greedy_assignment(problem: PlacementProblem) -> Assignment:
-    """The "greedy" strategy's choice for every tensor (module docstring)."""
+    """The "greedy" strategy's choice for every tensor (module docstring).
+
+    Starts from the best of: the naive placement, the naive placement after pinning, and the
+    idle-gap spill; then only moves that lower the objective are made, so greedy is never worse
+    than naive under the same fusion.
+    """
     p = problem
-    try:
-        naive: Assignment | None = naive_assignment(p, p.pinned)
-    except InfeasiblePlacementError:
-        naive = None
+    starts: list[Assignment] = []
+    for pinned in ({}, p.pinned):
+        try:
+            starts.append(naive_assignment(p, pinned))
+        except InfeasiblePlacementError:
+            pass
     spilled = _idle_spill(p)
-    starts = [a for a in (naive, spilled) if a is not None]
+    if spilled is not None:
+        starts.append(spilled)
     if not starts:
         return naive_assignment(p, p.pinned)  # raises, naming the tensor that does not fit
     states = [CostState(p, a) for a in starts]
     state = min(states, key=lambda s: (s.objective_value(), s.total_time_s()))
-    faster_first = sorted(set(p.writable))
+    for vid, choice in p.pinned.items():  # pins are where the MIP keeps these tensors
+        state.try_move(vid, choice, accept_equal=True)
     for _round in range(2):
         queue: list[tuple[float, str, int]] = []
         for vid, seg in p.segments.items():
-            if vid in p.pinned:
-                continue
             choice = state.assignment[vid]
-            for tier in faster_first:
+            for tier in p.writable:
                 if tier in seg.tiers and any(tier < k for k in choice.runs):
                     queue.append((-_benefit(p, vid, choice, tier), vid, tier))
         if not queue:

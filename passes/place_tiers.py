@@ -723,7 +723,8 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     if not any(_free_tensors(p, c0, c1) for c0, c1 in windows):
         # Every tensor is pinned: tiny ones and those that never meet memory pressure go to
         # the fastest tier, optimal when that tier is at least as fast as every other.
-        proven = p.dominates(p.writable[0])
+        proven = p.dominates(p.writable[0]) and all(
+            assignment[vid] == choice for vid, choice in p.pinned.items())
         return MipOutcome(assignment, "optimal" if proven else "feasible", 0.0 if proven else None,
                           state.objective_value() if proven and p.objective == "time" else None,
                           state.objective_value(), len(windows),
