@@ -308,27 +308,36 @@ def _required_params(fn: Any) -> list[str]:
 
 
 class _Steps:
-    """A spinner with the current step on stderr, shown only when stderr is a terminal."""
+    """A spinner with the current step and its elapsed time on stderr, shown only when stderr is
+    a terminal; it disappears when done."""
 
     def __init__(self, err: IO[str], enabled: bool) -> None:
-        self._status: Any = None
+        self._progress: Any = None
+        self._task: Any = None
         if enabled:
             from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self._status = Console(file=err, stderr=True).status("starting")
+            self._progress = Progress(SpinnerColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.description}"), transient=True,
+                                      console=Console(file=err, stderr=True))
 
     def __enter__(self) -> _Steps:
-        if self._status is not None:
-            self._status.__enter__()
+        if self._progress is not None:
+            self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.__exit__(None, None, None)
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
 
     def step(self, text: str) -> None:
-        if self._status is not None:
-            self._status.update(text)
+        """Start timing a new step (the previous one is done)."""
+        if self._progress is None:
+            return
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(text, total=None)
 
 
 def _is_tty(stream: IO[str]) -> bool:
