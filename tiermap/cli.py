@@ -317,9 +317,12 @@ class _Steps:
         if enabled:
             from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.table import Column
 
-            self._progress = Progress(SpinnerColumn(), TimeElapsedColumn(),
-                                      TextColumn("{task.description}"), transient=True,
+            text = TextColumn("{task.description}", table_column=Column(
+                ratio=1, no_wrap=True, overflow="ellipsis"))
+            self._progress = Progress(SpinnerColumn(), TimeElapsedColumn(), text, transient=True,
+                                      expand=True,
                                       console=Console(file=err, stderr=True))
 
     def __enter__(self) -> _Steps:
