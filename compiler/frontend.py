@@ -25,11 +25,17 @@ match and the schedule holds only ops that run:
 
 - an op whose operands are all constants becomes a `stablehlo.constant` (no inputs,
   `attrs["folded_from"]` names the original kind), except the kinds in `NOT_CONSTANT_FOLDED`;
+  so does an iota along a dimension of size 1;
 - identities vanish and their result is the operand itself: `x + 0`, `x - 0`, `x · 1`,
   `x or false`, `x xor false`, `x and true`, `select` with a constant predicate or equal branches,
   a `convert` to the same type; absorbing constants fold (`x and false`, `x or true`, integer
   `x · 0`);
 - ops none of whose results are used (and that have no side effect) are dropped.
+
+Folds never look across a function boundary, as in XLA where each callee is a computation of its
+own: inside a callee its parameters are unknown values, and call results are unknown to the
+caller. Shardy sharding annotations (which XLA turns into custom calls) pass values through
+unchanged but also hide them from folds; a `sdy.manual_computation` on one device is inlined.
 
 Bytes are each op's compulsory traffic when run alone: what it must read of its operands and write
 of its results (a slice or gather reads what it returns, a reshape is free).
