@@ -421,7 +421,8 @@ def residency_table(plan: Plan, top_tensors: int = 15) -> Table:
     """Where the largest tensors live: bytes, tiers over their live range, steps in each tier."""
     rows = []
     tensors = sorted((t for t in plan.tensors if t.materialized),
-                     key=lambda t: (-t.nbytes, t.id))[:top_tensors]
+                     key=lambda t: (-t.nbytes, max(t.producer_step, 0), t.last_use_step,
+                                    t.id))[:top_tensors]
     for t in tensors:
         steps: dict[str, int] = {}
         for r in t.residency:
@@ -440,6 +441,31 @@ def residency_table(plan: Plan, top_tensors: int = 15) -> Table:
              "(share of each tensor's live steps spent in each tier)")
     return Table(("tensor", "type", "size", "role", "live steps", "tiers"), tuple(rows), title,
                  align="llrlll")
+
+
+def tier_contents(plan: Plan, examples: int = 4) -> Table:
+    """What each tier holds over the program: how many tensors (program inputs such as weights,
+    and intermediates) ever reside there, their bytes, the peak, and the largest of them."""
+    rows = []
+    occupancy = occupancy_bytes(plan)
+    for tier in plan.target.tiers:
+        held = [t for t in plan.tensors if t.materialized
+                and any(r.tier == tier.name for r in t.residency)]
+        if not held and not tier.holds_tensors:
+            continue
+        inputs = [t for t in held if t.producer_step < 0]
+        largest = sorted(held, key=lambda t: (-t.nbytes, max(t.producer_step, 0), t.id))
+        names = ", ".join(f"{t.id} {_shape(t.shape, t.dtype)}" for t in largest[:examples])
+        if len(largest) > examples:
+            names += f", … ({len(largest) - examples} more)"
+        rows.append((tier.name, str(len(inputs)), str(len(held) - len(inputs)),
+                     fmt_bytes(sum(t.nbytes for t in held)),
+                     fmt_bytes(max(occupancy.get(tier.name, [0]), default=0)),
+                     fmt_bytes(tier.capacity_bytes), names or "-"))
+    return Table(("tier", "inputs", "intermediates", "bytes held at some step", "peak",
+                  "capacity", "largest"), tuple(rows),
+                 title=f"What each tier of {plan.target.name} holds ({plan.program_name}, "
+                       f"{plan.strategy})", align="lrrrrrl")
 
 
 def tiles_table(plan: Plan) -> Table:

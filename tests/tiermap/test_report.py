@@ -131,7 +131,7 @@ def test_compare_table_has_a_row_per_plan() -> None:
 
 def test_residency_table_shows_where_the_largest_tensors_live() -> None:
     table = report.residency_table(fake_plan(), top_tensors=2)
-    assert [r[0] for r in table.rows] == ["t1", "t0"]
+    assert [r[0] for r in table.rows] == ["t1", "t2"]  # equal sizes: in order of creation
     assert table.rows[0][-1] == "ddr 100%"
     assert table.rows[0][3] == "input"
 
@@ -140,3 +140,10 @@ def test_tiles_table_lists_block_sizes_against_the_bound() -> None:
     (row,) = report.tiles_table(fake_plan()).rows
     assert row[:3] == ("fuse0", "softmax", "block_rows=16")
     assert row[5] == "1.04×"
+
+
+def test_tier_contents_says_what_each_tier_holds() -> None:
+    rows = {r[0]: r for r in report.tier_contents(fake_plan()).rows}
+    assert rows["ddr"][1:4] == ("1", "1", "4.25 MiB")     # the weight t1, and t2 evicted
+    assert rows["hbm"][1:3] == ("1", "3")
+    assert rows["ddr"][-1].startswith("t1 f32[1024,1024]")
