@@ -1133,6 +1133,10 @@ def _program_from_module(module: Any, name: str | None, platform: str) -> Progra
     inputs = tuple(finisher.value(k, -1, True) for k in input_keys)
     ops = finisher.finish_block(nodes, returned, True, "op")
     assumptions = finisher.assumptions
+    partitions = _int_attr(module.operation, "mhlo.num_partitions", 1)
+    if partitions > 1:
+        assumptions.append(f"frontend: the module is partitioned over {partitions} devices; "
+                           "tiermap plans it as one device holding the global shapes")
     if finisher.dropped:
         assumptions.append(f"frontend: dropped {finisher.dropped} ops that fold away or whose "
                            "results are unused (XLA drops them too)")

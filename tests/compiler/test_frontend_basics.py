@@ -84,3 +84,13 @@ def test_ir_text_lists_every_op() -> None:
     assert text.splitlines()[0] == "program @<lambda>(%t0: f32[4,8], %t1: f32[8,2]) {"
     assert "stablehlo.dot_general" in text and "flops=128" in text
     assert text.splitlines()[-2].startswith("  return %t")
+
+
+def test_partitioned_module_is_flagged() -> None:
+    text = ('module @sharded attributes {mhlo.num_partitions = 2 : i32} {\n'
+            '  func.func public @main(%a: tensor<8xf32>) -> tensor<8xf32> {\n'
+            '    %r = stablehlo.abs %a : tensor<8xf32>\n'
+            '    return %r : tensor<8xf32>\n  }\n}\n')
+    program = tiermap.lower_mlir(text)
+    assert program.name == "sharded"
+    assert any("partitioned over 2 devices" in a for a in program.assumptions)
