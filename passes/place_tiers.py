@@ -87,7 +87,7 @@ from tiermap.passes.baselines import (
     naive_assignment,
 )
 
-from tiermap.errors import PassError, TiermapError
+from tiermap.errors import InfeasiblePlacementError, PassError, TiermapError
 
 STRATEGIES = ("mip", "greedy", "naive")
 OBJECTIVES = ("time", "energy")
@@ -811,42 +811,51 @@ class PlaceTiersPass:
         naive_problem = PlacementProblem(program, target, Fusion(), state.liveness,
                                          state.objective, pin=False)
         t0 = time.perf_counter()
-        naive = naive_assignment(naive_problem)
-        naive_parts = naive_problem.to_plan_parts(naive)
-        naive_eval = evaluate(program, target, naive_parts[0], naive_parts[1], Fusion())
-        naive_wall_s = time.perf_counter() - t0
-        if self.strategy == "naive":
-            return replace(state, plan=build_plan(
-                program, target, "naive", naive_parts[0], naive_parts[1], Fusion(),
-                lower_bound_s, {}, SolverInfo("naive", "heuristic", None, naive_wall_s, None,
-                                              detail="main memory, spilling in program order")))
+        baselines: dict[str, float] = {}
+        naive: Assignment | None = None
+        try:
+            naive = naive_assignment(naive_problem)
+        except InfeasiblePlacementError:
+            if self.strategy == "naive":
+                raise
+        if naive is not None:
+            naive_parts = naive_problem.to_plan_parts(naive)
+            naive_eval = evaluate(program, target, naive_parts[0], naive_parts[1], Fusion())
+            baselines["naive"] = naive_eval.predicted_time_s
+            if self.strategy == "naive":
+                return replace(state, plan=build_plan(
+                    program, target, "naive", naive_parts[0], naive_parts[1], Fusion(),
+                    lower_bound_s, {}, SolverInfo(
+                        "naive", "heuristic", None, time.perf_counter() - t0, None,
+                        detail="main memory, spilling in program order")))
         problem = PlacementProblem(program, target, state.fusion, state.liveness,
                                    state.objective, pin=True)
         t0 = time.perf_counter()
         greedy = greedy_assignment(problem)
         greedy_parts = problem.to_plan_parts(greedy)
         greedy_wall_s = time.perf_counter() - t0
-        baselines = {"naive": naive_eval.predicted_time_s}
         greedy_info = SolverInfo("greedy", "heuristic", None, greedy_wall_s, None,
                                  detail="memory-space-assignment-style heuristic")
+        notes = () if naive is not None else (
+            "the naive strategy finds no placement (whole tensors in program order do not "
+            "fit), so there is no naive baseline",)
         greedy_plan = build_plan(program, target, "greedy", greedy_parts[0], greedy_parts[1],
-                                 state.fusion, lower_bound_s, baselines, greedy_info)
+                                 state.fusion, lower_bound_s, baselines, greedy_info, notes)
         if self.strategy == "greedy":
             return replace(state, plan=greedy_plan)
-        baselines = {"naive": naive_eval.predicted_time_s,
-                     "greedy": greedy_plan.predicted_time_s}
+        baselines["greedy"] = greedy_plan.predicted_time_s
         return replace(state, plan=self._mip(state, problem, greedy, greedy_plan, naive_problem,
                                              naive, baselines, lower_bound_s, workers))
 
     def _mip(self, state: PipelineState, problem: PlacementProblem, greedy: Assignment,
-             greedy_plan: Plan, naive_problem: PlacementProblem, naive: Assignment,
+             greedy_plan: Plan, naive_problem: PlacementProblem, naive: Assignment | None,
              baselines: Mapping[str, float], lower_bound_s: float, workers: int) -> Plan:
         program, target = state.program, state.target
         t0 = time.perf_counter()
         outcome = solve_mip(problem, greedy, self.time_limit_s, self.seed, self.backend, workers,
                             self.max_window_binaries)
         wall_s = time.perf_counter() - t0
-        notes: list[str] = []
+        notes: list[str] = list(greedy_plan.notes)
         info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, self.time_limit_s,
                           seed=self.seed, workers=solver_workers(self.backend, workers),
                           bound_s=outcome.bound_s, detail=outcome.detail)
@@ -868,7 +877,7 @@ class PlaceTiersPass:
         if plan is None:
             plan = replace(greedy_plan, strategy="mip", baselines=dict(baselines), solver=info)
         fusion = state.fusion
-        if plan.predicted_time_s > baselines["naive"] * (1 + 1e-12):
+        if naive is not None and plan.predicted_time_s > baselines["naive"] * (1 + 1e-12):
             # Fusion made this program slower than the unfused naive plan: keep the naive one.
             parts = naive_problem.to_plan_parts(naive)
             notes.append("the fused plan is slower than the unfused naive plan; returning the "

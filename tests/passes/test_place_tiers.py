@@ -1,0 +1,176 @@
+"""Placement on tiny programs whose optimum is worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from tiermap.compiler.pipeline import plan as _plan
+
+from tiermap.errors import InfeasiblePlacementError
+
+from .helpers import FAST_BPS, MIB, SLOW_BPS, program, sram_flash, two_tier
+
+S = MIB  # one big tensor
+TINY = 4  # an f32 scalar
+LONG_FLOPS = 1e9  # 1 ms of compute at 1e12 FLOP/s
+
+
+def plan(*args: object, **kwargs: object) -> object:
+    """The pipeline without fusion: these programs are written op by op on purpose."""
+    return _plan(*args, fusion=False, **kwargs)  # type: ignore[arg-type]
+
+
+def _prefetch_program(compute_flops: float) -> object:
+    # op0 reads A; op1 computes (no big tensor); op2 reads B. A and B are inputs of S bytes.
+    return program(
+        {"A": S, "B": S, "c0": TINY, "c1": TINY, "out": TINY}, ["A", "B"],
+        [(["A"], ["c0"], 0.0), (["c0"], ["c1"], compute_flops), (["B", "c1"], ["out"], 0.0)],
+        ["out"], name="prefetch")
+
+
+def _times(p: object) -> tuple[float, float, float]:
+    return tuple(o.predicted_time_s for o in p.ops)  # type: ignore[attr-defined]
+
+
+def test_prefetch_hidden_behind_long_compute_is_the_optimum() -> None:
+    """The fast tier holds one of A and B. Optimum: A fast for step 0; B starts slow and is
+    prefetched during step 1, whose 1 ms of compute hides the 0.1 ms copy; step 2 reads B fast.
+    """
+    prog = _prefetch_program(LONG_FLOPS)
+    target = two_tier(S + 4096)
+    expected_s = ((S + TINY) / FAST_BPS          # step 0: read A, write c0
+                  + LONG_FLOPS / 1e12            # step 1: compute-bound
+                  + (S + 2 * TINY) / FAST_BPS)   # step 2: read B and c1, write out
+    naive_s = (S + TINY) / FAST_BPS + LONG_FLOPS / 1e12 + S / SLOW_BPS + 2 * TINY / FAST_BPS
+    best = plan(prog, target=target, strategy="mip", time_limit_s=10)
+    assert best.predicted_time_s == pytest.approx(expected_s, rel=1e-9)
+    assert best.solver.status == "optimal"
+    moves = [(x.tensor, x.src, x.dst, x.start_step, x.end_step) for x in best.transfers]
+    assert moves == [("B", "slow", "fast", 1, 1)]
+    assert [(r.tier, r.from_step, r.to_step) for r in best.tensor("B").residency] == [
+        ("slow", 0, 1), ("fast", 1, 2)]
+    assert best.baselines["naive"] == pytest.approx(naive_s, rel=1e-9)
+    assert best.predicted_time_s <= best.baselines["greedy"] * (1 + 1e-9)
+    naive = plan(prog, target=target, strategy="naive")
+    assert naive.predicted_time_s == pytest.approx(naive_s, rel=1e-9)
+    assert naive.transfers == ()
+
+
+def test_without_compute_to_hide_behind_one_tensor_is_read_from_slow_memory() -> None:
+    """Same program, step 1 short: a prefetch of B would overlap step 0, where A fills the fast
+    tier, so one of A and B is read from the slow tier either way."""
+    prog = _prefetch_program(1e3)
+    best = plan(prog, target=two_tier(S + 4096), strategy="mip", time_limit_s=10)
+    expected_s = (S / FAST_BPS + S / SLOW_BPS            # A and B, one of them slow
+                  + 3 * TINY / FAST_BPS                  # c0 written, c1 read, out written
+                  + max(1e3 / 1e12, 2 * TINY / FAST_BPS))  # step 1
+    assert best.predicted_time_s == pytest.approx(expected_s, rel=1e-9)
+
+
+def test_eviction_and_prefetch_around_an_idle_gap() -> None:
+    """X is written at step 0 and read at step 5; Y lives at steps 2-3; the fast tier holds one
+    of them. Optimum: evict X during step 1 and prefetch it back during step 4 (both hidden by
+    1 ms of compute), so every access is fast."""
+    sizes = {"a": TINY, "X": S, "q": TINY, "Y": S, "r": TINY, "u": TINY, "out": TINY}
+    prog = program(sizes, ["a"], [
+        (["a"], ["X"], 0.0), (["a"], ["q"], LONG_FLOPS), (["q"], ["Y"], 0.0),
+        (["Y"], ["r"], 0.0), (["r"], ["u"], LONG_FLOPS), (["X", "u"], ["out"], 0.0)],
+        ["out"], name="evict")
+    target = two_tier(S + 4096)
+    fast_s = (4 * S + 5 * TINY) / FAST_BPS  # steps 0, 2, 3, 5 read and write in fast memory
+    expected_s = fast_s + 2 * LONG_FLOPS / 1e12
+    best = plan(prog, target=target, strategy="mip", time_limit_s=10)
+    assert best.predicted_time_s == pytest.approx(expected_s, rel=1e-9)
+    moves = sorted((x.tensor, x.src, x.dst, x.start_step, x.end_step) for x in best.transfers)
+    assert moves == [("X", "fast", "slow", 1, 1), ("X", "slow", "fast", 4, 4)]
+    assert best.lower_bound_s <= best.predicted_time_s
+    naive = plan(prog, target=target, strategy="naive")
+    naive_expected_s = expected_s - (2 * S) / FAST_BPS + (2 * S) / SLOW_BPS
+    assert naive.predicted_time_s == pytest.approx(naive_expected_s, rel=1e-9)
+    greedy = plan(prog, target=target, strategy="greedy")
+    assert best.predicted_time_s <= greedy.predicted_time_s * (1 + 1e-9)
+    assert greedy.predicted_time_s <= naive.predicted_time_s * (1 + 1e-9)
+
+
+def test_everything_fits_the_fast_tier() -> None:
+    prog = _prefetch_program(LONG_FLOPS)
+    best = plan(prog, target=two_tier(4 * MIB), strategy="mip", time_limit_s=5)
+    assert best.transfers == ()
+    assert all(r.tier == "fast" for t in best.tensors for r in t.residency)
+    assert best.solver.status == "optimal"
+    assert best.predicted_time_s == pytest.approx(best.lower_bound_s, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["scip", "cpsat"])
+def test_other_backends_find_the_same_optimum(backend: str) -> None:
+    prog = _prefetch_program(LONG_FLOPS)
+    target = two_tier(S + 4096)
+    ref = plan(prog, target=target, strategy="mip", time_limit_s=10)
+    other = plan(prog, target=target, strategy="mip", time_limit_s=10, backend=backend,
+                 workers=1)
+    assert other.solver.backend == backend
+    assert other.solver.workers == 1 and other.solver.seed == 0
+    assert other.predicted_time_s == pytest.approx(ref.predicted_time_s, rel=1e-9)
+
+
+def test_read_only_flash_holds_weights_and_reads_them_in_place() -> None:
+    # W (256 KiB) fits only flash; x and y live in sram.
+    prog = program({"x": 4096, "W": 256 * 1024, "y": TINY}, ["x", "W"],
+                   [(["x", "W"], ["y"], 0.0)], ["y"], name="mcu")
+    target = sram_flash(64 * 1024, MIB)
+    for strategy in ("naive", "greedy", "mip"):
+        p = plan(prog, target=target, strategy=strategy, time_limit_s=5)
+        assert [r.tier for r in p.tensor("W").residency] == ["flash"]
+        assert [r.tier for r in p.tensor("y").residency] == ["sram"]
+        assert p.predicted_time_s == pytest.approx(256 * 1024 / 1e9 + (4096 + TINY) / 1e10,
+                                                   rel=1e-9)
+
+
+def test_a_result_too_big_for_every_writable_tier_is_infeasible() -> None:
+    # y is produced by an op, so it may not live in read-only flash; sram is too small.
+    prog = program({"x": 4096, "y": 128 * 1024}, ["x"], [(["x"], ["y"], 0.0)], ["y"],
+                   name="too-big")
+    with pytest.raises(InfeasiblePlacementError) as info:
+        plan(prog, target=sram_flash(64 * 1024, MIB), strategy="mip")
+    message = str(info.value)
+    assert "tensor y" in message and "f32[32768]" in message
+    assert "sram 65536 B" in message and str(128 * 1024 - 64 * 1024) in message
+
+
+def test_a_step_whose_live_set_fits_nowhere_is_infeasible() -> None:
+    # two 0.6 GB inputs live together at step 0; the tiers hold 1 GB + 1 MiB in all
+    half = 600_000_000
+    prog = program({"A": half, "B": half, "c": TINY}, ["A", "B"], [(["A", "B"], ["c"], 0.0)],
+                   ["c"], name="too-much")
+    with pytest.raises(InfeasiblePlacementError) as info:
+        plan(prog, target=two_tier(MIB), strategy="greedy")
+    message = str(info.value)
+    assert "at step 0" in message and "A (f32[150000000]" in message
+    missing = 2 * half + TINY - (MIB + 1_000_000_000)
+    assert f"{missing} bytes missing" in message
+
+
+def test_energy_objective_is_never_slower_nor_costlier_than_greedy() -> None:
+    prog = _prefetch_program(LONG_FLOPS)
+    target = two_tier(S + 4096, energy=True)
+    best = plan(prog, target=target, strategy="mip", objective="energy", time_limit_s=10)
+    greedy = plan(prog, target=target, strategy="greedy", objective="energy")
+
+    def energy_pj(p: object) -> float:
+        per = {"fast": 1.0, "slow": 10.0}
+        return sum(b * per[t] for t, b in p.traffic_bytes.items())  # type: ignore[attr-defined]
+
+    assert best.predicted_time_s <= greedy.predicted_time_s * (1 + 1e-9)
+    assert energy_pj(best) <= energy_pj(greedy) * (1 + 1e-9)
+    assert math.isfinite(best.predicted_time_s)
+
+
+def test_time_limit_hit_is_reported_as_feasible_with_its_gap_or_falls_back() -> None:
+    prog = _prefetch_program(LONG_FLOPS)
+    p = plan(prog, target=two_tier(S + 4096), strategy="mip", time_limit_s=1e-3)
+    assert p.solver.status in ("optimal", "feasible", "greedy_fallback")
+    assert p.solver.time_limit_s == 1e-3
+    if p.solver.status == "feasible":
+        assert p.solver.gap is not None
+    assert p.predicted_time_s <= p.baselines["greedy"] * (1 + 1e-9)
