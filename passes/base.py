@@ -104,10 +104,10 @@ class PassManager:
     """
 
     def __init__(self, passes: Sequence[Pass], verify_each: bool = True) -> None:
-        names = [p.name for p in passes]
         for p in passes:
             if not isinstance(p, Pass):
                 raise TypeError(f"{p!r} is not a Pass (needs a `name` and `run(state)`)")
+        names = [p.name for p in passes]
         if len(set(names)) != len(names):
             raise ValueError(f"pass names repeat in the pipeline: {names}")
         self.passes = tuple(passes)

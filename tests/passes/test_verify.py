@@ -1,0 +1,127 @@
+"""The independent verifier catches every kind of broken plan, naming the culprit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tiermap.compiler.pipeline import plan
+from tiermap.compiler.plan import Plan, Residency, TensorPlan
+from tiermap.errors import PassError
+from tiermap.passes.verify import verify_plan
+
+from .helpers import MIB, program, sram_flash, two_tier
+
+S = MIB
+
+
+def _evict_plan() -> Plan:
+    sizes = {"a": 4, "X": S, "q": 4, "Y": S, "r": 4, "u": 4, "out": 4}
+    prog = program(sizes, ["a"], [
+        (["a"], ["X"], 0.0), (["a"], ["q"], 1e9), (["q"], ["Y"], 0.0),
+        (["Y"], ["r"], 0.0), (["r"], ["u"], 1e9), (["X", "u"], ["out"], 0.0)], ["out"])
+    p = plan(prog, target=two_tier(S + 4096), strategy="mip", time_limit_s=10, fusion=False)
+    assert len(p.transfers) == 2
+    return p
+
+
+@pytest.fixture(scope="module")
+def good() -> Plan:
+    return _evict_plan()
+
+
+def _with_tensor(p: Plan, tid: str, **changes: object) -> Plan:
+    tensors = tuple(replace(t, **changes) if t.id == tid else t for t in p.tensors)
+    return replace(p, tensors=tensors)
+
+
+def _fails(p: Plan, *needles: str) -> None:
+    with pytest.raises(PassError) as info:
+        verify_plan(p)
+    assert info.value.pass_name == "verify"
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+def test_a_good_plan_verifies_with_and_without_its_program(good: Plan) -> None:
+    verify_plan(good)
+    verify_plan(Plan.from_json(good.to_json()))
+
+
+def test_a_gap_in_residency_is_caught(good: Plan) -> None:
+    _fails(_with_tensor(good, "Y", residency=(Residency("fast", 2, 2),)),
+           "tensor Y resides nowhere at step 3")
+
+
+def test_residency_outside_the_live_range_is_caught(good: Plan) -> None:
+    _fails(_with_tensor(good, "Y", residency=(Residency("fast", 1, 3),)),
+           "tensor Y", "leaves its live range [2, 3]")
+
+
+def test_overlapping_intervals_in_one_tier_are_caught(good: Plan) -> None:
+    _fails(_with_tensor(good, "Y", residency=(Residency("fast", 2, 3), Residency("fast", 3, 3))),
+           "overlap in tier fast")
+
+
+def test_a_change_of_tier_without_its_transfer_is_caught(good: Plan) -> None:
+    _fails(replace(good, transfers=good.transfers[:1]),
+           "tensor X", "exactly one transfer into fast starting at step 4")
+
+
+def test_transfer_bytes_must_be_the_tensor_size(good: Plan) -> None:
+    broken = (replace(good.transfers[0], bytes=123),) + good.transfers[1:]
+    _fails(replace(good, transfers=broken), "moves 123 bytes", f"has {S}")
+
+
+def test_an_input_must_be_usable_when_read(good: Plan) -> None:
+    # op5 made to read Y, which nothing holds after step 3
+    ops = tuple(replace(o, inputs=("Y", "u")) if o.id == "op5" else o for o in good.ops)
+    _fails(replace(good, ops=ops, program=None), "op op5", "at step 5 reads Y", "not usable")
+
+
+def test_capacity_is_checked_at_every_step_for_every_tier(good: Plan) -> None:
+    small = replace(good.target, tiers=(replace(good.target.tiers[0], capacity_bytes=S // 2),
+                                        good.target.tiers[1]))
+    _fails(replace(good, target=small, program=None), "tier fast holds", "over its capacity")
+
+
+def test_mip_must_not_be_worse_than_its_baselines(good: Plan) -> None:
+    _fails(replace(good, baselines={"greedy": good.predicted_time_s * 0.5}),
+           "worse than baseline greedy")
+
+
+def test_predicted_time_must_cover_the_ops_and_the_bound(good: Plan) -> None:
+    _fails(replace(good, predicted_time_s=good.predicted_time_s * 0.5), "below the sum of op")
+    _fails(replace(good, lower_bound_s=good.predicted_time_s * 2), "beats the lower bound")
+
+
+def test_op_times_must_reach_the_compute_bound(good: Plan) -> None:
+    ops = tuple(replace(o, predicted_time_s=1e-9) if o.id == "op1" else o for o in good.ops)
+    _fails(replace(good, ops=ops), "op op1", "compute bound")
+
+
+def test_fused_tensors_have_no_residency(good: Plan) -> None:
+    _fails(_with_tensor(good, "q", materialized=False), "tensor q is fused")
+
+
+def test_read_only_tiers_hold_inputs_only() -> None:
+    prog = program({"x": 4096, "W": 256 * 1024, "y": 4}, ["x", "W"],
+                   [(["x", "W"], ["y"], 0.0)], ["y"])
+    p = plan(prog, target=sram_flash(64 * 1024, MIB), strategy="greedy")
+    verify_plan(p)
+    bad = _with_tensor(p, "y", residency=(Residency("flash", 0, 0),))
+    _fails(bad, "tensor y", "read-only tier flash")
+
+
+def test_scratch_tiers_hold_nothing(good: Plan) -> None:
+    scratch = replace(good.target.tiers[0], per_unit=True)
+    target = replace(good.target, tiers=(scratch, good.target.tiers[1]))
+    _fails(replace(good, target=target, program=None), "per-unit scratchpad")
+
+
+def test_the_plan_lists_every_tensor_of_its_program(good: Plan) -> None:
+    missing = replace(good, tensors=tuple(t for t in good.tensors if t.id != "u"))
+    with pytest.raises(PassError, match="lacks tensors"):
+        verify_plan(missing, good.program)
+    assert isinstance(good.tensors[0], TensorPlan)
