@@ -195,6 +195,51 @@ def _absorb_sides(graph: _Graph, group: set[str], score: Counter[int],
                     changed = True
 
 
+LAYOUT_KINDS = frozenset({"stablehlo.transpose", "stablehlo.reshape", "stablehlo.convert",
+                          "stablehlo.copy", "stablehlo.broadcast_in_dim"})
+
+
+def _absorb_layout(graph: _Graph, group: set[str]) -> None:
+    """Add the layout ops (transpose, reshape, convert) that only feed the group or only read
+    its outputs: a tiled kernel reads and writes its blocks in any layout, so these never make
+    a pass over memory of their own."""
+    changed = True
+    while changed:
+        changed = False
+        for oid in sorted(group, key=lambda s: int(s[2:])):
+            op = graph.program.op(oid)
+            for vid in op.inputs:
+                p = graph.producer.get(vid)
+                if (p is None or p.id in group or p.kind not in LAYOUT_KINDS
+                        or vid in graph.outputs or len(p.inputs) != 1 or not p.bytes_read):
+                    continue  # a free op (reshape) moves nothing: the group's reader counts
+                if p.kind == "stablehlo.broadcast_in_dim" and (
+                        graph.value(p.inputs[0]).type.num_elements
+                        != graph.value(vid).type.num_elements):
+                    continue
+                if all(c.id in group for c in graph.consumers.get(vid, [])):
+                    group.add(p.id)
+                    changed = True
+            for vid in op.outputs:
+                readers = graph.consumers.get(vid, [])
+                if vid in graph.outputs or len(readers) != 1 or readers[0].id in group:
+                    continue
+                c = readers[0]
+                if (c.kind in LAYOUT_KINDS and c.kind != "stablehlo.broadcast_in_dim"
+                        and len(c.inputs) == 1 and c.bytes_written):
+                    group.add(c.id)
+                    changed = True
+
+
+def _through_layout(graph: _Graph, group: set[str], vid: str) -> str:
+    """The tensor a group input really is: walk back through layout ops the group absorbed."""
+    while True:
+        p = graph.producer.get(vid)
+        if p is None or p.id not in group or p.kind not in LAYOUT_KINDS or not p.inputs:
+            return vid
+        vid = p.inputs[0]
+
+
 def _is_score(value: Value, score: Counter[int]) -> bool:
     return Counter(_dims(value)) == score
 
@@ -357,21 +402,35 @@ def find_attention(program: Program) -> tuple[AttentionPattern, ...]:
             c.id not in fwd and c.id not in bwd for c in graph.consumers.get(v, []))]
         if escaping:
             continue
+        _absorb_layout(graph, fwd)
+        if bwd:
+            _absorb_layout(graph, bwd)
         fwd_internal = _internal(graph, fwd - {d2.id}, fwd | bwd)
+        # Row statistics the backward reads (max, sum: FlashAttention's log-sum-exp) are
+        # stored; only score-shaped tensors and constant masks are recomputed.
+        fwd_internal = frozenset(
+            v for v in fwd_internal
+            if not any(c.id in bwd for c in graph.consumers.get(v, []))
+            or _is_score(graph.value(v), score) or v in graph.const_derived)
         recomputed = frozenset(v for v in fwd_internal
                                if any(c.id in bwd for c in graph.consumers.get(v, [])))
         bwd_internal = _internal(graph, bwd, bwd) if bwd else frozenset()
         q_id, k_id = (d1.inputs[1], d1.inputs[0]) if swapped else (d1.inputs[0], d1.inputs[1])
         p_side = [v for v in d2.inputs if v in fwd_score or v == d1.outputs[0]]
         v_id = next((v for v in d2.inputs if v not in p_side), d2.inputs[-1])
+        q_id, k_id, v_id = (_through_layout(graph, fwd, x) for x in (q_id, k_id, v_id))
         o_id = d2.outputs[0]
+        while o_id not in graph.outputs and len(graph.consumers.get(o_id, [])) == 1 and (
+                graph.consumers[o_id][0].id in fwd):
+            o_id = graph.consumers[o_id][0].outputs[0]
         do_id = None
         row_inputs: set[str] = set()
         if bwd:
             for oid in bwd:
                 op = program.op(oid)
-                if op.kind == DOT and v_id in op.inputs:
-                    do_id = next((v for v in op.inputs if v != v_id), None)
+                ins = [_through_layout(graph, bwd, x) for x in op.inputs]
+                if op.kind == DOT and v_id in ins:
+                    do_id = next((x for x in ins if x != v_id), None)
                 for vid in op.inputs:
                     p = graph.producer.get(vid)
                     if (p is None or p.id not in bwd) and _is_row(graph.value(vid), row_sigs):

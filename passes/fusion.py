@@ -308,14 +308,18 @@ def _cluster_working_set(index: _Index, ops: frozenset[str]) -> tuple[int, str]:
     return int(tile), kind
 
 
-def candidates(program: Program, target: Target) -> tuple[list[Candidate], list[str]]:
-    """Every feasible, convex candidate with a positive saving, and notes on what was dropped."""
+def candidates(program: Program, target: Target, attention: bool = True
+               ) -> tuple[list[Candidate], list[str]]:
+    """Every feasible, convex candidate with a positive saving, and notes on what was dropped.
+
+    `attention=False` leaves attention to ordinary fusion (softmax as a row kernel, the score
+    matrix materialized between the products): "standard attention", for comparison."""
     index = _Index(program)
     main = target.main_tier.name
     fast_bytes, tier = tile_budget_bytes(target)
     notes: list[str] = []
     out: list[Candidate] = []
-    patterns = find_attention(program)
+    patterns = find_attention(program) if attention else ()
     attn_groups, attn_notes = _attention_candidates(program, target, patterns, fast_bytes, tier)
     notes.extend(attn_notes)
     tiled = tile_fusion(program, target, Fusion(groups=tuple(attn_groups))).groups
@@ -450,9 +454,11 @@ def _value(cands: list[Candidate], chosen: Iterable[str]) -> float:
 
 
 def fuse(program: Program, target: Target, time_limit_s: float = 10.0, seed: int = 0,
-         workers: int = 1) -> Fusion:
-    """Fusion groups for `program` on `target` (module docstring), with tiles chosen."""
-    cands, notes = candidates(program, target)
+         workers: int = 1, attention: bool = True) -> Fusion:
+    """Fusion groups for `program` on `target` (module docstring), with tiles chosen.
+
+    `attention=False` skips attention recognition (see `candidates`)."""
+    cands, notes = candidates(program, target, attention)
     sel = select(cands, time_limit_s, seed, workers)
     chosen = set(sel.chosen)
     groups: list[FusionGroup] = []
@@ -482,6 +488,9 @@ def fuse(program: Program, target: Target, time_limit_s: float = 10.0, seed: int
 class FusePass:
     """Choose fusion groups (attention, matmul epilogues, elementwise and reduction chains).
 
+    Options: the MIP's `time_limit_s`, `seed` and `workers`; `attention=False` fuses attention
+    only as ordinary chains (a "standard attention" baseline).
+
     Requires: a Program and a Target. Ensures: `state.fusion` holds disjoint, convex groups whose
     working sets fit one core's on-chip budget, with attention tiled (`Fusion.tiles`), and
     `Fusion.notes` records the solver's status.
@@ -491,7 +500,9 @@ class FusePass:
     time_limit_s: float = 10.0
     seed: int = 0
     workers: int = 1
+    attention: bool = True
 
     def run(self, state: PipelineState) -> PipelineState:
-        fusion = fuse(state.program, state.target, self.time_limit_s, self.seed, self.workers)
+        fusion = fuse(state.program, state.target, self.time_limit_s, self.seed, self.workers,
+                      self.attention)
         return replace(state, fusion=fusion)
