@@ -38,10 +38,12 @@ def test_jax_dot_product_attention_causal() -> None:
 def test_hand_written_softmax_attention() -> None:
     p = one(hand_attention, sds((N, D)), sds((N, D)), sds((N, D)))
     assert (p.q_len, p.kv_len, p.head_dim, p.batch_heads, p.causal) == (N, N, D, 1, False)
-    # Every score-shaped tensor stays on chip; O is what leaves.
+    # Score-shaped tensors stay on chip, and so does k.T: the kernel reads K blocks in any
+    # layout, so the transpose is absorbed and K's role goes to the input itself.
     prog = lower(hand_attention, sds((N, D)), sds((N, D)), sds((N, D)))
     for vid in p.fwd_internal:
-        assert prog.values[vid].type.num_elements in (N * N, N, 1)
+        assert prog.values[vid].type.num_elements in (N * N, N * D, N, 1)
+    assert (p.q_id, p.k_id, p.v_id) == prog.inputs
     assert p.o_id == prog.outputs[0]
 
 
