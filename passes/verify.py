@@ -10,7 +10,8 @@ when given, the Program) and checks the semantics fixed in compiler/plan.py:
    that tier) and its outputs reside somewhere at its step;
 4. every change of tier has its transfer: an interval that starts after the live range starts is
    the destination of exactly one transfer starting there, whose source holds the tensor over the
-   transfer's steps; bytes = nbytes; nothing is written into a read-only tier;
+   transfer's steps (a program input may also be copied from step 0; a produced tensor is written,
+   not moved, at its producer step); bytes = nbytes; nothing is written into a read-only tier;
 5. at every step every tier's resident bytes fit its capacity;
 6. read-only tiers hold only program inputs and constants; scratch tiers (per-unit, not
    persistent) hold nothing;
@@ -153,9 +154,15 @@ def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
         for r in t.residency:
             found = into.pop((t.id, r.tier, r.from_step), [])
             if r.from_step == _live_start(t):
-                if found:
-                    _fail(f"tensor {t.id}: transfer into {r.tier} at step {r.from_step}, where the "
-                          "tensor's live range starts (it is placed there, not moved)")
+                # placed there at the start; only a program input (present before step 0) may
+                # also be copied there from its first step
+                if found and t.producer_step >= 0:
+                    _fail(f"tensor {t.id}: transfer into {r.tier} at step {r.from_step}, where "
+                          f"op at step {t.producer_step} writes it (it is written there, not "
+                          "moved)")
+                if len(found) > 1:
+                    _fail(f"tensor {t.id}: {len(found)} transfers into {r.tier} at step "
+                          f"{r.from_step}")
                 continue
             if len(found) != 1:
                 _fail(f"tensor {t.id}: residency in {r.tier} from step {r.from_step} needs exactly "
