@@ -148,6 +148,19 @@ def cpu_memory_table(n: int = 8192, d: int = 64, heads: tuple[int, ...] = (1, 4)
                         f"| {h} | {name} | {temp / 1e6:.1f} | {wall:.2f} | 1× |")
         rows.append(f"|  | blocks | {applied.notes[0].split('blocks ')[1].split(' (')[0]} "
                     "| | |")
+        if h != heads[0]:
+            continue
+        # forward + backward: the applied kernel's custom_vjp recomputes P blockwise.
+        grads = {}
+        for name, fn in (("applied, jax.grad", applied), ("jax.nn, jax.grad", ref)):
+            g = jax.jit(jax.grad(lambda q, k, v, f=fn: jnp.sum(f(q, k, v) ** 2),
+                                 argnums=(0, 1, 2)))
+            compiled = g.lower(q, k, v).compile()
+            grads[name] = (compiled.memory_analysis().temp_size_in_bytes,
+                           _best_s(lambda c=compiled, a=(q, k, v): c(*a), repeats))
+        for name, (temp, wall) in grads.items():
+            ratio = grads["jax.nn, jax.grad"][0] / max(temp, 1)
+            rows.append(f"| {h} | {name} | {temp / 1e6:.1f} | {wall:.2f} | {ratio:.0f}× |")
     return rows
 
 
