@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -109,6 +110,11 @@ def paper_table(time_limit_s: float = 20.0) -> list[str]:
     return rows + [""] + ratios
 
 
+def _temp_bytes(compiled: Any) -> int:
+    stats = compiled.memory_analysis()
+    return int(stats.temp_size_in_bytes) if stats is not None else -1
+
+
 def _best_s(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
@@ -138,8 +144,7 @@ def cpu_memory_table(n: int = 8192, d: int = 64, heads: tuple[int, ...] = (1, 4)
         for name, fn in (("applied (h100 plan)", applied), ("jax.nn.dot_product_attention",
                                                             jax.jit(ref))):
             compiled = fn.lower(q, k, v).compile()
-            temp = compiled.memory_analysis().temp_size_in_bytes
-            runs[name] = (temp, _best_s(lambda c=compiled, a=(q, k, v): c(*a), repeats))
+            runs[name] = (_temp_bytes(compiled), _best_s(partial(compiled, q, k, v), repeats))
         for name in ("applied (h100 plan)", "jax.nn.dot_product_attention"):
             temp, wall = runs[name]
             ratio = runs["jax.nn.dot_product_attention"][0] / max(temp, 1)
@@ -156,8 +161,7 @@ def cpu_memory_table(n: int = 8192, d: int = 64, heads: tuple[int, ...] = (1, 4)
             g = jax.jit(jax.grad(lambda q, k, v, f=fn: jnp.sum(f(q, k, v) ** 2),
                                  argnums=(0, 1, 2)))
             compiled = g.lower(q, k, v).compile()
-            grads[name] = (compiled.memory_analysis().temp_size_in_bytes,
-                           _best_s(lambda c=compiled, a=(q, k, v): c(*a), repeats))
+            grads[name] = (_temp_bytes(compiled), _best_s(partial(compiled, q, k, v), repeats))
         for name, (temp, wall) in grads.items():
             ratio = grads["jax.nn, jax.grad"][0] / max(temp, 1)
             rows.append(f"| {h} | {name} | {temp / 1e6:.1f} | {wall:.2f} | {ratio:.0f}× |")

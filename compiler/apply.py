@@ -469,8 +469,8 @@ class _PatternBuilder:
             for i, (lab, s) in enumerate(zip(a.labels, _shape(v), strict=True)):
                 if s == shape[i] and labels[i] is None:
                     labels[i] = lab
-        for i, lab in enumerate(labels):
-            if lab is None:
+        for i, maybe in enumerate(labels):
+            if maybe is None:
                 if self.kv_side is not None and any(
                         self.size[k] == shape[i] for k in self.kv_labels()):
                     labels[i] = next(k for k in self.kv_labels() if self.size[k] == shape[i])
@@ -868,7 +868,7 @@ class _Rewriter:
         self.interpret = interpret
         self.notes: list[str] = []
         self.count = 0
-        self._ir = None
+        self._ir: list[Any] | None = None
         self._matches: dict[int, tuple[Any, list[AttentionMatch]]] = {}
 
     def ir_patterns(self) -> list[Any]:
@@ -878,7 +878,7 @@ class _Rewriter:
                 from tiermap.passes.attention import find_attention
 
                 self._ir = list(find_attention(self.plan.program))
-        return self._ir
+        return self._ir if self._ir is not None else []
 
     def matches(self, jaxpr: Any, consts: Sequence[Any]) -> list[AttentionMatch]:
         key = id(jaxpr)

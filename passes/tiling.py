@@ -341,12 +341,12 @@ def search_backward_tiles(nq: int, nk: int, d: int, dv: int, fast_bytes: float,
             (pre + best_dkv[0] + best_dq[0]) * batch_heads, int(ws * e),
             q_reads, q_reads + 2.0, 1.0 + best_dq[3] / nk, q_reads))
     if best_one is not None:
-        rows = best_one[3]
+        one_rows = best_one[3]
         options.append(BackwardTiles(
             True, best_one[1], best_one[2], best_one[1], best_one[2],
             best_one[0] * batch_heads,
             int(one_pass_working_set_words(best_one[1], best_one[2], d, dv) * e),
-            (3.0 * rows - nq) / nq, 2.0 * rows / nq, 1.0, rows / nq))
+            (3.0 * one_rows - nq) / nq, 2.0 * one_rows / nq, 1.0, one_rows / nq))
     if not options:
         raise TiermapError(
             f"attention backward tiling: {fast_bytes:.0f} bytes per core cannot hold one 1×1 "

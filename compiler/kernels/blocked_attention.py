@@ -320,7 +320,7 @@ def _attention_head(cfg: _Config, q: Array, k: Array, v: Array, sides: tuple[Arr
 
 
 def _attention_head_fwd(cfg: _Config, q: Array, k: Array, v: Array, sides: tuple[Array, ...]
-                        ) -> tuple[Array, tuple[Array, ...]]:
+                        ) -> tuple[Array, tuple[Any, ...]]:
     o, lse = _forward(cfg, q, k, v, sides)
     return o, (q, k, v, sides, o, lse)
 

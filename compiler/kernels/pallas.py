@@ -66,7 +66,7 @@ def gpu_attention(q: Any, k: Any, v: Any, sides: list[Any], transform: LogitsTra
         return None, f"head dims differ (d={d}, dv={dv})"
     bq, bk = _pow2_block(nq, block_q), _pow2_block(nk, block_k)
     bbq, bbk = _pow2_block(nq, backward_blocks[0]), _pow2_block(nk, backward_blocks[1])
-    if None in (bq, bk, bbq, bbk):
+    if bq is None or bk is None or bbq is None or bbk is None:
         return None, f"lengths {nq}, {nk} have no power-of-two block divisor of at least 16"
     from jax.experimental.pallas.ops.gpu import attention as gpu
 
