@@ -9,12 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiermap.compiler import pipeline
 from tiermap.compiler.plan import Plan
 
 import tiermap
-
-# TODO(issue 6): import directly once compiler/pipeline.py has landed.
-pipeline = pytest.importorskip("tiermap.compiler.pipeline")
 
 # Small programs and short limits keep each plan well under a second.
 FAST = {"time_limit_s": 2.0}
