@@ -93,7 +93,9 @@ STRATEGIES = ("mip", "greedy", "naive")
 OBJECTIVES = ("time", "energy")
 BACKENDS = ("highs", "scip", "cpsat")
 # A window holds about this many binary variables; longer programs are decomposed.
-MAX_WINDOW_BINARIES = 12_000
+MAX_WINDOW_BINARIES = 5_000
+# At most this many fix-and-optimise sweeps over a decomposed program.
+MAX_SWEEPS = 4
 # Relative gap at which a solve stops.
 RELATIVE_GAP = 1e-4
 # Weight of time in the energy objective (O2), per time unit.
@@ -640,6 +642,86 @@ def _free_tensors(problem: PlacementProblem, c0: int, c1: int) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class _WindowResult:
+    status: str  # optimal | feasible | a termination reason without a solution
+    gap: float | None  # within the window, the rest fixed
+    bound_s: float | None  # the whole program's time bound, valid only with the rest fixed
+    solved: bool
+
+
+def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
+                  free: Sequence[str], c0: int, c1: int, backend: str, limit_s: float, seed: int,
+                  workers: int, label: str) -> _WindowResult:
+    """Free `free`'s decisions in [c0, c1], solve, keep the result if it is no worse.
+
+    Updates `state` and `assignment` in place.
+    """
+    from ortools.math_opt.python import mathopt
+
+    before = state.objective_value()
+    step_s_before = state.step_times(np.arange(p.num_steps)) if (
+        p.objective == "energy") else None
+    for vid in free:
+        state.remove(vid)
+    model = _WindowModel(p, state, assignment, free, c0, c1, backend, step_s_before)
+    try:
+        result = model.solve(backend, limit_s, seed, workers)
+    except Exception as exc:  # the solver refused the model or crashed
+        for vid in free:
+            state.add(vid, assignment[vid])
+        cause = exc.__context__ if exc.__context__ is not None else exc
+        raise PassError("place-tiers", f"{backend} failed on {label} (steps {c0}..{c1}): "
+                        f"{type(cause).__name__}: {cause}") from exc
+    reason = result.termination.reason
+    solved = result.has_primal_feasible_solution()
+    new: dict[str, Choice] = {}
+    if solved:
+        values = result.variable_values()
+        for vid in free:
+            old = assignment[vid]
+            runs = tuple(_argmax(model.x[(vid, r)], values) if (vid, r) in model.x else k
+                         for r, k in enumerate(old.runs))
+            gaps = tuple(_argmax(model.z[(vid, g)], values) if (vid, g) in model.z else k
+                         for g, k in enumerate(old.gaps))
+            home = old.home
+            if vid in model.h:
+                on = [k for k, v in model.h[vid].items() if values[v] > 0.5]
+                home = on[0] if on else None
+            choice = Choice(runs, gaps, home)
+            new[vid] = choice if p.valid(p.segments[vid], choice) else old
+    for vid in free:
+        state.add(vid, new.get(vid, assignment[vid]))
+    if new and state.objective_value() > before * (1 + 1e-12) + 1e-300:
+        for vid in free:  # the model is exact, so this is float noise at most: keep the old
+            state.remove(vid)
+            state.add(vid, assignment[vid])
+    else:
+        assignment.update(state.assignment_of(free))
+    status = "optimal" if reason == mathopt.TerminationReason.OPTIMAL else (
+        "feasible" if solved else reason.name.lower())
+    gap = bound_s = None
+    if solved:
+        bounds = result.termination.objective_bounds
+        primal = result.objective_value()
+        if math.isfinite(bounds.dual_bound) and primal > 0:
+            gap = max(primal - bounds.dual_bound, 0.0) / abs(primal)
+            if p.objective == "time":
+                modelled = np.array(sorted(model.T), dtype=np.int64)
+                rest_s = state.total_time_s() - float(state.step_times(modelled).sum())
+                bound_s = bounds.dual_bound * model.time_unit_s + rest_s
+    return _WindowResult(status, gap, bound_s, solved)
+
+
+def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Windows cut at the middles of `windows`, so a second sweep straddles the first's cuts."""
+    if len(windows) < 2:
+        return list(windows)
+    cuts = [0] + [(c0 + c1 + 1) // 2 for c0, c1 in windows] + [windows[-1][1] + 1]
+    cuts = sorted(set(cuts))
+    return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
 def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: float, seed: int,
               backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES
               ) -> MipOutcome:
@@ -648,78 +730,14 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
     every decision, warm-started from the incumbent. Longer programs are swept window by window
     (fix-and-optimise): the decisions that start in the window are free, all others stay at the
-    incumbent, so each solve keeps or improves the whole plan.
+    incumbent, so each solve keeps or improves the whole plan. While time is left and some
+    window was not solved to optimality, another sweep runs over windows shifted by half.
     """
-    from ortools.math_opt.python import mathopt
-
     t_start = time.perf_counter()
     p = problem
     windows = window_bounds(p, max_window_binaries)
-    cum = np.concatenate([[0.0], np.cumsum(_binaries_per_step(p))])
-    weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in windows]
     assignment: Assignment = dict(incumbent)
     state = CostState(p, assignment)
-    statuses: list[str] = []
-    bound_s: float | None = None
-    gap: float | None = None
-    solved_any = False
-    for i, (c0, c1) in enumerate(windows):
-        free = _free_tensors(p, c0, c1)
-        if not free:
-            statuses.append("optimal")
-            continue
-        before = state.objective_value()
-        step_s_before = state.step_times(np.arange(p.num_steps)) if (
-            p.objective == "energy") else None
-        for vid in free:
-            state.remove(vid)
-        model = _WindowModel(p, state, assignment, free, c0, c1, backend, step_s_before)
-        share = weights[i] / max(sum(weights[i:]), 1.0)
-        limit_s = max((time_limit_s - (time.perf_counter() - t_start)) * share, 0.05)
-        try:
-            result = model.solve(backend, limit_s, seed, workers)
-        except Exception as exc:  # the solver refused the model or crashed
-            cause = exc.__context__ if exc.__context__ is not None else exc
-            raise PassError("place-tiers", f"{backend} failed on window {i + 1}/{len(windows)} "
-                            f"(steps {c0}..{c1}): {type(cause).__name__}: {cause}") from exc
-        reason = result.termination.reason
-        new: dict[str, Choice] = {}
-        if result.has_primal_feasible_solution():
-            solved_any = True
-            values = result.variable_values()
-            for vid in free:
-                seg = p.segments[vid]
-                old = assignment[vid]
-                runs = tuple(_argmax(model.x[(vid, r)], values) if (vid, r) in model.x else k
-                             for r, k in enumerate(old.runs))
-                gaps = tuple(_argmax(model.z[(vid, g)], values) if (vid, g) in model.z else k
-                             for g, k in enumerate(old.gaps))
-                home = old.home
-                if vid in model.h:
-                    table = model.h[vid]
-                    on = [k for k, v in table.items() if values[v] > 0.5]
-                    home = on[0] if on else None
-                choice = Choice(runs, gaps, home)
-                new[vid] = choice if p.valid(seg, choice) else old
-        for vid in free:
-            state.add(vid, new.get(vid, assignment[vid]))
-        if new and state.objective_value() > before * (1 + 1e-12) + 1e-300:
-            for vid in free:  # the model is exact, so this is float noise at most: keep the old
-                state.remove(vid)
-                state.add(vid, assignment[vid])
-        else:
-            assignment.update(state.assignment_of(free))
-        statuses.append("optimal" if reason == mathopt.TerminationReason.OPTIMAL else (
-            "feasible" if result.has_primal_feasible_solution() else reason.name.lower()))
-        if len(windows) == 1 and result.has_primal_feasible_solution():
-            bounds = result.termination.objective_bounds
-            primal = result.objective_value()
-            if math.isfinite(bounds.dual_bound) and primal > 0:
-                gap = max(primal - bounds.dual_bound, 0.0) / abs(primal)
-                if p.objective == "time":
-                    modelled = np.array(sorted(model.T), dtype=np.int64)
-                    rest_s = state.total_time_s() - float(state.step_times(modelled).sum())
-                    bound_s = bounds.dual_bound * model.time_unit_s + rest_s
     if not any(_free_tensors(p, c0, c1) for c0, c1 in windows):
         # Every tensor is pinned: tiny ones and those that never meet memory pressure go to
         # the fastest tier, optimal when that tier is at least as fast as every other.
@@ -730,18 +748,45 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
                           state.objective_value(), len(windows),
                           "every tensor pinned (tiny, or never under memory pressure); "
                           "nothing left to decide")
+    cum = np.concatenate([[0.0], np.cumsum(_binaries_per_step(p))])
+    results: list[_WindowResult] = []
+    solved_any = False
+    sweep = 0
+    sweep_windows = windows
+    while True:
+        weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in sweep_windows]
+        results = []
+        for i, (c0, c1) in enumerate(sweep_windows):
+            free = _free_tensors(p, c0, c1)
+            if not free:
+                results.append(_WindowResult("optimal", 0.0, None, True))
+                continue
+            left_s = time_limit_s - (time.perf_counter() - t_start)
+            limit_s = max(left_s * weights[i] / max(sum(weights[i:]), 1.0), 0.05)
+            label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
+            res = _solve_window(p, state, assignment, free, c0, c1, backend, limit_s, seed,
+                                workers, label)
+            solved_any = solved_any or res.solved
+            results.append(res)
+        sweep += 1
+        left_s = time_limit_s - (time.perf_counter() - t_start)
+        if (len(windows) == 1 or all(r.status == "optimal" for r in results)
+                or sweep >= MAX_SWEEPS or left_s < 0.1 * time_limit_s):
+            break
+        sweep_windows = _shifted(sweep_windows) if sweep % 2 else windows
     if not solved_any:
         return MipOutcome(None, "greedy_fallback", None, None, None, len(windows),
-                          f"no solve returned a solution ({', '.join(statuses)})")
-    single = len(windows) == 1
-    status = "optimal" if single and statuses == ["optimal"] else "feasible"
-    if single:
-        detail = f"one window; solver status {statuses[0]}"
-    else:
-        detail = (f"{len(windows)} windows solved in turn (fix-and-optimise), each proven "
-                  f"within its own gap with the rest fixed: {','.join(statuses)}")
-    return MipOutcome(assignment, status, gap if single else None, bound_s,
-                      state.objective_value(), len(windows), detail)
+                          "no solve returned a solution (" + ", ".join(
+                              r.status for r in results) + ")")
+    if len(windows) == 1:
+        res = results[0]
+        return MipOutcome(assignment, res.status, res.gap, res.bound_s,
+                          state.objective_value(), 1, f"one window; solver status {res.status}")
+    gaps = ",".join("?" if r.gap is None else f"{100 * r.gap:.2g}%" for r in results)
+    detail = (f"{len(windows)} windows, {sweep} sweep(s) of fix-and-optimise; gaps of the last "
+              f"sweep's windows, each with the rest fixed: {gaps}")
+    return MipOutcome(assignment, "feasible", None, None, state.objective_value(), len(windows),
+                      detail)
 
 
 def _argmax(table: Mapping[int, Any], values: Mapping[Any, float]) -> int:

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.ir import Program
 from tiermap.compiler.pipeline import plan
-from tiermap.errors import InfeasiblePlacementError
 from tiermap.hwtargets.target import Link, Target, Tier
 from tiermap.passes.liveness import compute_liveness
 from tiermap.passes.verify import verify_plan
+
+from tiermap.errors import InfeasiblePlacementError
 
 from .helpers import strip_wall
 

@@ -1,0 +1,217 @@
+"""Placement quality and planning speed: naive, greedy and mip on real models and targets.
+
+    python benchmarks/placement.py                  # everything (about 20 minutes on 2 cores)
+    python benchmarks/placement.py --quick          # fewer models, shorter limits
+    python benchmarks/placement.py --only quality   # or: speed, big
+
+Prints markdown tables for docs/benchmarks.md ("## Placement"):
+
+1. quality: for each model and target, the predicted time of the naive, greedy and mip plans,
+   the program's lower bound, mip/bound − 1, greedy/mip, the solver's status and the placement
+   wall time. A row is "starved" when the live tensors at some step exceed the main-memory tier
+   (so activations must go to a slower tier).
+2. speed: the whole pipeline (lowering included) on the 12-layer transformer training step against
+   XLA's own CPU compile of the same function (`jax.jit(fn).lower(*args).compile()`).
+3. big: a ~20k-op program (the training step with more layers) planned within its time limit.
+
+Goals checked at the end: mip never worse than greedy; on starved rows mip ≥ 1.05× better than
+greedy (geometric mean); mip within 20% of the lower bound on rows that are not starved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import jax  # noqa: E402
+from tiermap.compiler.frontend import lower  # noqa: E402
+from tiermap.compiler.ir import Program  # noqa: E402
+from tiermap.compiler.pipeline import plan  # noqa: E402
+from tiermap.compiler.plan import Plan  # noqa: E402
+from tiermap.hwtargets.target import Target  # noqa: E402
+from tiermap.passes.liveness import compute_liveness  # noqa: E402
+
+import tiermap  # noqa: E402
+
+STARVED_TARGET = str(ROOT / "benchmarks" / "targets" / "a100-256m.toml")
+TARGETS = ("sn40l", "h100", "a100", "tpu-v5e", STARVED_TARGET)
+
+
+def _models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]]:
+    from examples import models
+
+    out: dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]] = {
+        "transformer_train_12l": models.transformer_train,
+        "transformer_forward_12l": models.transformer_forward,
+        "mlp": models.mlp,
+        "attention": models.attention,
+    }
+    if not quick:
+        import zoo
+
+        out["resnet50_forward"] = zoo.haiku_resnet50_forward
+        out["resnet50_train"] = zoo.haiku_resnet50_train
+    return out
+
+
+@dataclass
+class Row:
+    model: str
+    target: str
+    ops: int
+    starved: bool
+    plan: Plan
+    wall_s: float
+
+    @property
+    def mip_s(self) -> float:
+        return self.plan.predicted_time_s
+
+    @property
+    def greedy_s(self) -> float:
+        return self.plan.baselines["greedy"]
+
+
+def _starved(program: Program, target: Target) -> bool:
+    """Whether the live tensors exceed the main-memory tier at some step (fusion ignored)."""
+    return compute_liveness(program).peak_live_bytes > target.main_tier.capacity_bytes
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{1e3 * x:.4g}"
+
+
+def quality(quick: bool, time_limit_s: float) -> list[Row]:
+    rows: list[Row] = []
+    print("\n### Plan quality\n")
+    print(f"time limit {time_limit_s:g} s per MIP (HiGHS, seed 0); times in ms\n")
+    print("| model | target | ops | starved | naive | greedy | mip | bound | mip/bound−1 | "
+          "greedy/mip | status (gap) | place-tiers s |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name, build in _models(quick).items():
+        fn, args = build()
+        for target_name in TARGETS:
+            target = tiermap.target(target_name)
+            program = lower(fn, *args, platform=target.platform)
+            t0 = time.perf_counter()
+            p = plan(program, target=target, strategy="mip", time_limit_s=time_limit_s)
+            row = Row(name, target.name, program.num_steps, _starved(program, target), p,
+                      time.perf_counter() - t0)
+            rows.append(row)
+            gap = "" if p.solver.gap is None else f" ({100 * p.solver.gap:.2g}%)"
+            print(f"| {name} | {target.name} | {row.ops} | {'yes' if row.starved else 'no'} | "
+                  f"{_ms(p.baselines.get('naive'))} | {_ms(row.greedy_s)} | {_ms(row.mip_s)} | "
+                  f"{_ms(p.lower_bound_s)} | {row.mip_s / p.lower_bound_s - 1:.3f} | "
+                  f"{row.greedy_s / row.mip_s:.3f} | {p.solver.status}{gap} | "
+                  f"{p.pass_wall_s.get('place-tiers', 0.0):.1f} |", flush=True)
+    return rows
+
+
+def goals(rows: list[Row]) -> None:
+    print("\n### Goals\n")
+    worse = [r for r in rows if r.mip_s > r.greedy_s * (1 + 1e-9)]
+    print(f"- mip never worse than greedy: {'met' if not worse else 'MISSED'} "
+          f"({len(rows) - len(worse)}/{len(rows)} rows)")
+    starved = [r for r in rows if r.starved]
+    if starved:
+        geo = math.exp(sum(math.log(r.greedy_s / r.mip_s) for r in starved) / len(starved))
+        print(f"- starved rows, greedy/mip geometric mean ≥ 1.05: "
+              f"{'met' if geo >= 1.05 else 'MISSED'} ({geo:.3f} over {len(starved)} rows: "
+              + ", ".join(f"{r.model}@{r.target} {r.greedy_s / r.mip_s:.3f}" for r in starved)
+              + ")")
+    fed = [r for r in rows if not r.starved]
+    if fed:
+        far = [r for r in fed if r.mip_s > 1.2 * r.plan.lower_bound_s]
+        print(f"- rows not starved, mip within 20% of the bound: "
+              f"{'met' if not far else 'MISSED'} ({len(fed) - len(far)}/{len(fed)} rows"
+              + ("; over: " + ", ".join(f"{r.model}@{r.target} "
+                                         f"+{100 * (r.mip_s / r.plan.lower_bound_s - 1):.0f}%"
+                                         for r in far) if far else "") + ")")
+
+
+def speed(time_limit_s: float, repeat: int) -> None:
+    from examples.models import transformer_train
+
+    print("\n### Planning speed: 12-layer transformer training step\n")
+    fn, args = transformer_train()
+    xla_s = []
+    for _ in range(repeat):
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        jax.jit(fn).lower(*args).compile()
+        xla_s.append(time.perf_counter() - t0)
+    print(f"XLA CPU compile (`jax.jit(fn).lower(*args).compile()`, caches cleared), best of "
+          f"{repeat}: {min(xla_s):.2f} s\n")
+    print("| target | time limit s | pipeline s | of which place-tiers s | fuse s | ops | "
+          "status | pipeline / XLA |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for target_name in ("h100", "sn40l", STARVED_TARGET):
+        target = tiermap.target(target_name)
+        best: tuple[float, Plan] | None = None
+        for _ in range(repeat):
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            p = plan(fn, *args, target=target, time_limit_s=time_limit_s)
+            wall_s = time.perf_counter() - t0
+            if best is None or wall_s < best[0]:
+                best = (wall_s, p)
+        assert best is not None
+        wall_s, p = best
+        print(f"| {target.name} | {time_limit_s:g} | {wall_s:.2f} | "
+              f"{p.pass_wall_s.get('place-tiers', 0):.2f} | {p.pass_wall_s.get('fuse', 0):.2f} | "
+              f"{p.num_steps} | {p.solver.status} | {wall_s / min(xla_s):.2f} |", flush=True)
+
+
+def big(layers: int, time_limit_s: float) -> None:
+    from examples.models import transformer_train
+
+    print(f"\n### A long program: the training step with {layers} layers\n")
+    fn, args = transformer_train(layers=layers)
+    target = tiermap.target(STARVED_TARGET)
+    t0 = time.perf_counter()
+    program = lower(fn, *args, platform=target.platform)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = plan(program, target=target, time_limit_s=time_limit_s)
+    plan_s = time.perf_counter() - t0
+    passes = ", ".join(f"{k} {v:.1f} s" for k, v in p.pass_wall_s.items())
+    print(f"- {program.num_steps} ops, {len(program.values)} tensors on {target.name}; "
+          f"lowering {lower_s:.1f} s; planning {plan_s:.1f} s ({passes})")
+    print(f"- MIP time limit {time_limit_s:g} s; solver {p.solver.status}, "
+          f"wall {p.solver.wall_s:.1f} s; {p.solver.detail}")
+    print(f"- predicted {_ms(p.predicted_time_s)} ms; greedy {_ms(p.baselines['greedy'])} ms; "
+          f"naive {_ms(p.baselines.get('naive'))} ms; bound {_ms(p.lower_bound_s)} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer models, shorter limits")
+    parser.add_argument("--only", choices=("quality", "speed", "big"), default=None)
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="MIP time limit per plan (default 20, quick 5)")
+    parser.add_argument("--big-layers", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=2)
+    opts = parser.parse_args()
+    limit_s = opts.time_limit_s or (5.0 if opts.quick else 20.0)
+    print(f"jax {jax.__version__}, python {platform.python_version()}, {platform.machine()}, "
+          f"{platform.system()}")
+    if opts.only in (None, "quality"):
+        goals(quality(opts.quick, limit_s))
+    if opts.only in (None, "speed"):
+        speed(limit_s, opts.repeat)
+    if opts.only in (None, "big"):
+        big(opts.big_layers if not opts.quick else 24, 2 * limit_s)
+
+
+if __name__ == "__main__":
+    main()
