@@ -17,11 +17,12 @@ from tests.fusion.helpers import qkv
 
 
 def grads(fn, *args):
-    return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args))))(*args)
+    loss = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args))))
+    return jax.jit(loss)(*args)
 
 
 @pytest.mark.parametrize(("nq", "nk", "bq", "bk", "causal"), [
-    (64, 64, 16, 16, False), (50, 70, 16, 32, False), (33, 33, 8, 16, True), (40, 24, 16, 8, True),
+    (50, 70, 16, 32, False), (33, 33, 8, 16, True), (40, 24, 16, 8, True),
 ])
 def test_forward_and_gradients_match(nq: int, nk: int, bq: int, bk: int, causal: bool) -> None:
     q, k, v = qkv((2, 3, nq, 16), kv_shape=(2, 3, nk, 16))
@@ -35,7 +36,7 @@ def test_forward_and_gradients_match(nq: int, nk: int, bq: int, bk: int, causal:
     def ref(q, k, v, b):
         return attention_reference(q, k, v, mask=keep, bias=b, causal=causal)
 
-    np.testing.assert_allclose(tiled(q, k, v, bias), ref(q, k, v, bias), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(tiled)(q, k, v, bias), ref(q, k, v, bias), atol=1e-5)
     for g, r in zip(grads(tiled, q, k, v, bias), grads(ref, q, k, v, bias), strict=True):
         np.testing.assert_allclose(g, r, atol=1e-4)
 
