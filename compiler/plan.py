@@ -2,16 +2,16 @@
 
 Semantics (shared by the cost model, every strategy and the verifier; keep them in step):
 
-- Steps are the ops of the schedule, run in order. A fusion group's ops keep their own steps; a fused
-  intermediate (`materialized == False`) never reaches memory and has no residency.
-- `TensorPlan.residency` lists intervals `[from_step, to_step]` (inclusive) in tiers. Program inputs
-  are live from step 0 (`producer_step == -1`); every materialized tensor is resident somewhere at every
-  step of `[max(producer_step, 0), last_use_step]`, and nowhere outside it.
-- A change of tier is a `Transfer` `[start_step, end_step]` (inclusive) from `src` to `dst`. During a
-  transfer the tensor occupies both tiers: the `dst` residency starts at `start_step`, the `src`
-  residency lasts at least to `end_step`. The `dst` copy is usable by ops from `end_step + 1`; an op
-  at step s reads its inputs from a tier where the tensor is usable at s (the fastest one if several).
-  An op's outputs are written to the tier where they reside at the op's step.
+- Steps are the ops of the schedule, run in order. A fusion group's ops keep their own steps;
+  a fused intermediate (`materialized == False`) never reaches memory and has no residency.
+- `TensorPlan.residency` lists intervals `[from_step, to_step]` (inclusive) in tiers. Program
+  inputs are live from step 0 (`producer_step == -1`); every materialized tensor is resident
+  somewhere at every step of `[max(producer_step, 0), last_use_step]`, and nowhere outside it.
+- A change of tier is a `Transfer` `[start_step, end_step]` (inclusive) from `src` to `dst`.
+  During a transfer the tensor occupies both tiers: the `dst` residency starts at `start_step`,
+  the `src` residency lasts at least to `end_step`. The `dst` copy is usable by ops from
+  `end_step + 1`; an op at step s reads its inputs from a tier where the tensor is usable at s
+  (the fastest one if several). An op's outputs are written where they reside at the op's step.
 - A transfer's time, bytes / link bandwidth, is spread evenly over its steps and overlaps the ops
   there (prefetch before a use, eviction after the last write). Step time = max(op time, for each
   link the sum of the shares of the transfers on it at that step). Op time = max(compute time,

@@ -18,7 +18,7 @@ class HardwareSpecError(TiermapError):
 
 
 class UnsupportedProgramError(TiermapError):
-    """The program uses something tiermap cannot represent (dynamic shapes, unknown dialects ...)."""
+    """The program uses what tiermap cannot represent (dynamic shapes, unknown dialects ...)."""
 
 
 class InfeasiblePlacementError(TiermapError):
