@@ -367,6 +367,28 @@ def _internal(graph: _Graph, group: set[str], readers_ok: set[str]) -> frozenset
     return frozenset(out)
 
 
+def _data_operand(graph: _Graph, group: set[str], roles: tuple[str, ...],
+                  kinds: tuple[str, ...]) -> bool:
+    """Some op of these kinds combines the chain with data from outside the group (not Q, K,
+    V, not a constant, not a boolean mask), seen through the layout ops the group holds."""
+    for oid in group:
+        op = graph.program.op(oid)
+        if op.kind not in kinds:
+            continue
+        for vid in op.inputs:
+            while True:
+                p = graph.producer.get(vid)
+                if (p is None or p.id not in group or p.kind not in LAYOUT_KINDS
+                        or not p.inputs):
+                    break
+                vid = p.inputs[0]
+            p = graph.producer.get(vid)
+            if ((p is None or p.id not in group) and vid not in graph.const_derived
+                    and graph.value(vid).dtype != "i1" and vid not in roles):
+                return True
+    return False
+
+
 def find_attention(program: Program) -> tuple[AttentionPattern, ...]:
     """Every attention pattern of `program`'s top-level ops, in program order of D1.
 
@@ -442,14 +464,11 @@ def find_attention(program: Program) -> tuple[AttentionPattern, ...]:
         masked = any(s.inputs[0] not in graph.const_derived for s in selects)
         masked = masked or any(graph.value(v).dtype == "i1" and v not in graph.const_derived
                                for v in side_values)
-        bias = any(program.op(o).kind in ("stablehlo.add", "stablehlo.subtract")
-                   and any(_is_score(graph.value(v), score) and v not in fwd_score
-                           and v not in graph.const_derived
-                           and graph.value(v).dtype != "i1" for v in program.op(o).inputs)
-                   for o in fwd)
-        bias = bias or any(v not in graph.const_derived and graph.value(v).dtype != "i1"
-                           and v not in (q_id, k_id, v_id) and graph.value(v).type.num_elements
-                           > 1 for v in side_values)
+        roles = (q_id, k_id, v_id)
+        bias = _data_operand(graph, fwd, roles, ("stablehlo.add", "stablehlo.subtract"))
+        if _data_operand(graph, fwd, roles, ("stablehlo.multiply", "stablehlo.divide")):
+            notes.append("the chain multiplies by data from outside (dropout or a data "
+                         "scale); it is read blockwise like a mask")
         d = int(d1.attrs.get("k", 0))
         d2_m, d2_n = int(d2.attrs.get("m", 0)), int(d2.attrs.get("n", 0))
         p_is_lhs = bool(p_side) and d2.inputs[0] == p_side[0]

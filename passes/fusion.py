@@ -478,6 +478,15 @@ def fuse(program: Program, target: Target, time_limit_s: float = 10.0, seed: int
     gap = ""
     if sel.bound_s is not None and sel.objective_s > 0 and sel.status == "feasible":
         gap = f", gap {max(sel.bound_s - sel.objective_s, 0.0) / sel.objective_s:.3g}"
+    for g in groups:
+        if g.kind == "attention":
+            a = g.attrs
+            notes.append(
+                f"{g.id}: attention N={a['kv_len']} (keys), queries {a['q_len']}, "
+                f"d={a['head_dim']}, batch×heads={a['batch_heads']}, "
+                f"{'causal' if a['causal'] else 'not causal'}"
+                f"{', masked' if a['masked'] else ''}{', bias' if a['bias'] else ''}, "
+                f"{a['dtype']}{', with backward ' + g.id + '_bwd' if a['backward'] else ''}")
     notes.insert(0, f"fuse: {len(cands)} candidates, {len(groups)} groups chosen; solver "
                     f"{sel.detail}, status {sel.status}{gap}; saving {sel.objective_s:.4g} s "
                     f"(time limit {time_limit_s} s, seed {seed}, {workers} thread(s))")
