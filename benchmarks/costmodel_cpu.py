@@ -104,7 +104,6 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    # Padding ((1, 1), (1, 2)): not a splat attribute (see docs/benchmarks.md on the frontend).
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 2)),
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 

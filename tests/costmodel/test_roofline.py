@@ -109,7 +109,7 @@ def test_reduction_by_hand() -> None:
 
 
 def test_convolution_by_hand() -> None:
-    # Asymmetric padding: a splat padding attribute trips the frontend (see the report).
+    # Asymmetric padding, so the two spatial dimensions count different valid taps.
     p = lower(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (2, 2))),
               S((1, 8, 16, 16), F32), S((16, 8, 3, 3), F32))
     (op,) = p.ops
