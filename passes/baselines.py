@@ -41,7 +41,7 @@ Strategies:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -716,6 +716,7 @@ def _idle_spill(problem: PlacementProblem) -> Assignment | None:
             spill = _spill_order(p, seg)[0]
             assignment[vid] = Choice.whole(seg, spill[0], spill[1])
     state = CostState(p, assignment)
+    index = _LiveIndex.of(p)
     for tier in p.writable:
         slower = [k for k in p.writable + p.homes if k > tier]
         guard = 0
@@ -727,13 +728,57 @@ def _idle_spill(problem: PlacementProblem) -> Assignment | None:
             if guard > 4 * len(p.segments) + 16:
                 return None
             step = int(np.argmax(over))
-            if not _relieve(state, tier, step, slower, int(over[step])):
+            if not _relieve(state, tier, step, slower, int(over[step]), index):
                 return None
     return dict(state.assignment)
 
 
-def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int], over_bytes: int
-             ) -> bool:
+@dataclass(frozen=True)
+class _LiveIndex:
+    """Tensors and gaps by step range, for finding those live at a step quickly.
+
+    `gap_*` arrays list every gap of every tensor, longest (then largest) first.
+    """
+
+    vids: tuple[str, ...]
+    first: np.ndarray
+    last: np.ndarray
+    density_order: np.ndarray  # tensor indices by bytes accessed per byte held, ascending
+    gap_owner: np.ndarray
+    gap_index: np.ndarray
+    gap_lo: np.ndarray
+    gap_hi: np.ndarray
+
+    @staticmethod
+    def of(problem: PlacementProblem) -> _LiveIndex:
+        vids = tuple(problem.segments)
+        segs = [problem.segments[v] for v in vids]
+        density = np.array([sum(b for _j, _s, b, _r in problem.touches.get(v, ()))
+                            / max(problem.segments[v].nbytes, 1) for v in vids])
+        first = np.array([s.first for s in segs], dtype=np.int64)
+        rows = [(-g.num_steps, -s.nbytes, i, gi, g.lo, g.hi)
+                for i, s in enumerate(segs) for gi, g in enumerate(s.gaps)]
+        rows.sort()
+        cols = np.array(rows, dtype=np.int64).reshape(-1, 6)
+        return _LiveIndex(vids, first, np.array([s.last for s in segs], dtype=np.int64),
+                          np.lexsort((-first, density)), cols[:, 2], cols[:, 3], cols[:, 4],
+                          cols[:, 5])
+
+    def gaps_at(self, step: int) -> Iterator[tuple[str, int]]:
+        """(tensor, gap index) of the gaps that hold `step`, longest first."""
+        for i in np.flatnonzero((self.gap_lo <= step) & (self.gap_hi >= step)).tolist():
+            yield self.vids[int(self.gap_owner[i])], int(self.gap_index[i])
+
+    def tensors_at(self, step: int) -> Iterator[str]:
+        """Tensors live at `step`, fewest bytes accessed per byte held first."""
+        order = self.density_order
+        live = (self.first[order] <= step) & (self.last[order] >= step)
+        for i in order[live].tolist():
+            yield self.vids[int(i)]
+
+
+def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int], over_bytes: int,
+             index: _LiveIndex) -> bool:
     """Move one tensor (part) out of `tier` at `step`, the one that costs least per byte freed.
 
     Candidates: the idle gaps there, longest first (evicted to the next slower tier that takes
@@ -741,26 +786,14 @@ def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int], over
     accessed per byte held.
     """
     p = state.p
-    gaps: list[tuple[int, int, str, int]] = []
-    wholes: list[tuple[float, int, str]] = []
-    for vid, choice in state.assignment.items():
-        seg = p.segments[vid]
-        if not seg.first <= step <= seg.last:
-            continue
-        for g, gap in enumerate(seg.gaps):
-            if gap.lo <= step <= gap.hi and choice.gaps[g] == tier:
-                gaps.append((-gap.num_steps, -seg.nbytes, vid, g))
-        if tier in choice.runs or tier in choice.gaps:
-            accessed = sum(b for _j, _s, b, _r in p.touches.get(vid, ()))
-            wholes.append((accessed / max(seg.nbytes, 1), -seg.first, vid))
-    gaps.sort()
-    wholes.sort()
     options: list[tuple[str, Choice]] = []
-    for _neg_len, _neg_bytes, vid, g in gaps:
+    for vid, g in index.gaps_at(step):
         if len(options) >= RELIEVE_CANDIDATES:
             break
-        seg = p.segments[vid]
         choice = state.assignment[vid]
+        if choice.gaps[g] != tier:
+            continue
+        seg = p.segments[vid]
         for k in slower:
             if k not in seg.tiers and k not in seg.homes:
                 continue
@@ -773,21 +806,28 @@ def _relieve(state: CostState, tier: int, step: int, slower: Sequence[int], over
                     kk == tier and lo <= step <= hi for kk, lo, hi in p.layout(seg, new)[0]):
                 options.append((vid, new))
                 break
-    for _density, _neg_first, vid in wholes[:RELIEVE_CANDIDATES // 2]:
+    wholes = 0
+    for vid in index.tensors_at(step):
+        if wholes >= RELIEVE_CANDIDATES // 2:
+            break
+        choice = state.assignment[vid]
+        if tier not in choice.runs and tier not in choice.gaps:
+            continue
         seg = p.segments[vid]
         for k in slower:
             if k in seg.tiers or k in seg.homes:
                 options.append((vid, Choice.whole(seg, k, p.read_only[k])))
+                wholes += 1
                 break
     best: tuple[float, int] | None = None
-    for index, (vid, new) in enumerate(options):
+    for i, (vid, new) in enumerate(options):
         fits, d_time = state.probe(vid, new, ignore_tier=tier)
         if not fits:
             continue
         freed = min(p.segments[vid].nbytes, over_bytes) or 1
         score = d_time / freed
         if best is None or score < best[0]:
-            best = (score, index)
+            best = (score, i)
     if best is None:
         return False
     vid, new = options[best[1]]
