@@ -24,9 +24,13 @@ evaluated once at trace time and recognised as causal when they are. `scan` bodi
 plan's k-th attention group (`attn{k}`); patterns the plan does not cover (inside scan bodies,
 or where shapes differ) get tiles searched for the plan's target on the spot.
 
-Attention forward and backward written out by `jax.grad` *inside* `fn` are not replaced (the
-backward reads the forward's probabilities); apply the plan to the forward function and
-differentiate the applied function instead: its `custom_vjp` backward is tiled too.
+Differentiating the applied function uses the kernel's `custom_vjp` (a recomputing, tiled
+backward). When `fn` itself differentiates (`jax.grad`, `jax.vjp` inside it), the backward JAX
+wrote out is matched too — the equations that read the forward's probabilities and row
+statistics, bounded by the transposes of the two products (dP = dO·Vᵀ, and the cotangents of Q,
+K and V) — and replaced, with the forward, by `jax.vjp` of the kernel. Left to XLA (with a note
+in `.notes`): attention whose probabilities are scaled by data (dropout), a backward that
+differentiates a bias, and anything else outside these patterns.
 """
 
 from __future__ import annotations
@@ -172,6 +176,10 @@ class AttentionMatch:
     head_dim: int = 0
     v_head_dim: int = 0
     notes: list[str] = field(default_factory=list)
+    bwd_region: frozenset[int] = frozenset()
+    bwd_at: int = -1
+    ct_in: Any = None
+    ct_out: dict[Any, tuple[str, ...]] = field(default_factory=dict)
 
 
 class _NoMatch(Exception):
@@ -246,11 +254,9 @@ class _Matcher:
             try:
                 m = builder.build()
             except _NoMatch as exc:
-                if builder.saw_softmax:
+                if builder.saw_softmax and builder.noteworthy:
                     self.skipped.append(
-                        f"an attention at equation {idx} was left to XLA: {exc} (when a backward "
-                        "written by jax.grad inside the function reads its probabilities, "
-                        "apply the plan to the forward function and differentiate that)")
+                        f"an attention at equation {idx} was left to XLA: {exc}")
                 continue
             if m.region & taken:
                 continue
@@ -269,7 +275,8 @@ class _PatternBuilder:
         self.size: list[int] = []
         self.sides: list[_Side] = []
         self.kv_side: str | None = None  # "x" (lhs free dims) or "y" (rhs free dims)
-        self.saw_softmax = False  # an exp of the logits was seen (worth a note if no match)
+        self.saw_softmax = False  # an exp of the logits was seen
+        self.noteworthy = False  # an attention for sure (second product or dropout seen)
 
     def new(self, role: str, size: int) -> int:
         self.role.append("u" if size == 1 else role)
@@ -411,6 +418,7 @@ class _PatternBuilder:
         region = {self.d1}
         d2 = -1
         result: tuple[Any, tuple[int, ...], tuple[int, ...]] | None = None
+        foreign: list[tuple[int, str]] = []
         for idx in range(self.d1 + 1, len(eqns)):
             if not m.live[idx]:
                 continue
@@ -422,17 +430,29 @@ class _PatternBuilder:
                 result = self.second_product(eqn, ins)
                 d2 = idx
                 region.add(idx)
+                self.noteworthy = True
                 break
-            outs = self.step(eqn, ins)
+            try:
+                outs = self.step(eqn, ins)
+            except _NoMatch as exc:
+                # Not a step of the forward: a backward (jax.grad) op reading a statistic, or
+                # something that breaks the pattern. Either the backward match takes it below
+                # or the whole candidate fails.
+                foreign.append((idx, str(exc)))
+                if " of P " in str(exc):
+                    self.noteworthy = True  # probabilities scaled by data: dropout
+                continue
             region.add(idx)
             for v, av in zip(eqn.outvars, outs, strict=True):
                 avs[v] = av
         if result is None:
-            self.fail("no second product")
+            why = next((w for _i, w in foreign if " of P " in w),
+                       foreign[0][1] if foreign else "")
+            self.fail("no second product" + (f" ({why})" if why else ""))
         assert result is not None
-        for v in avs:
-            if any(u not in region for u in m.users.get(v, [])) or v in m.jaxpr.outvars:
-                self.fail("an intermediate of the attention is read elsewhere")
+        escapes = bool(foreign) or any(
+            any(u not in region for u in m.users.get(v, [])) or v in m.jaxpr.outvars
+            for v in avs)
         v_var, v_lab, out_lab = result
         if self.kv_side == "y":
             q, k, q_lab, k_lab = lhs, rhs, tuple(lhs_lab), tuple(rhs_lab)
@@ -448,12 +468,23 @@ class _PatternBuilder:
             if r in ("x", "y"):
                 self.role[i] = "k" if r == self.kv_side else "q"
         elen = math.prod(self.size[i] for i in set(v_lab) if self.role[i] == "e")
-        return AttentionMatch(
+        match = AttentionMatch(
             d1=self.d1, d2=d2, region=frozenset(region), q=q, k=k, v=v_var, q_labels=q_lab,
             k_labels=k_lab, v_labels=v_lab, sides=self.sides, steps=steps,
             label_role=self.role, label_size=self.size, out_labels=out_lab,
             out_shape=tuple(out.aval.shape), out_dtype=out.aval.dtype, q_len=qlen,
             kv_len=klen, head_dim=dlen, v_head_dim=elen)
+        if escapes:
+            if any(not s.concrete and jnp.issubdtype(_dtype(s.value), jnp.floating)
+                   for s in self.sides):
+                self.fail("an intermediate of the attention is read elsewhere (a backward "
+                          "that differentiates a bias is left to XLA)")
+            _BackwardBuilder(m, match, set(avs)).attach()
+            missed = [f"{eqns[i].primitive.name}: {why}" for i, why in foreign
+                      if i not in match.bwd_region]
+            if missed:
+                self.fail(missed[0])
+        return match
 
     def elementwise_labels(self, eqn: Any, ins: list[_AV | None]) -> tuple[int, ...]:
         """Output labels of a broadcasting elementwise op: from the full-size abstract operand."""
@@ -745,6 +776,157 @@ class _PatternBuilder:
         return v, tuple(v_lab), out
 
 
+class _BackwardBuilder:
+    """The backward `jax.grad` wrote out for a matched forward, inside the same jaxpr.
+
+    Its equations read the forward's intermediates (P, exp, row sums); JAX's transposes of the
+    two products give its edges: dP = dO·Vᵀ (pulled in as the producer of an input), and the
+    cotangents of the forward's Q, K and V vars (the products dS·K, dSᵀ·Q and Pᵀ·dO, followed
+    by the layout ops that bring them to those vars' shapes). The whole backward is replaced by
+    the kernel's own `custom_vjp` backward applied to dO.
+    """
+
+    LAYOUT = frozenset({"transpose", "reshape", "convert_element_type", "copy", "squeeze"})
+
+    def __init__(self, matcher: _Matcher, match: AttentionMatch, fwd_vars: set[Any]) -> None:
+        self.m = matcher
+        self.match = match
+        self.fwd_vars = fwd_vars  # the forward's score-derived vars (residuals of the backward)
+
+    def fail(self, why: str) -> None:
+        raise _NoMatch(f"an intermediate of the attention is read elsewhere: {why}")
+
+    def attach(self) -> None:
+        m, match = self.m, self.match
+        eqns = m.jaxpr.eqns
+        roles = {"q": match.q, "k": match.k, "v": match.v}
+        body: set[int] = set()
+        outputs: dict[Any, tuple[str, ...]] = {}
+        stack = [u for v in self.fwd_vars for u in m.users.get(v, []) if u not in match.region]
+        ct_in: Any = None
+        while stack:
+            idx = stack.pop()
+            if idx in body or idx in match.region:
+                continue
+            eqn = eqns[idx]
+            if eqn.effects:
+                self.fail("an effect in the backward")
+            body.add(idx)
+            for ov in eqn.outvars:
+                role = self.classify(eqn, body)
+                if role is not None:
+                    ov, layout = self.to_role_shape(ov, roles[role[0]])
+                    body.update(layout)
+                    outputs[ov] = role
+                    continue
+                stack.extend(u for u in m.users.get(ov, []) if u not in body)
+            # dP = dO·Vᵀ: a product of V with something from outside, read by the backward
+            for v in eqn.invars:
+                if _is_literal(v) or v in self.fwd_vars or v not in m.producer:
+                    continue
+                chain: list[int] = []
+                p = m.producer[v]
+                while (eqns[p].primitive.name in self.LAYOUT and p not in body
+                       and p not in match.region and eqns[p].invars
+                       and not _is_literal(eqns[p].invars[0])
+                       and eqns[p].invars[0] in m.producer):
+                    chain.append(p)
+                    p = m.producer[eqns[p].invars[0]]
+                if p in body or p in match.region:
+                    continue
+                pe = eqns[p]
+                if pe.primitive.name == "dot_general" and any(
+                        x is match.v for x in pe.invars):
+                    other = next(x for x in pe.invars if x is not match.v)
+                    if ct_in is not None and other is not ct_in:
+                        self.fail("two cotangents of O")
+                    ct_in = other
+                    stack.append(p)
+                    stack.extend(chain)
+        if ct_in is None or tuple(_shape(ct_in)) != match.out_shape:
+            self.fail("no cotangent of O of the output's shape")
+        self.merge_sums(body, outputs)
+        produced = {v for i in body for v in eqns[i].outvars}
+        for i in body:
+            for v in eqns[i].outvars:
+                if v in outputs:
+                    continue
+                if any(u not in body for u in m.users.get(v, [])) or v in m.jaxpr.outvars:
+                    self.fail(f"{eqns[i].primitive.name} result leaves the backward")
+        for i in body:
+            for v in eqns[i].invars:
+                if _is_literal(v) or v in produced or v in self.fwd_vars or v is ct_in:
+                    continue
+                if v in m.dependent and v not in (match.q, match.k, match.v) and not any(
+                        v is s.value for s in match.sides):
+                    self.fail("the backward reads other data")
+        first = [i for i in body if any(v is ct_in for v in eqns[i].invars)]
+        if not outputs or not first:
+            self.fail("no cotangent leaves the backward")
+        match.bwd_region = frozenset(body)
+        match.bwd_at = min(first)
+        match.ct_in = ct_in
+        match.ct_out = outputs
+
+    def classify(self, eqn: Any, body: set[int]) -> tuple[str, ...] | None:
+        """The role whose cotangent a product in the backward computes, or None."""
+        if eqn.primitive.name != "dot_general":
+            return None
+        m, match = self.m, self.match
+        a, b = eqn.invars
+        inner = [x for x in (a, b) if not _is_literal(x) and (
+            x in self.fwd_vars or (x in m.producer and m.producer[x] in body))]
+        if len(inner) != 1:
+            return None
+        other = b if inner[0] is a else a
+        if other is match.k:
+            return ("q",)
+        if other is match.q:
+            return ("k",)
+        if inner[0] in self.fwd_vars and other is not match.v:
+            return ("v",)
+        return None
+
+    def to_role_shape(self, v: Any, target: Any) -> tuple[Any, list[int]]:
+        """Follow single-reader layout ops from a product until the role var's shape."""
+        m = self.m
+        chain: list[int] = []
+        while tuple(_shape(v)) != tuple(_shape(target)):
+            users = m.users.get(v, [])
+            if len(users) != 1 or m.jaxpr.eqns[users[0]].primitive.name not in self.LAYOUT:
+                self.fail("a cotangent does not reach its input's shape")
+            chain.append(users[0])
+            v = m.jaxpr.eqns[users[0]].outvars[0]
+        return v, chain
+
+    def merge_sums(self, body: set[int], outputs: dict[Any, tuple[str, ...]]) -> None:
+        """`add_any` of cotangents (an input used in two roles) is one output of both roles."""
+        m = self.m
+        changed = True
+        while changed:
+            changed = False
+            for v in list(outputs):
+                users = m.users.get(v, [])
+                if len(users) != 1:
+                    continue
+                eqn = m.jaxpr.eqns[users[0]]
+                if eqn.primitive.name != "add_any" or not all(x in outputs for x in eqn.invars):
+                    continue
+                merged = tuple(sorted({r for x in eqn.invars for r in outputs[x]}))
+                for x in eqn.invars:
+                    outputs.pop(x, None)
+                body.add(users[0])
+                outputs[eqn.outvars[0]] = merged
+                changed = True
+                break
+
+
+def _dtype(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.dtype
+    return v.aval.dtype
+
+
 def _shape(v: Any) -> tuple[int, ...]:
     if _is_literal(v):
         return tuple(np.shape(v.val))
@@ -783,7 +965,8 @@ class _Tiles:
 
 
 def _run_match(m: AttentionMatch, read: Callable[[Any], Any], tiles: _Tiles, kernel: str,
-               interpret: bool, notes: list[str]) -> Any:
+               interpret: bool, notes: list[str], qkv: tuple[Any, Any, Any] | None = None
+               ) -> Any:
     role, size = m.label_role, m.label_size
     q_all = [lab for lab in dict.fromkeys(m.q_labels) if role[lab] == "q" and size[lab] != 1]
     k_all = [lab for lab in dict.fromkeys(m.k_labels) if role[lab] == "k" and size[lab] != 1]
@@ -795,11 +978,12 @@ def _run_match(m: AttentionMatch, read: Callable[[Any], Any], tiles: _Tiles, ker
     d_labs = [lab for lab in m.q_labels if role[lab] == "d"]
     e_labs = [lab for lab in m.v_labels if role[lab] == "e"]
     qk_row = [q_main] if q_main is not None else []
-    q = _arrange(read(m.q), m.q_labels, vm + qk_row, [d_labs], size)
+    q_in, k_in, v_in = qkv if qkv is not None else (read(m.q), read(m.k), read(m.v))
+    q = _arrange(q_in, m.q_labels, vm + qk_row, [d_labs], size)
     if q_main is None:
         q = q[..., None, :]
-    k = _arrange(read(m.k), m.k_labels, vm + k_all, [d_labs], size)
-    v = _arrange(read(m.v), m.v_labels, vm + k_all, [e_labs], size)
+    k = _arrange(k_in, m.k_labels, vm + k_all, [d_labs], size)
+    v = _arrange(v_in, m.v_labels, vm + k_all, [e_labs], size)
     sides = []
     for side in m.sides:
         val = jnp.asarray(side.value) if side.concrete else read(side.value)
@@ -870,6 +1054,7 @@ class _Rewriter:
         self.count = 0
         self._ir: list[Any] | None = None
         self._matches: dict[int, tuple[Any, list[AttentionMatch]]] = {}
+        self._live: dict[int, list[bool]] = {}
 
     def ir_patterns(self) -> list[Any]:
         if self._ir is None:
@@ -887,6 +1072,7 @@ class _Rewriter:
             matcher = _Matcher(jaxpr, consts)
             hit = (jaxpr, matcher.find())
             self._matches[key] = hit
+            self._live[key] = matcher.live
             self.notes.extend(matcher.skipped)
         return hit[1]
 
@@ -934,19 +1120,35 @@ class _Rewriter:
         for v, a in zip(jaxpr.invars, args, strict=True):
             env[v] = a
         matches = self.matches(jaxpr, consts)
+        live = self._live[id(jaxpr)]
         at_d2 = {m.d2: m for m in matches}
-        skip = set().union(*(m.region for m in matches)) if matches else set()
+        at_bwd = {m.bwd_at: m for m in matches if m.bwd_region}
+        skip = set().union(*(m.region | m.bwd_region for m in matches)) if matches else set()
         top_index = {m.d2: n for n, m in enumerate(matches)} if top else {}
+        vjps: dict[int, Any] = {}
         for idx, eqn in enumerate(jaxpr.eqns):
             if idx in at_d2:
                 m = at_d2[idx]
                 tiles = self.tiles_for(m, top_index.get(idx))
                 notes: list[str] = []
                 try:
-                    out = _run_match(m, read, tiles, self.kernel, self.interpret, notes)
+                    if m.bwd_region:
+                        def fwd(qq: Any, kk: Any, vv: Any, m: AttentionMatch = m,
+                                tiles: _Tiles = tiles, notes: list[str] = notes) -> Any:
+                            return _run_match(m, read, tiles, self.kernel, self.interpret,
+                                              notes, (qq, kk, vv))
+
+                        out, vjps[m.d2] = jax.vjp(fwd, read(m.q), read(m.k), read(m.v))
+                        notes.append("its backward (written by jax.grad) replaced by the "
+                                     "kernel's recomputing backward")
+                    else:
+                        out = _run_match(m, read, tiles, self.kernel, self.interpret, notes)
                 except _NoMatch as exc:
                     self.notes.append(f"attention {self.count}: left to XLA ({exc})")
                     out = self._replay_region(jaxpr, m, env, read)
+                    if m.bwd_region:
+                        self._replay(jaxpr, sorted(m.bwd_region), env, read)
+                        skip -= m.bwd_region
                 else:
                     self.notes.append(
                         f"attention {self.count}: Nq={m.q_len} Nk={m.kv_len} d={m.head_dim}, "
@@ -955,7 +1157,14 @@ class _Rewriter:
                 self.count += 1
                 env[eqn.outvars[0]] = out
                 continue
-            if idx in skip:
+            if idx in at_bwd and at_bwd[idx].d2 in vjps:
+                m = at_bwd[idx]
+                cts = dict(zip("qkv", vjps[m.d2](read(m.ct_in)), strict=True))
+                for var, roles in m.ct_out.items():
+                    total = sum(cts[r] for r in roles[1:]) + cts[roles[0]] if len(
+                        roles) > 1 else cts[roles[0]]
+                    env[var] = total.astype(var.aval.dtype)
+            if idx in skip or not live[idx]:
                 continue
             invals = [read(v) for v in eqn.invars]
             if eqn.primitive.name == "scan":
@@ -969,13 +1178,21 @@ class _Rewriter:
 
     def _replay_region(self, jaxpr: Any, m: AttentionMatch, env: dict[Any, Any],
                        read: Callable[[Any], Any]) -> Any:
-        for idx in sorted(m.region):
+        self._replay(jaxpr, sorted(m.region), env, read)
+        return env[jaxpr.eqns[m.d2].outvars[0]]
+
+    @staticmethod
+    def _replay(jaxpr: Any, indices: Sequence[int], env: dict[Any, Any],
+                read: Callable[[Any], Any]) -> None:
+        """Evaluate these equations now (those whose inputs exist; the rest in program order)."""
+        for idx in indices:
             eqn = jaxpr.eqns[idx]
+            if not all(_is_literal(v) or v in env for v in eqn.invars):
+                continue
             outs = _bind(eqn, [read(v) for v in eqn.invars])
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
-        return env[jaxpr.eqns[m.d2].outvars[0]]
 
     def _scan(self, eqn: Any, invals: list[Any]) -> list[Any]:
         params = eqn.params

@@ -124,12 +124,57 @@ def test_static_and_keyword_arguments() -> None:
                                    fn(q, k, v, causal, scale=0.5), atol=1e-5)
 
 
-def test_grad_inside_the_function_runs_untiled_with_a_note() -> None:
-    q, k, v = qkv((64, 16))
-    fn = jax.grad(lambda q, k, v: jnp.sum(hand_attention(q, k, v) ** 2))
+@pytest.mark.parametrize("form", ["hand", "jax-causal", "flax-mask", "gqa"])
+def test_grad_inside_the_function_is_replaced_too(form: str) -> None:
+    if form == "hand":
+        fn, args = hand_attention, qkv((64, 16))
+    elif form == "jax-causal":
+        fn, args = jax_attention(causal=True), qkv((2, 32, 2, 16))
+    elif form == "gqa":
+        fn, args = jax_attention(causal=True), qkv((1, 32, 4, 16), kv_shape=(1, 32, 2, 16))
+    else:
+        mask = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 1, 32, 32)).at[..., 0].set(True)
+
+        def fn(q, k, v):
+            return flax_attention(q, k, v, mask)
+
+        args = qkv((2, 32, 2, 16))
+    grad = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))
+    applied = apply_plan(grad, None)
+    for a, r in zip(applied(*args), grad(*args), strict=True):
+        np.testing.assert_allclose(a, r, atol=1e-5)
+    assert "its backward (written by jax.grad) replaced" in applied.notes[0], applied.notes
+
+
+def test_value_and_grad_of_self_attention() -> None:
+    x = qkv((48, 16))[0]
+    fn = jax.value_and_grad(lambda x: jnp.sum(hand_attention(x, x, x) ** 2))
+    applied = apply_plan(fn, None)
+    (val_a, g_a), (val_r, g_r) = applied(x), fn(x)
+    np.testing.assert_allclose(val_a, val_r, rtol=1e-5)
+    np.testing.assert_allclose(g_a, g_r, atol=1e-4)  # q, k and v cotangents summed
+    assert "replaced" in applied.notes[0]
+
+
+def test_grad_inside_saves_the_score_matrix() -> None:
+    q = qkv((1, 2048, 1, 64))[0]
+    fn = jax.grad(lambda q, k, v: jnp.sum(jax_attention(True)(q, k, v) ** 2), argnums=(0, 1, 2))
+    temp = apply_plan(fn, None).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+    plain = jax.jit(fn).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+    assert temp * 10 < plain
+
+
+def test_dropout_on_the_probabilities_is_left_to_xla_with_a_note() -> None:
+    q, k, v = qkv((32, 16))
+    keep = jax.random.bernoulli(jax.random.key(7), 0.9, (32, 32))
+
+    def fn(q, k, v):
+        p = jax.nn.softmax(q @ k.T)
+        return (p * keep / 0.9) @ v
+
     applied = apply_plan(fn, None)
     np.testing.assert_allclose(applied(q, k, v), fn(q, k, v), atol=1e-5)
-    assert "left to XLA" in applied.notes[0]
+    assert "left to XLA" in applied.notes[0] and "of P" in applied.notes[0]
 
 
 def test_no_attention_runs_as_jit() -> None:
