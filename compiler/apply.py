@@ -18,11 +18,12 @@ Mechanism: `fn` is traced to a jaxpr; calls to `jit`-wrapped functions are inlin
 are interpreted abstractly (scale, bias, masks, the softmax of `jax.nn.softmax`, flax and
 hand-written code, and the second product with V), every tensor dim carrying a label (batch,
 query, key, head) so that any layout maps onto the kernel's `[..., N, d]`. A pattern is replaced
-only when nothing outside it reads its intermediates; masks that do not depend on the inputs are
-evaluated once at trace time and recognised as causal when they are. `scan` bodies (flax
-`nn.scan`) are rewritten too. The k-th attention of the program gets the block sizes of the
-plan's k-th attention group (`attn{k}`); patterns the plan does not cover (inside scan bodies,
-or where shapes differ) get tiles searched for the plan's target on the spot.
+only when nothing outside it (or its backward, below) reads its intermediates; masks that do not
+depend on the inputs are evaluated once at trace time and recognised as causal when they are.
+`scan` bodies (flax `nn.scan`) are rewritten too. The k-th attention of the program gets the
+block sizes of the plan's k-th attention group (`attn{k}`); patterns the plan does not cover
+(inside scan bodies, or where shapes differ) get tiles searched for the plan's target on the
+spot.
 
 Differentiating the applied function uses the kernel's `custom_vjp` (a recomputing, tiled
 backward). When `fn` itself differentiates (`jax.grad`, `jax.vjp` inside it), the backward JAX
