@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from tiermap.compiler.apply import apply_plan
 from tiermap.compiler.pipeline import build_passes, plan
 from tiermap.costmodel import bounds

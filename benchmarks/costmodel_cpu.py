@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.fusion import Fusion, FusionGroup
 from tiermap.compiler.ir import Program

@@ -28,9 +28,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import jax  # noqa: E402
 import zoo  # noqa: E402
-from tiermap.compiler import frontend  # noqa: E402
 
 from examples import models  # noqa: E402
+from tiermap.compiler import frontend  # noqa: E402
 
 Builder = Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]
 PROGRAMS: dict[str, Builder] = {

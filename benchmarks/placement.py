@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import jax  # noqa: E402
+
+import tiermap  # noqa: E402
 from tiermap.compiler.frontend import lower  # noqa: E402
 from tiermap.compiler.ir import Program  # noqa: E402
 from tiermap.compiler.pipeline import plan  # noqa: E402
 from tiermap.compiler.plan import Plan  # noqa: E402
 from tiermap.hwtargets.target import Target  # noqa: E402
 from tiermap.passes.liveness import compute_liveness  # noqa: E402
-
-import tiermap  # noqa: E402
 
 STARVED_TARGET = str(ROOT / "benchmarks" / "targets" / "a100-256m.toml")
 TARGETS = ("sn40l", "h100", "a100", "tpu-v5e", STARVED_TARGET)

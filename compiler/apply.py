@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
-from tiermap.compiler.kernels.blocked_attention import LogitsTransform, blocked_attention
 
+from tiermap.compiler.kernels.blocked_attention import LogitsTransform, blocked_attention
 from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:

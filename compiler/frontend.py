@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiermap.compiler.ir import DTYPE_BITS, Op, Program, TensorType, Value
-
 from tiermap.errors import UnsupportedProgramError, UserCodeError
 
 # --- op classes (XLA HloCostAnalysis conventions) -------------------------------------------

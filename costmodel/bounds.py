@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
-
 from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:

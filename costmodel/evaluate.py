@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from tiermap.compiler.plan import OpPlan, Plan, Residency, SolverInfo, TensorPlan, Transfer
 from tiermap.costmodel.roofline import compute_time_s, program_kernels, transfer_time_s
-
 from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 
 from tiermap.compiler.ir import DTYPE_BITS, Op, Program, Value
 from tiermap.costmodel.cost import Cost
-
 from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:

@@ -16,9 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from tiermap.hwtargets.target import Link, Target, Tier
-
 from tiermap.errors import HardwareSpecError
+from tiermap.hwtargets.target import Link, Target, Tier
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 

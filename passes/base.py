@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.ir import Program
 from tiermap.compiler.plan import Plan
-from tiermap.hwtargets.target import Target
-
 from tiermap.errors import PassError, TiermapError
+from tiermap.hwtargets.target import Target
 
 if TYPE_CHECKING:
     from tiermap.passes.liveness import Liveness

@@ -43,6 +43,7 @@ from tiermap.compiler.frontend import ELEMENTWISE, TRANSCENDENTAL
 from tiermap.compiler.fusion import Fusion, FusionGroup
 from tiermap.compiler.ir import DTYPE_BITS, Op, Program
 from tiermap.costmodel.roofline import group_cost, op_cost
+from tiermap.errors import TiermapError
 from tiermap.passes.attention import AttentionPattern, find_attention
 from tiermap.passes.tiling import (
     MATMUL_KINDS,
@@ -53,8 +54,6 @@ from tiermap.passes.tiling import (
     tile_budget_bytes,
     tile_fusion,
 )
-
-from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:
     from tiermap.hwtargets.target import Target

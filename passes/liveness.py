@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
-from tiermap.compiler.ir import Program
-from tiermap.passes.base import PipelineState
 
+from tiermap.compiler.ir import Program
 from tiermap.errors import PassError
+from tiermap.passes.base import PipelineState
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from tiermap.compiler.ir import Program
-from tiermap.passes.base import PipelineState
-
 from tiermap.errors import PassError
+from tiermap.passes.base import PipelineState
 
 
 @dataclass(frozen=True)

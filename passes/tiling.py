@@ -44,11 +44,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
 from tiermap.compiler.fusion import Fusion, FusionGroup
 from tiermap.compiler.ir import DTYPE_BITS, Program
 from tiermap.compiler.plan import TileChoice
 from tiermap.costmodel import bounds
-
 from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:

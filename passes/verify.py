@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-from tiermap.compiler.plan import Plan, TensorPlan, Transfer
 
+from tiermap.compiler.plan import Plan, TensorPlan, Transfer
 from tiermap.errors import PassError
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from tiermap.compiler.kernels.blocked_attention import LogitsTransform
 
 

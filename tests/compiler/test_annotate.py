@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 import zoo
-from tiermap.compiler import frontend
-from tiermap.compiler.annotate import annotate_mlir
 
 import tiermap
 from examples import models
+from tiermap.compiler import frontend
+from tiermap.compiler.annotate import annotate_mlir
 
 from .helpers import annotated_ops, round_trip
 

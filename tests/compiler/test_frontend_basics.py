@@ -7,10 +7,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from tiermap.compiler import frontend
 
 import tiermap
 from examples import models
+from tiermap.compiler import frontend
 
 from .helpers import check_invariants
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from tiermap.compiler import frontend
 
 import tiermap
+from tiermap.compiler import frontend
 from tiermap.errors import TiermapError, UnsupportedProgramError, UserCodeError
 
 X = jax.ShapeDtypeStruct((4,), jnp.float32)

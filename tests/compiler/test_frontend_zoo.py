@@ -12,10 +12,10 @@ from typing import Any
 import jax
 import pytest
 import zoo
-from tiermap.compiler import frontend
-from tiermap.compiler.ir import Program
 
 from examples import models
+from tiermap.compiler import frontend
+from tiermap.compiler.ir import Program
 
 from .helpers import assert_flops_agree, check_invariants, xla_flops
 

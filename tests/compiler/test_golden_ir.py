@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 import zoo
-from tiermap.compiler.ir import Program
 
 import tiermap
 from examples import models
+from tiermap.compiler.ir import Program
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("TIERMAP_REGEN_GOLDEN") == "1"

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 import zoo
-from tiermap.compiler.ir import Op, Program
 
 import tiermap
+from tiermap.compiler.ir import Op, Program
 
 from .helpers import assert_flops_agree, check_invariants, xla_flops
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from tiermap.compiler.ir import Op, Program
 
 import tiermap
+from tiermap.compiler.ir import Op, Program
 
 from .helpers import assert_flops_agree, xla_flops
 

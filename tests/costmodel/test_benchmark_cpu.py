@@ -10,6 +10,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 import pytest
+
 from tiermap.compiler.frontend import lower
 from tiermap.hwtargets.target import Target, Tier
 

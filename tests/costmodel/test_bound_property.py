@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.fusion import Fusion, FusionGroup
 from tiermap.compiler.ir import Op, Program, TensorType, Value

@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tiermap.compiler.plan import Residency
 from tiermap.costmodel.bounds import (
     attention_compulsory_bytes,
@@ -25,7 +26,6 @@ from tiermap.costmodel.bounds import (
     unfused_attention_traffic_bytes,
 )
 from tiermap.costmodel.evaluate import evaluate
-
 from tiermap.errors import TiermapError
 
 from .helpers import OVERHEAD_S, chain_program, everywhere, two_tier_target

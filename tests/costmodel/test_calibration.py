@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tiermap.costmodel.calibration import (
     CacheLevel,
     calibrate,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tiermap.compiler.fusion import Fusion, FusionGroup
 from tiermap.compiler.ir import Op, Program, TensorType, Value
 from tiermap.compiler.plan import Plan, Residency, SolverInfo, Transfer
 from tiermap.costmodel import build_plan, evaluate
 from tiermap.costmodel.bounds import program_lower_bound_s
-
 from tiermap.errors import TiermapError
 
 from .helpers import OVERHEAD_S, chain_program, everywhere, two_tier_target

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import lax
+
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.fusion import FusionGroup
 from tiermap.costmodel import (
@@ -22,7 +23,6 @@ from tiermap.costmodel import (
     transfer_time_s,
 )
 from tiermap.costmodel.roofline import PLATFORM_MODELS, peak_flops_per_s, units_used
-
 from tiermap.errors import TiermapError
 
 from .helpers import OVERHEAD_S, two_tier_target

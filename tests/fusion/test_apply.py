@@ -6,8 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiermap.compiler.apply import apply_plan, host_input_positions, lower_applied
-from tiermap.compiler.pipeline import plan
 
 from tests.fusion.helpers import (
     cross_attention,
@@ -17,6 +15,8 @@ from tests.fusion.helpers import (
     jax_attention,
     qkv,
 )
+from tiermap.compiler.apply import apply_plan, host_input_positions, lower_applied
+from tiermap.compiler.pipeline import plan
 from tiermap.errors import TiermapError
 
 

@@ -6,8 +6,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from tiermap.compiler.frontend import lower
-from tiermap.passes.attention import find_attention, pattern_summary
 
 from tests.fusion.helpers import (
     cross_attention,
@@ -17,6 +15,8 @@ from tests.fusion.helpers import (
     jax_attention,
     sds,
 )
+from tiermap.compiler.frontend import lower
+from tiermap.passes.attention import find_attention, pattern_summary
 
 B, N, H, D = 2, 128, 4, 64
 BNHD = sds((B, N, H, D))

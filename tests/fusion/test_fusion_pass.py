@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.fusion.helpers import hand_attention, jax_attention, sds
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.pipeline import plan
 from tiermap.hwtargets.loader import load_target
 from tiermap.passes.fusion import Candidate, FusePass, _Index, fuse, select
 from tiermap.passes.tiling import tile_budget_bytes
-
-from tests.fusion.helpers import hand_attention, jax_attention, sds
 
 A100 = load_target("a100")
 

@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.fusion.helpers import qkv
 from tiermap.compiler.kernels import (
     LogitsTransform,
     attention_reference,
     blocked_attention,
     flash_attention,
 )
-
-from tests.fusion.helpers import qkv
 
 
 def grads(fn, *args):

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiermap.compiler.apply import apply_plan
 
 from tests.fusion.helpers import jax_attention, qkv
+from tiermap.compiler.apply import apply_plan
 
 
 def _check(kernel: str, shape, causal: bool) -> list[str]:

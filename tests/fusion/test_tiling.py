@@ -6,7 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+
 from tiermap.costmodel import bounds
+from tiermap.errors import TiermapError
 from tiermap.hwtargets.loader import load_target
 from tiermap.passes.tiling import (
     fa1_forward_traffic_bytes,
@@ -19,8 +21,6 @@ from tiermap.passes.tiling import (
     search_matmul_tiles,
     tile_budget_bytes,
 )
-
-from tiermap.errors import TiermapError
 
 
 def test_legal_sizes() -> None:

@@ -6,6 +6,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from tiermap.errors import HardwareSpecError, TiermapError
 from tiermap.hwtargets import (
     Link,
     Target,
@@ -15,8 +17,6 @@ from tiermap.hwtargets import (
     load_target,
     loads_target,
 )
-
-from tiermap.errors import HardwareSpecError, TiermapError
 
 EXPECTED_TIERS = {
     "a100": ["smem", "hbm", "host"],

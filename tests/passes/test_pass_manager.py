@@ -6,14 +6,14 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import pytest
+
 from tiermap.compiler.ir import Op, Program
+from tiermap.errors import InfeasiblePlacementError, PassError
 from tiermap.passes.base import Pass, PassManager, PipelineState
 from tiermap.passes.liveness import Liveness, LivenessPass, compute_liveness
 from tiermap.passes.place_tiers import PlaceTiersPass
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import VerifyPass
-
-from tiermap.errors import InfeasiblePlacementError, PassError
 
 from .helpers import MIB, program, two_tier
 

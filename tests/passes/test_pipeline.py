@@ -7,11 +7,11 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
+
 from tiermap.compiler.pipeline import build_passes, plan
 from tiermap.compiler.plan import Plan
-from tiermap.passes.place_tiers import ChoiceError
-
 from tiermap.errors import TiermapError
+from tiermap.passes.place_tiers import ChoiceError
 
 from .helpers import MIB, program, strip_wall, two_tier
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from tiermap.compiler.pipeline import plan as _plan
 
+from tiermap.compiler.pipeline import plan as _plan
 from tiermap.errors import InfeasiblePlacementError
 
 from .helpers import FAST_BPS, MIB, SLOW_BPS, program, sram_flash, two_tier

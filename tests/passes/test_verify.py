@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+
 from tiermap.compiler.pipeline import plan
 from tiermap.compiler.plan import Plan, Residency, TensorPlan
-from tiermap.passes.verify import verify_plan
-
 from tiermap.errors import PassError
+from tiermap.passes.verify import verify_plan
 
 from .helpers import MIB, program, sram_flash, two_tier
 

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiermap.compiler import pipeline
-from tiermap.compiler.plan import Plan
 
 import tiermap
+from tiermap.compiler import pipeline
+from tiermap.compiler.plan import Plan
 
 # Small programs and short limits keep each plan well under a second.
 FAST = {"time_limit_s": 2.0}
