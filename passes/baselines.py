@@ -45,21 +45,23 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.ir import Program
 from tiermap.compiler.plan import Residency, Transfer
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
+from tiermap.errors import InfeasiblePlacementError, TiermapError
 from tiermap.hwtargets.target import Target
 from tiermap.passes.liveness import Liveness, compute_liveness
-
-from tiermap.errors import InfeasiblePlacementError, TiermapError
 
 # Tensors up to this size (scalars included) are pinned to the fastest residency tier ...
 SMALL_TENSOR_BYTES = 4096
 # ... when at most this fraction of that tier is needed for them at any step.
 SMALL_TENSOR_BUDGET_FRACTION = 0.25
-# A transfer window spans enough steps to hide the transfer this many times over.
+# A transfer window spans enough steps to hide the transfer this many times over ...
 WINDOW_SLACK = 2.0
+# ... or, as a second option, this many times longer (a third option takes all the room).
+WINDOW_STRETCH = 4
 CONSTANT_KIND = "stablehlo.constant"
 # Eviction candidates the greedy strategy scores at each overflowing step.
 RELIEVE_CANDIDATES = 8
@@ -114,11 +116,23 @@ class Segments:
 
 @dataclass(frozen=True)
 class Choice:
-    """Tiers (indices into `target.tiers`) of a tensor's runs and gaps; `home`: read-only tier."""
+    """Tiers (indices into `target.tiers`) of a tensor's runs and gaps; `home`: read-only tier.
+
+    `evict_opt[g]` / `prefetch_opt[g]` pick the window length of gap g's eviction / prefetch
+    among `PlacementProblem.window_options` (0: the shortest that hides the copy; default).
+    """
 
     runs: tuple[int, ...]
     gaps: tuple[int, ...]
     home: int | None = None
+    evict_opt: tuple[int, ...] = ()
+    prefetch_opt: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.evict_opt) != len(self.gaps):
+            object.__setattr__(self, "evict_opt", (0,) * len(self.gaps))
+        if len(self.prefetch_opt) != len(self.gaps):
+            object.__setattr__(self, "prefetch_opt", (0,) * len(self.gaps))
 
     @staticmethod
     def whole(seg: Segments, tier: int, home: bool = False) -> Choice:
@@ -192,7 +206,7 @@ class PlacementProblem:
         self._build_segments(live)
         self._check_feasible()
         self._estimate_op_times()
-        self._window_cache: dict[tuple[str, int, int, int, bool], int] = {}
+        self._window_cache: dict[tuple[str, int, int, int, bool], tuple[int, ...]] = {}
         self.pinned: Assignment = {}
         if pin:
             self._pin()
@@ -354,8 +368,19 @@ class PlacementProblem:
     def link_bw(self, a: int, b: int) -> float:
         return self.target.link_bytes_per_s(self.tier_names[a], self.tier_names[b])
 
-    def window(self, seg: Segments, g: int, src: int, dst: int, evict: bool) -> int:
-        """Steps of the eviction (at the gap's start) or prefetch (at its end) src → dst."""
+    def window(self, seg: Segments, g: int, src: int, dst: int, evict: bool, opt: int = 0
+               ) -> int:
+        """Steps of the eviction (at the gap's start) or prefetch (at its end) src → dst, for
+        window option `opt` (see `window_options`)."""
+        options = self.window_options(seg, g, src, dst, evict)
+        return options[min(opt, len(options) - 1)]
+
+    def window_options(self, seg: Segments, g: int, src: int, dst: int, evict: bool
+                       ) -> tuple[int, ...]:
+        """Window lengths a move may take: the fewest steps whose estimated compute hides it
+        `WINDOW_SLACK` times over, then `WINDOW_STRETCH` times that, then all the room the gap
+        has (longer windows spread the link's load; they hold the tensor in both tiers longer).
+        """
         key = (seg.vid, g, src, dst, evict)
         hit = self._window_cache.get(key)
         if hit is not None:
@@ -372,8 +397,10 @@ class PlacementProblem:
             idx = int(np.searchsorted(cum, cum[gap.hi + 1] - need_s, side="right")) - 1
             n = gap.hi + 1 - idx
         n = max(1, min(n, cap))
-        self._window_cache[key] = n
-        return n
+        options = tuple(sorted({n, max(1, min(WINDOW_STRETCH * n, cap)), max(1, cap)}))
+        options = (n,) + tuple(o for o in options if o != n)
+        self._window_cache[key] = options
+        return options
 
     def layout(self, seg: Segments, choice: Choice) -> tuple[list[Piece], list[Move]]:
         """Residency pieces and transfers of a tensor under `choice` (see the module docstring)."""
@@ -393,14 +420,14 @@ class PlacementProblem:
             if gap.prev_run is not None:
                 a = choice.runs[gap.prev_run]
                 if a != b and not ro[b]:
-                    w = self.window(seg, g, a, b, True)
+                    w = self.window(seg, g, a, b, True, choice.evict_opt[g])
                     if not ro[a]:
                         pieces.append((a, gap.lo, gap.lo + w - 1))
                     moves.append((a, b, gap.lo, gap.lo + w - 1))
             if gap.next_run is not None:
                 c = choice.runs[gap.next_run]
                 if b != c and not ro[c]:
-                    w = self.window(seg, g, b, c, False)
+                    w = self.window(seg, g, b, c, False, choice.prefetch_opt[g])
                     pieces.append((c, gap.hi - w + 1, gap.hi))
                     moves.append((b, c, gap.hi - w + 1, gap.hi))
         return pieces, moves
@@ -560,6 +587,10 @@ class CostState:
 
     def total_time_s(self) -> float:
         return float(self.step_times(np.arange(self.p.num_steps)).sum())
+
+    def within_capacity(self) -> bool:
+        """Whether every tier fits its capacity at every step."""
+        return bool((self.occ <= self.p.capacity[:, None]).all())
 
     def fits(self, pieces: Sequence[Piece]) -> bool:
         cap = self.p.capacity
@@ -849,34 +880,71 @@ def _benefit(problem: PlacementProblem, vid: str, choice: Choice, tier: int) -> 
 
 def _candidates(problem: PlacementProblem, seg: Segments, choice: Choice, tier: int
                 ) -> list[Choice]:
-    """Ways to bring `seg` into `tier`: whole, then run by run (prefetch before, evict after)."""
+    """Ways to bring `seg` into `tier`: whole, then run by run (a prefetch before, as early as
+    the window options allow, and an eviction after), then across a gap between two runs there.
+    """
     p = problem
     out = []
-    if tier in seg.tiers:
-        out.append(Choice.whole(seg, tier))
-        for r in range(len(seg.runs)):
-            if choice.runs[r] == tier:
-                continue
-            runs = list(choice.runs)
-            runs[r] = tier
-            new = Choice(tuple(runs), choice.gaps, choice.home)
-            if not p.valid(seg, new):
-                # a short gap next to the run must follow it into the tier
-                gaps = list(choice.gaps)
-                for g, gap in enumerate(seg.gaps):
-                    if gap.single_move and r in (gap.prev_run, gap.next_run):
-                        gaps[g] = tier
-                new = Choice(tuple(runs), tuple(gaps), choice.home)
-            if p.valid(seg, new):
-                out.append(new)
-        # keep it in `tier` across a gap between two runs that are there
-        for g, gap in enumerate(seg.gaps):
-            if (choice.gaps[g] != tier and gap.prev_run is not None and gap.next_run is not None
-                    and choice.runs[gap.prev_run] == tier and choice.runs[gap.next_run] == tier):
-                gaps = list(choice.gaps)
-                gaps[g] = tier
-                out.append(Choice(choice.runs, tuple(gaps), choice.home))
+    if tier not in seg.tiers:
+        return out
+    out.append(Choice.whole(seg, tier))
+    for r in range(len(seg.runs)):
+        if choice.runs[r] == tier:
+            continue
+        runs = list(choice.runs)
+        runs[r] = tier
+        gaps = list(choice.gaps)
+        if not p.valid(seg, Choice(tuple(runs), tuple(gaps), choice.home)):
+            # a short gap next to the run must follow it into the tier
+            for g, gap in enumerate(seg.gaps):
+                if gap.single_move and r in (gap.prev_run, gap.next_run):
+                    gaps[g] = tier
+        new = Choice(tuple(runs), tuple(gaps), choice.home)
+        if not p.valid(seg, new):
+            continue
+        before = [g for g, gap in enumerate(seg.gaps) if gap.next_run == r]
+        if before and gaps[before[0]] != tier and not p.read_only[tier]:
+            g = before[0]
+            n = len(p.window_options(seg, g, gaps[g], tier, False))
+            for opt in reversed(range(n)):  # earliest prefetch first
+                pf = list(new.prefetch_opt)
+                pf[g] = opt
+                out.append(Choice(new.runs, new.gaps, new.home, new.evict_opt, tuple(pf)))
+        else:
+            out.append(new)
+    for g, gap in enumerate(seg.gaps):
+        if (choice.gaps[g] != tier and gap.prev_run is not None and gap.next_run is not None
+                and choice.runs[gap.prev_run] == tier and choice.runs[gap.next_run] == tier):
+            gaps = list(choice.gaps)
+            gaps[g] = tier
+            out.append(Choice(choice.runs, tuple(gaps), choice.home))
     return out
+
+
+def _tune_windows(state: CostState) -> None:
+    """Try every window option of every move; keep those that lower the objective."""
+    p = state.p
+    for vid in list(state.assignment):
+        seg = p.segments[vid]
+        for g, gap in enumerate(seg.gaps):
+            for evict in (True, False):
+                choice = state.assignment[vid]
+                run = gap.prev_run if evict else gap.next_run
+                if run is None:
+                    continue
+                src, dst = ((choice.runs[run], choice.gaps[g]) if evict
+                            else (choice.gaps[g], choice.runs[run]))
+                if src == dst or p.read_only[dst]:
+                    continue
+                for opt in range(len(p.window_options(seg, g, src, dst, evict))):
+                    choice = state.assignment[vid]
+                    opts = list(choice.evict_opt if evict else choice.prefetch_opt)
+                    if opts[g] == opt:
+                        continue
+                    opts[g] = opt
+                    ev = tuple(opts) if evict else choice.evict_opt
+                    pf = choice.prefetch_opt if evict else tuple(opts)
+                    state.try_move(vid, Choice(choice.runs, choice.gaps, choice.home, ev, pf))
 
 
 def greedy_assignment(problem: PlacementProblem) -> Assignment:
@@ -922,4 +990,5 @@ def greedy_assignment(problem: PlacementProblem) -> Assignment:
                     break
         if not moved:
             break
+    _tune_windows(state)
     return dict(state.assignment)

@@ -15,8 +15,10 @@ Variables
  (V1) x[t,r,k] in {0,1}: run r of t is in tier k (a read-only k reads the home copy).
  (V2) z[t,g,k] in {0,1}: the middle tier of gap g is k.
  (V3) h[t,k] in {0,1}: t's home is read-only tier k for its whole live range.
- (V4) e[t,g,a,b] in [0,1]: move a -> b over the first steps of g (an eviction if a != b).
- (V5) f[t,g,b,c] in [0,1]: move b -> c over the last steps of g (a prefetch if b != c).
+ (V4) e[t,g,a,b] in [0,1]: move a -> b over the first steps of g (an eviction if a != b),
+      split into e[t,g,a,b,o] over the window options o (shortest hiding, stretched, longest).
+ (V5) f[t,g,b,c] in [0,1]: move b -> c over the last steps of g (a prefetch if b != c),
+      split likewise into f[t,g,b,c,o].
  (V6) m[j] >= 0: time of a multi-op kernel j.
  (V7) T[s] >= 0: time of step s.
  (V8) O[k,s]: bytes resident in tier k at step s (only tiers whose capacity can bind).
@@ -26,7 +28,8 @@ Constraints
  (C1) sum_k x[t,r,k] = 1 and sum_k z[t,g,k] = 1.
  (C2) x[t,r,k] <= h[t,k] and z[t,g,k] <= h[t,k] for read-only k; sum_k h[t,k] <= 1.
  (C3) moves as flows (tight LP): sum_b e[t,g,a,b] = x[t,prev(g),a], sum_a e[t,g,a,b] = z[t,g,b];
-      sum_c f[t,g,b,c] = z[t,g,b], sum_b f[t,g,b,c] = x[t,next(g),c] (a = b: no move).
+      sum_c f[t,g,b,c] = z[t,g,b], sum_b f[t,g,b,c] = x[t,next(g),c] (a = b: no move);
+      sum_o e[t,g,a,b,o] = e[t,g,a,b] and sum_o f[t,g,b,c,o] = f[t,g,b,c].
  (C4) a gap of one or two steps between runs holds one transfer at most:
       z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k].
  (C5) occupancy: O[k,s] = O[k,s'] + bytes of the terms started - bytes of the terms ended since
@@ -67,15 +70,18 @@ import math
 import os
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, ClassVar
 
 import numpy as np
+
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.plan import Plan, SolverInfo
 from tiermap.costmodel.evaluate import build_plan, evaluate
+from tiermap.errors import InfeasiblePlacementError, PassError, TiermapError
 from tiermap.passes.base import PipelineState
 from tiermap.passes.baselines import (
     Assignment,
@@ -86,8 +92,6 @@ from tiermap.passes.baselines import (
     greedy_assignment,
     naive_assignment,
 )
-
-from tiermap.errors import InfeasiblePlacementError, PassError, TiermapError
 
 STRATEGIES = ("mip", "greedy", "naive")
 OBJECTIVES = ("time", "energy")
@@ -209,6 +213,8 @@ class _WindowModel:
         self.link_terms: dict[tuple[int, int], list[tuple[Any, float, int, int]]] = {}
         self.energy_terms: list[tuple[Any, float]] = []
         self.T: dict[int, Any] = {}
+        self.window_vars: dict[tuple[str, int, bool], dict[tuple[int, int], dict[int, Any]]] = (
+            defaultdict(dict))
         self.free = set(free)
         # (V1)-(V5), (C1)-(C4): decisions, moves, occupancy and link terms of the free tensors.
         for vid in free:
@@ -310,10 +316,10 @@ class _WindowModel:
                 for (a, b), coef in self._flow(src, dst, set(), pair).items():
                     if a == b or ro[b] or (isinstance(coef, float) and not coef):
                         continue
-                    w = p.window(seg, g, a, b, True)
-                    if not ro[a]:
-                        self._occ(a, gap.lo, gap.lo + w - 1, coef, nbytes)
-                    self._move(a, b, gap.lo, gap.lo + w - 1, coef, nbytes)
+                    for w, part in self._window_split(vid, seg, g, a, b, True, coef, pair):
+                        if not ro[a]:
+                            self._occ(a, gap.lo, gap.lo + w - 1, part, nbytes)
+                        self._move(a, b, gap.lo, gap.lo + w - 1, part, nbytes)
             if gap.next_run is None:
                 continue
             nxt = gap.next_run
@@ -329,9 +335,30 @@ class _WindowModel:
             for (b, c), coef in self._flow(src, dst, set(), pair).items():  # (V5)
                 if b == c or ro[c] or (isinstance(coef, float) and not coef):
                     continue
-                w = p.window(seg, g, b, c, False)
-                self._occ(c, gap.hi - w + 1, gap.hi, coef, nbytes)
-                self._move(b, c, gap.hi - w + 1, gap.hi, coef, nbytes)
+                for w, part in self._window_split(vid, seg, g, b, c, False, coef, pair):
+                    self._occ(c, gap.hi - w + 1, gap.hi, part, nbytes)
+                    self._move(b, c, gap.hi - w + 1, gap.hi, part, nbytes)
+
+    def _window_split(self, vid: str, seg: Segments, g: int, src: int, dst: int, evict: bool,
+                      coef: Any, hint_pair: tuple[int, int]) -> list[tuple[int, Any]]:
+        """(V4)/(V5) window lengths: a move that is a variable splits into one variable per
+        window option (summing to it); a fixed move keeps the incumbent's window."""
+        options = self.p.window_options(seg, g, src, dst, evict)
+        fixed = self.incumbent[vid]
+        chosen = (fixed.evict_opt if evict else fixed.prefetch_opt)[g]
+        if isinstance(coef, float) or len(options) == 1:
+            return [(options[min(chosen, len(options) - 1)], coef)]
+        # binary: a fractional mix of windows would model a capacity the plan does not have
+        parts = {o: self.model.add_binary_variable() for o in range(len(options))}
+        row = self.model.add_linear_constraint(lb=0.0, ub=0.0)
+        row.set_coefficient(coef, -1.0)
+        for var in parts.values():
+            row.set_coefficient(var, 1.0)
+        self.window_vars[(vid, g, evict)][(src, dst)] = parts
+        on = hint_pair == (src, dst)
+        for o, var in parts.items():
+            self.hint_values[var] = 1.0 if on and o == min(chosen, len(options) - 1) else 0.0
+        return [(options[o], var) for o, var in parts.items()]
 
     def _occ(self, k: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
         """Tier k holds `nbytes` over [lo, hi] when `coef` (a variable or a 0/1 constant) is 1."""
@@ -688,12 +715,23 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
             if vid in model.h:
                 on = [k for k, v in model.h[vid].items() if values[v] > 0.5]
                 home = on[0] if on else None
-            choice = Choice(runs, gaps, home)
-            new[vid] = choice if p.valid(p.segments[vid], choice) else old
+            seg = p.segments[vid]
+            ev, pf = list(old.evict_opt), list(old.prefetch_opt)
+            for g, gap in enumerate(seg.gaps):
+                if gap.prev_run is not None:
+                    ev[g] = _chosen_window(model, vid, g, True,
+                                           (runs[gap.prev_run], gaps[g]), values, ev[g])
+                if gap.next_run is not None:
+                    pf[g] = _chosen_window(model, vid, g, False,
+                                           (gaps[g], runs[gap.next_run]), values, pf[g])
+            choice = Choice(runs, gaps, home, tuple(ev), tuple(pf))
+            new[vid] = choice if p.valid(seg, choice) else old
     for vid in free:
         state.add(vid, new.get(vid, assignment[vid]))
-    if new and state.objective_value() > before * (1 + 1e-12) + 1e-300:
-        for vid in free:  # the model is exact, so this is float noise at most: keep the old
+    if new and (state.objective_value() > before * (1 + 1e-12) + 1e-300
+                or not state.within_capacity()):
+        # the model is exact, so this is float noise or solver tolerance at most: keep the old
+        for vid in free:
             state.remove(vid)
             state.add(vid, assignment[vid])
     else:
@@ -711,6 +749,15 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
                 rest_s = state.total_time_s() - float(state.step_times(modelled).sum())
                 bound_s = bounds.dual_bound * model.time_unit_s + rest_s
     return _WindowResult(status, gap, bound_s, solved)
+
+
+def _chosen_window(model: _WindowModel, vid: str, g: int, evict: bool, pair: tuple[int, int],
+                   values: Mapping[Any, float], default: int) -> int:
+    """The window option the solution picked for gap g's move `pair` (else `default`)."""
+    parts = model.window_vars.get((vid, g, evict), {}).get(pair)
+    if not parts:
+        return default
+    return max(parts, key=lambda o: (values[parts[o]], -o))
 
 
 def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

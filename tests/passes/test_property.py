@@ -8,16 +8,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
+
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.ir import Program
 from tiermap.compiler.pipeline import plan
+from tiermap.errors import InfeasiblePlacementError
 from tiermap.hwtargets.target import Link, Target, Tier
 from tiermap.passes.liveness import compute_liveness
 from tiermap.passes.verify import verify_plan
-
-from tiermap.errors import InfeasiblePlacementError
 
 from .helpers import strip_wall
 
@@ -106,6 +106,7 @@ def test_every_strategy_verifies_and_mip_le_greedy_le_naive(data: st.DataObject)
     fusion = data.draw(st.booleans())
     plans = {}
     for strategy in ("naive", "greedy", "mip"):
+        note(f"strategy {strategy}, fusion {fusion}")
         try:
             plans[strategy] = plan(prog, target=target, strategy=strategy, time_limit_s=2,
                                    fusion=fusion)
