@@ -64,6 +64,23 @@ def _models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any], tup
     return out
 
 
+def _starved_models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any],
+                                                                  tuple[Any, ...]]]]:
+    """Larger batches, run on the memory-starved target only (more starved rows)."""
+    from examples import models
+
+    out: dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]] = {
+        "transformer_train_6l_b16": lambda: models.transformer_train(layers=6, batch=16),
+        "mlp_b4096": lambda: models.mlp(batch=4096, sizes=(2048, 4096, 4096, 4096, 10)),
+    }
+    if not quick:
+        import zoo
+
+        out["resnet50_train_b16_128px"] = lambda: zoo.haiku_resnet50_train(batch=16,
+                                                                          image_px=128)
+    return out
+
+
 @dataclass
 class Row:
     model: str
@@ -98,9 +115,11 @@ def quality(quick: bool, time_limit_s: float) -> list[Row]:
     print("| model | target | ops | starved | naive | greedy | mip | bound | mip/bound−1 | "
           "greedy/mip | status (gap) | place-tiers s |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
-    for name, build in _models(quick).items():
+    cases = [(name, build, TARGETS) for name, build in _models(quick).items()] + [
+        (name, build, (STARVED_TARGET,)) for name, build in _starved_models(quick).items()]
+    for name, build, target_names in cases:
         fn, args = build()
-        for target_name in TARGETS:
+        for target_name in target_names:
             target = tiermap.target(target_name)
             program = lower(fn, *args, platform=target.platform)
             t0 = time.perf_counter()

@@ -60,7 +60,8 @@ SMALL_TENSOR_BYTES = 4096
 SMALL_TENSOR_BUDGET_FRACTION = 0.25
 # A transfer window spans enough steps to hide the transfer this many times over ...
 WINDOW_SLACK = 2.0
-# ... or, as a second option, this many times longer (a third option takes all the room).
+# ... or, as a second option, this many times longer (a third option takes all the room; 1: the
+# first option only).
 WINDOW_STRETCH = 4
 CONSTANT_KIND = "stablehlo.constant"
 # Eviction candidates the greedy strategy scores at each overflowing step.
@@ -397,6 +398,9 @@ class PlacementProblem:
             idx = int(np.searchsorted(cum, cum[gap.hi + 1] - need_s, side="right")) - 1
             n = gap.hi + 1 - idx
         n = max(1, min(n, cap))
+        if WINDOW_STRETCH <= 1:
+            self._window_cache[key] = (n,)
+            return (n,)
         options = tuple(sorted({n, max(1, min(WINDOW_STRETCH * n, cap)), max(1, cap)}))
         options = (n,) + tuple(o for o in options if o != n)
         self._window_cache[key] = options

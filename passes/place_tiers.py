@@ -15,10 +15,11 @@ Variables
  (V1) x[t,r,k] in {0,1}: run r of t is in tier k (a read-only k reads the home copy).
  (V2) z[t,g,k] in {0,1}: the middle tier of gap g is k.
  (V3) h[t,k] in {0,1}: t's home is read-only tier k for its whole live range.
- (V4) e[t,g,a,b] in [0,1]: move a -> b over the first steps of g (an eviction if a != b),
-      split into e[t,g,a,b,o] over the window options o (shortest hiding, stretched, longest).
- (V5) f[t,g,b,c] in [0,1]: move b -> c over the last steps of g (a prefetch if b != c),
-      split likewise into f[t,g,b,c,o].
+ (V4) e[t,g,a,b] in [0,1]: move a -> b over the first steps of g (an eviction if a != b). Its
+      window: the incumbent's for the incumbent's move, else the shortest that hides it; with
+      MIP_WINDOW_OPTIONS, binaries e[t,g,a,b,o] choose among the window options o instead.
+ (V5) f[t,g,b,c] in [0,1]: move b -> c over the last steps of g (a prefetch if b != c); windows
+      likewise (f[t,g,b,c,o]).
  (V6) m[j] >= 0: time of a multi-op kernel j.
  (V7) T[s] >= 0: time of step s.
  (V8) O[k,s]: bytes resident in tier k at step s (only tiers whose capacity can bind).
@@ -29,7 +30,7 @@ Constraints
  (C2) x[t,r,k] <= h[t,k] and z[t,g,k] <= h[t,k] for read-only k; sum_k h[t,k] <= 1.
  (C3) moves as flows (tight LP): sum_b e[t,g,a,b] = x[t,prev(g),a], sum_a e[t,g,a,b] = z[t,g,b];
       sum_c f[t,g,b,c] = z[t,g,b], sum_b f[t,g,b,c] = x[t,next(g),c] (a = b: no move);
-      sum_o e[t,g,a,b,o] = e[t,g,a,b] and sum_o f[t,g,b,c,o] = f[t,g,b,c].
+      with MIP_WINDOW_OPTIONS, sum_o e[t,g,a,b,o] = e[t,g,a,b] and sum_o f[t,g,b,c,o] = f[t,g,b,c].
  (C4) a gap of one or two steps between runs holds one transfer at most:
       z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k].
  (C5) occupancy: O[k,s] = O[k,s'] + bytes of the terms started - bytes of the terms ended since
@@ -97,11 +98,16 @@ STRATEGIES = ("mip", "greedy", "naive")
 OBJECTIVES = ("time", "energy")
 BACKENDS = ("highs", "scip", "cpsat")
 # A window holds about this many binary variables; longer programs are decomposed.
-MAX_WINDOW_BINARIES = 5_000
+MAX_WINDOW_BINARIES = 1_500
+# Whether the MIP chooses among the window-length options of every move (more binaries, slower
+# solves); otherwise a move keeps the incumbent's window, and a new move takes the shortest.
+MIP_WINDOW_OPTIONS = False
 # At most this many fix-and-optimise sweeps over a decomposed program.
 MAX_SWEEPS = 4
-# Relative gap at which a solve stops.
+# Relative gap at which a solve stops: the whole program in one window, or one of several
+# windows (looser, so that time is left for another sweep).
 RELATIVE_GAP = 1e-4
+WINDOW_RELATIVE_GAP = 2e-3
 # Weight of time in the energy objective (O2), per time unit.
 ENERGY_TIME_WEIGHT = 1e-6
 # CP-SAT works on integers: time and bytes are scaled to this many units per reference amount.
@@ -346,7 +352,9 @@ class _WindowModel:
         options = self.p.window_options(seg, g, src, dst, evict)
         fixed = self.incumbent[vid]
         chosen = (fixed.evict_opt if evict else fixed.prefetch_opt)[g]
-        if isinstance(coef, float) or len(options) == 1:
+        if hint_pair != (src, dst):
+            chosen = 0  # a move the incumbent does not make starts with the shortest window
+        if isinstance(coef, float) or len(options) == 1 or not MIP_WINDOW_OPTIONS:
             return [(options[min(chosen, len(options) - 1)], coef)]
         # binary: a fractional mix of windows would model a capacity the plan does not have
         parts = {o: self.model.add_binary_variable() for o in range(len(options))}
@@ -495,7 +503,8 @@ class _WindowModel:
         active = np.cumsum(diff[:n])
         if (const + active).max(initial=0.0) <= cap:
             return
-        scale = max(cap / (CPSAT_RESOLUTION * 1e3 if self.integer else 1e6), 1.0)
+        # bytes in units of cap / 1e6 for the LP solvers; exact bytes for CP-SAT (integers)
+        scale = 1.0 if self.integer else max(cap / 1e6, 1.0)
         prev = None
         pending: list[tuple[Any, float]] = []
         count = 0
@@ -512,7 +521,7 @@ class _WindowModel:
                 continue  # cannot bind here; the changes carry over to the next row
             room = (cap - const[s]) / scale
             if self.integer:
-                cur = self.model.add_integer_variable(lb=-(10**12), ub=math.floor(room + 1e-9))
+                cur = self.model.add_integer_variable(lb=-(2**62), ub=math.floor(room + 1e-9))
             else:  # one byte of safety against the solver's feasibility tolerance
                 cur = self.model.add_variable(lb=-math.inf, ub=room - 1.0 / scale)
             self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
@@ -610,12 +619,13 @@ class _WindowModel:
 
     # --- solve ----------------------------------------------------------------------------
 
-    def solve(self, backend: str, time_limit_s: float, seed: int, workers: int) -> Any:
+    def solve(self, backend: str, time_limit_s: float, seed: int, workers: int,
+              relative_gap: float = RELATIVE_GAP) -> Any:
         mo = self.mo
         params = mo.SolveParameters(
             time_limit=timedelta(seconds=max(time_limit_s, 0.05)),
             random_seed=seed,
-            relative_gap_tolerance=RELATIVE_GAP,
+            relative_gap_tolerance=relative_gap,
         )
         if backend == "highs":
             solver = mo.SolverType.HIGHS
@@ -631,6 +641,8 @@ class _WindowModel:
         else:
             solver = mo.SolverType.CP_SAT
             params.threads = workers
+            # occupancy rows count exact bytes: let CP-SAT keep bounds above its 1e7 default
+            params.cp_sat.mip_max_bound = 1e15
         model_params = None
         if self.hint_values:
             model_params = mo.ModelSolveParameters(
@@ -679,7 +691,7 @@ class _WindowResult:
 
 def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
                   free: Sequence[str], c0: int, c1: int, backend: str, limit_s: float, seed: int,
-                  workers: int, label: str) -> _WindowResult:
+                  workers: int, label: str, relative_gap: float) -> _WindowResult:
     """Free `free`'s decisions in [c0, c1], solve, keep the result if it is no worse.
 
     Updates `state` and `assignment` in place.
@@ -693,7 +705,7 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
         state.remove(vid)
     model = _WindowModel(p, state, assignment, free, c0, c1, backend, step_s_before)
     try:
-        result = model.solve(backend, limit_s, seed, workers)
+        result = model.solve(backend, limit_s, seed, workers, relative_gap)
     except Exception as exc:  # the solver refused the model or crashed
         for vid in free:
             state.add(vid, assignment[vid])
@@ -719,11 +731,11 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
             ev, pf = list(old.evict_opt), list(old.prefetch_opt)
             for g, gap in enumerate(seg.gaps):
                 if gap.prev_run is not None:
-                    ev[g] = _chosen_window(model, vid, g, True,
-                                           (runs[gap.prev_run], gaps[g]), values, ev[g])
+                    ev[g] = _chosen_window(model, vid, g, True, (runs[gap.prev_run], gaps[g]),
+                                           (old.runs[gap.prev_run], old.gaps[g]), values, ev[g])
                 if gap.next_run is not None:
-                    pf[g] = _chosen_window(model, vid, g, False,
-                                           (gaps[g], runs[gap.next_run]), values, pf[g])
+                    pf[g] = _chosen_window(model, vid, g, False, (gaps[g], runs[gap.next_run]),
+                                           (old.gaps[g], old.runs[gap.next_run]), values, pf[g])
             choice = Choice(runs, gaps, home, tuple(ev), tuple(pf))
             new[vid] = choice if p.valid(seg, choice) else old
     for vid in free:
@@ -752,11 +764,13 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
 
 
 def _chosen_window(model: _WindowModel, vid: str, g: int, evict: bool, pair: tuple[int, int],
-                   values: Mapping[Any, float], default: int) -> int:
-    """The window option the solution picked for gap g's move `pair` (else `default`)."""
+                   incumbent_pair: tuple[int, int], values: Mapping[Any, float], default: int
+                   ) -> int:
+    """The window option of gap g's move `pair` in the solution: the one the solver picked, else
+    the incumbent's `default` for the incumbent's move, else the shortest (option 0)."""
     parts = model.window_vars.get((vid, g, evict), {}).get(pair)
     if not parts:
-        return default
+        return default if pair == incumbent_pair else 0
     return max(parts, key=lambda o: (values[parts[o]], -o))
 
 
@@ -812,7 +826,8 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
             limit_s = max(left_s * weights[i] / max(sum(weights[i:]), 1.0), 0.05)
             label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
             res = _solve_window(p, state, assignment, free, c0, c1, backend, limit_s, seed,
-                                workers, label)
+                                workers, label, RELATIVE_GAP if len(windows) == 1
+                                else WINDOW_RELATIVE_GAP)
             solved_any = solved_any or res.solved
             results.append(res)
         sweep += 1
