@@ -556,11 +556,11 @@ class CostState:
                 load = self.links[key] = np.zeros(p.num_steps)
             load[lo:hi + 1] += sign * seg.nbytes / p.link_bw(a, b) / (hi - lo + 1)
             self.energy_pj += sign * seg.nbytes * (p.energy_pj[a] + p.energy_pj[b])
-        for j, step, b, is_read in p.touches.get(vid, ()):
+        for j, step, accessed, is_read in p.touches.get(vid, ()):
             k = choice.runs[seg.run_of_step[step]]
             bw = p.read_bw[k] if is_read else p.write_bw[k]
-            self.kernel_mem_s[j] += sign * b / bw
-            self.energy_pj += sign * b * p.energy_pj[k]
+            self.kernel_mem_s[j] += sign * accessed / bw
+            self.energy_pj += sign * accessed * p.energy_pj[k]
         return pieces, moves
 
     def remove(self, vid: str) -> None:
@@ -888,7 +888,7 @@ def _candidates(problem: PlacementProblem, seg: Segments, choice: Choice, tier: 
     the window options allow, and an eviction after), then across a gap between two runs there.
     """
     p = problem
-    out = []
+    out: list[Choice] = []
     if tier not in seg.tiers:
         return out
     out.append(Choice.whole(seg, tier))
