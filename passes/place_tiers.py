@@ -791,8 +791,9 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
     every decision, warm-started from the incumbent. Longer programs are swept window by window
     (fix-and-optimise): the decisions that start in the window are free, all others stay at the
-    incumbent, so each solve keeps or improves the whole plan. While time is left and some
-    window was not solved to optimality, another sweep runs over windows shifted by half.
+    incumbent, so each solve keeps or improves the whole plan. While time is left, another
+    sweep runs over windows shifted by half (cut where the last sweep's windows had their
+    middles), as long as the sweep before improved the plan (the first always gets a second).
     """
     t_start = time.perf_counter()
     p = problem
@@ -817,6 +818,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     while True:
         weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in sweep_windows]
         results = []
+        before = state.objective_value()
         for i, (c0, c1) in enumerate(sweep_windows):
             free = _free_tensors(p, c0, c1)
             if not free:
@@ -832,8 +834,9 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
             results.append(res)
         sweep += 1
         left_s = time_limit_s - (time.perf_counter() - t_start)
-        if (len(windows) == 1 or all(r.status == "optimal" for r in results)
-                or sweep >= MAX_SWEEPS or left_s < 0.1 * time_limit_s):
+        improved = state.objective_value() < before * (1 - 1e-9)
+        if (len(windows) == 1 or sweep >= MAX_SWEEPS or left_s < 0.1 * time_limit_s
+                or (sweep > 1 and not improved)):
             break
         sweep_windows = _shifted(sweep_windows) if sweep % 2 else windows
     if not solved_any:
