@@ -34,6 +34,7 @@ from tiermap.passes.tiling import (
 
 PAPER_STANDARD_HBM_BYTES = 40.3e9  # Dao et al. 2022, Fig. 2 (left): standard attention
 PAPER_FLASH_HBM_BYTES = 4.4e9  # the same figure: FlashAttention
+GPT2_ATTN_DROPOUT = 0.1  # GPT-2's attn_pdrop, on the attention probabilities
 
 
 def traffic_table(target_name: str = "a100", elem_bytes: float = 2.0) -> list[str]:
@@ -57,26 +58,42 @@ def traffic_table(target_name: str = "a100", elem_bytes: float = 2.0) -> list[st
     return rows
 
 
-def _paper_fn(layout: str) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """Causal attention forward + backward (o, dq, dk, dv) of GPT-2 medium's shape, fp16."""
+def _paper_fn(layout: str, rng: str | None = None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """Causal attention forward + backward (o, dq, dk, dv) of GPT-2 medium's shape, fp16.
+
+    With `rng` (a jax PRNG implementation; `bhnd` only) the probabilities go through GPT-2's
+    attention dropout: a Bernoulli keep-mask from a raw key, the last argument (not
+    differentiated), and `where(mask, p / (1 - GPT2_ATTN_DROPOUT), 0)` before the second product.
+    """
     b, h, n, d = 64, 16, 1024, 64
     if layout == "bhnd":
-        def attn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        def attn(q: jax.Array, k: jax.Array, v: jax.Array, key: jax.Array | None) -> jax.Array:
             s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(jnp.float16(d))
             s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, jnp.float16(-1e4))
-            return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+            p = jax.nn.softmax(s, axis=-1)
+            if key is not None:
+                keep = jax.random.bernoulli(jax.random.wrap_key_data(key, impl=rng),
+                                            1.0 - GPT2_ATTN_DROPOUT, p.shape)
+                p = jnp.where(keep, p / jnp.float16(1.0 - GPT2_ATTN_DROPOUT), jnp.float16(0))
+            return jnp.einsum("bhqk,bhkd->bhqd", p, v)
         shape = (b, h, n, d)
     else:
-        def attn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        assert rng is None, "dropout only in the einsum form"
+
+        def attn(q: jax.Array, k: jax.Array, v: jax.Array, key: jax.Array | None) -> jax.Array:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         shape = (b, n, h, d)
 
-    def fwd_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> Any:
-        o, vjp = jax.vjp(attn, q, k, v)
+    def fwd_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
+                key: jax.Array | None = None) -> Any:
+        o, vjp = jax.vjp(partial(attn, key=key), q, k, v)
         return (o, *vjp(do))
 
     sds = jax.ShapeDtypeStruct(shape, jnp.float16)
-    return fwd_bwd, (sds, sds, sds, sds)
+    if rng is None:
+        return fwd_bwd, (sds, sds, sds, sds)
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng)))
+    return fwd_bwd, (sds, sds, sds, sds, key)
 
 
 def paper_table(time_limit_s: float = 20.0) -> list[str]:
@@ -85,9 +102,14 @@ def paper_table(time_limit_s: float = 20.0) -> list[str]:
             "predicted time ms |",
             "|---|---|---:|---:|---|---:|"]
     ratios = []
-    for layout, label in (("bhnd", "einsum + causal where + softmax, [B,H,N,d]"),
-                          ("bnhd", "jax.nn.dot_product_attention(is_causal), [B,N,H,d]")):
-        fn, args = _paper_fn(layout)
+    dropout = f"softmax + dropout(p={GPT2_ATTN_DROPOUT})"
+    for layout, rng, label in (
+            ("bhnd", None, "einsum + causal where + softmax, [B,H,N,d]"),
+            ("bnhd", None, "jax.nn.dot_product_attention(is_causal), [B,N,H,d]"),
+            ("bhnd", "threefry2x32", f"einsum + causal where + {dropout}, threefry key, "
+                                     "[B,H,N,d]"),
+            ("bhnd", "rbg", f"einsum + causal where + {dropout}, rbg key, [B,H,N,d]")):
+        fn, args = _paper_fn(layout, rng)
         fused = plan(fn, *args, target="a100", workers=1, time_limit_s=time_limit_s)
         base = build_passes("mip", time_limit_s, 0, "highs", 1, fusion=False)
         standard = plan(fn, *args, target="a100", time_limit_s=time_limit_s,
