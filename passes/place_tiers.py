@@ -825,6 +825,10 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
                 results.append(_WindowResult("optimal", 0.0, None, True))
                 continue
             left_s = time_limit_s - (time.perf_counter() - t_start)
+            if left_s <= 0.0 and results:
+                # out of time: the remaining windows keep the incumbent
+                results.append(_WindowResult("skipped", None, None, False))
+                continue
             limit_s = max(left_s * weights[i] / max(sum(weights[i:]), 1.0), 0.05)
             label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
             res = _solve_window(p, state, assignment, free, c0, c1, backend, limit_s, seed,
