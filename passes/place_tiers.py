@@ -102,8 +102,10 @@ MAX_WINDOW_BINARIES = 1_500
 # Whether the MIP chooses among the window-length options of every move (more binaries, slower
 # solves); otherwise a move keeps the incumbent's window, and a new move takes the shortest.
 MIP_WINDOW_OPTIONS = False
-# At most this many fix-and-optimise sweeps over a decomposed program.
+# At most this many fix-and-optimise sweeps over a decomposed program; another sweep runs only
+# if the last one improved the plan by at least this fraction.
 MAX_SWEEPS = 4
+SWEEP_MIN_GAIN = 1e-3
 # Relative gap at which a solve stops: the whole program in one window, or one of several
 # windows (looser, so that time is left for another sweep).
 RELATIVE_GAP = 1e-4
@@ -791,9 +793,9 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
     every decision, warm-started from the incumbent. Longer programs are swept window by window
     (fix-and-optimise): the decisions that start in the window are free, all others stay at the
-    incumbent, so each solve keeps or improves the whole plan. While time is left, another
-    sweep runs over windows shifted by half (cut where the last sweep's windows had their
-    middles), as long as the sweep before improved the plan (the first always gets a second).
+    incumbent, so each solve keeps or improves the whole plan. While time is left and the last
+    sweep improved the plan by SWEEP_MIN_GAIN or more, another sweep runs over windows shifted
+    by half (cut where the last sweep's windows had their middles).
     """
     t_start = time.perf_counter()
     p = problem
@@ -838,9 +840,9 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
             results.append(res)
         sweep += 1
         left_s = time_limit_s - (time.perf_counter() - t_start)
-        improved = state.objective_value() < before * (1 - 1e-9)
-        if (len(windows) == 1 or sweep >= MAX_SWEEPS or left_s < 0.1 * time_limit_s
-                or (sweep > 1 and not improved)):
+        improved = state.objective_value() < before * (1 - SWEEP_MIN_GAIN)
+        if len(windows) == 1 or sweep >= MAX_SWEEPS or left_s < 0.1 * time_limit_s or (
+                not improved):
             break
         sweep_windows = _shifted(sweep_windows) if sweep % 2 else windows
     if not solved_any:
