@@ -22,6 +22,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy tiermap compiler passes costmodel hwtargets
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
