@@ -184,6 +184,9 @@ class Plan:
                 "platform": tgt.platform,
                 "units": tgt.units,
                 "op_overhead_s": tgt.op_overhead_s,
+                "vector_peak_fraction": tgt.vector_peak_fraction,
+                "transcendental_flops": tgt.transcendental_flops,
+                "parallel_grain_elements": tgt.parallel_grain_elements,
                 "peak_flops_per_s": dict(tgt.peak_flops_per_s),
                 "tiers": [_tier_dict(t) for t in tgt.tiers],
                 "links": [{"src": lk.src, "dst": lk.dst, "bytes_per_s": lk.bytes_per_s}
@@ -266,6 +269,9 @@ class Plan:
             links=tuple(Link(lk["src"], lk["dst"], float(lk["bytes_per_s"]))
                         for lk in t.get("links", [])),
             op_overhead_s=float(t.get("op_overhead_s", 0.0)),
+            vector_peak_fraction=float(t.get("vector_peak_fraction", 1.0)),
+            transcendental_flops=float(t.get("transcendental_flops", 1.0)),
+            parallel_grain_elements=float(t.get("parallel_grain_elements", 0.0)),
         )
         s = d["solver"]
         return cls(

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tiermap.costmodel.roofline import CPU_MEASURED
 from tiermap.hwtargets import Target, Tier, dumps_target, loads_target
 
 ProgressFn = Callable[[str, float], None]
@@ -158,6 +159,9 @@ def calibrate(progress: ProgressFn | None = None, *, quick: bool = False) -> Tar
         tiers=tuple(tiers),
         sources=_sources(caches, settings, units),
         op_overhead_s=op_overhead_s,
+        vector_peak_fraction=CPU_MEASURED.vector_peak_fraction,
+        transcendental_flops=CPU_MEASURED.transcendental_flops,
+        parallel_grain_elements=CPU_MEASURED.parallel_grain_elements,
     )
     # Round trip through the strict loader: what we return is exactly what a file would give.
     loaded = loads_target(target_to_toml(target), source="calibration")

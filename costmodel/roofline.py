@@ -11,10 +11,13 @@ The model (ARCHITECTURE.md, "Cost model"; compiler/plan.py fixes the time semant
   - times `units_used / units`: an op with fewer than `units × parallel_grain_elements` elements
     of work does not keep every core busy (contractions are split over output elements, loops
     over the elements they read or write).
-- The per-platform figures are `PlatformModel`s in `PLATFORM_MODELS` (1, 1, no grain elsewhere).
-  The "cpu" figures were measured with benchmarks/costmodel_cpu.py (docs/benchmarks.md): XLA's CPU
-  loop code retires about one elementwise flop per 20 flops of the FMA matmul peak that targets
-  list, a transcendental costs about 4 such flops, and small matmuls run on one core.
+- These figures are the target's own ([compute] keys `vector_peak_fraction`,
+  `transcendental_flops`, `parallel_grain_elements`; defaults 1, 1, 0 fit accelerators), not
+  the lowering platform's: sn40l and stm32f746 lower for "cpu" but compute like themselves.
+  `CPU_MEASURED` holds the figures measured with benchmarks/costmodel_cpu.py (docs/benchmarks.md)
+  that the built-in `cpu` target and `tiermap calibrate` carry: XLA's CPU loop code retires about
+  one elementwise flop per 20 flops of the FMA matmul peak, a transcendental costs about 4 such
+  flops, and small matmuls run on one core.
 - An op reads each operand whole, except partial readers: slice, dynamic_slice and gather read
   from operand 0 only as many bytes as they write; dynamic_update_slice reads the update, not the
   buffer it updates in place. Per-operand bytes are scaled so they sum to `op.bytes_read`.
@@ -57,12 +60,10 @@ class PlatformModel:
 
 
 # Accelerators: special-function units make a transcendental about one flop; the f32 figure is the
-# vector peak already. "cpu": measured on a 2-core AVX-512 VM (docs/benchmarks.md).
-PLATFORM_MODELS: Mapping[str, PlatformModel] = {
-    "cpu": PlatformModel(transcendental_flops=4.0, vector_peak_fraction=0.05,
-                         parallel_grain_elements=50_000.0),
-}
-DEFAULT_PLATFORM_MODEL = PlatformModel()
+# vector peak already (the defaults). XLA's CPU backend: measured on a 2-core AVX-512 VM
+# (docs/benchmarks.md); the built-in `cpu` target and `tiermap calibrate` carry these figures.
+CPU_MEASURED = PlatformModel(transcendental_flops=4.0, vector_peak_fraction=0.05,
+                             parallel_grain_elements=50_000.0)
 
 # Ops that read only part of operand 0 (as many bytes as they write).
 PARTIAL_READERS = frozenset({
@@ -77,8 +78,12 @@ CONTRACTIONS = frozenset({"stablehlo.dot_general", "stablehlo.dot", "stablehlo.c
 
 
 def platform_model(target: Target) -> PlatformModel:
-    """The `PlatformModel` of the target's platform (defaults where none is listed)."""
-    return PLATFORM_MODELS.get(target.platform, DEFAULT_PLATFORM_MODEL)
+    """How ops use `target`'s compute, from its optional [compute] keys."""
+    return PlatformModel(
+        transcendental_flops=target.transcendental_flops,
+        vector_peak_fraction=target.vector_peak_fraction,
+        parallel_grain_elements=target.parallel_grain_elements,
+    )
 
 
 def transcendental_flops(target: Target) -> float:

@@ -43,7 +43,10 @@ TOP_KEYS = (
     "links",
     "op_overhead_s",
 )
-COMPUTE_KEYS = ("peak_flops_per_s", "units")
+COMPUTE_KEYS = (
+    "peak_flops_per_s", "units", "vector_peak_fraction", "transcendental_flops",
+    "parallel_grain_elements",
+)
 TIER_KEYS = (
     "name",
     "capacity_bytes",
@@ -448,6 +451,7 @@ class _Checker:
             platform = None
         op_overhead_s = self.number(data, "op_overhead_s", "", required=False, allow_zero=True)
         peaks, units = self.compute(data)
+        model = self.compute_model(data)
         tiers = self.tiers(data)
         links = self.links(data)
         if self.problems:
@@ -465,6 +469,7 @@ class _Checker:
             sources=tuple(sources or ()),
             op_overhead_s=op_overhead_s or 0.0,
             path=path,
+            **model,
         )
 
     def sources(self, data: Mapping[str, Any]) -> list[str] | None:
@@ -519,6 +524,30 @@ class _Checker:
             if value is not None:
                 peaks[dtype] = value
         return peaks, units
+
+    def compute_model(self, data: Mapping[str, Any]) -> dict[str, float]:
+        """The optional [compute] keys that say how ops use the peaks (see Target)."""
+        compute = data.get("compute")
+        out: dict[str, float] = {}
+        if not isinstance(compute, Mapping):
+            return out
+        fraction = self.number(compute, "vector_peak_fraction", "compute", required=False,
+                               hint="fraction of the f32 peak loop code reaches, e.g. 0.05")
+        if fraction is not None:
+            if fraction > 1.0:
+                self.add("compute.vector_peak_fraction", f"must be <= 1, got {fraction}",
+                         "a fraction of the f32 peak, e.g. vector_peak_fraction = 0.05")
+            out["vector_peak_fraction"] = float(fraction)
+        trans = self.number(compute, "transcendental_flops", "compute", required=False,
+                            hint="flops one exp/log/tanh costs, e.g. transcendental_flops = 4")
+        if trans is not None:
+            out["transcendental_flops"] = float(trans)
+        grain = self.number(compute, "parallel_grain_elements", "compute", required=False,
+                            allow_zero=True,
+                            hint="elements per unit before another unit joins, e.g. 50000")
+        if grain is not None:
+            out["parallel_grain_elements"] = float(grain)
+        return out
 
     def tiers(self, data: Mapping[str, Any]) -> list[Tier] | None:
         tables = self.array_of_tables(data, "tiers", required=True)
@@ -675,6 +704,12 @@ def dumps_target(target: Target) -> str:
     out.append(f"op_overhead_s = {_toml_float(target.op_overhead_s)}")
     peaks = ", ".join(f"{k} = {_toml_float(v)}" for k, v in target.peak_flops_per_s.items())
     out += ["", "[compute]", f"peak_flops_per_s = {{ {peaks} }}", f"units = {target.units}"]
+    if target.vector_peak_fraction != 1.0:
+        out.append(f"vector_peak_fraction = {_toml_float(target.vector_peak_fraction)}")
+    if target.transcendental_flops != 1.0:
+        out.append(f"transcendental_flops = {_toml_float(target.transcendental_flops)}")
+    if target.parallel_grain_elements != 0.0:
+        out.append(f"parallel_grain_elements = {_toml_float(target.parallel_grain_elements)}")
     for tier in target.tiers:
         out += ["", "[[tiers]]", f"name = {_toml_str(tier.name)}"]
         out.append(f"capacity_bytes = {tier.capacity_bytes:_}")

@@ -48,6 +48,11 @@ class Target:
     links: tuple[Link, ...] = ()
     sources: tuple[str, ...] = ()
     op_overhead_s: float = 0.0
+    # How ops use the compute beyond the peaks (optional [compute] keys; defaults fit
+    # accelerators). A calibrated CPU sets them from measurements (costmodel/calibration.py).
+    vector_peak_fraction: float = 1.0
+    transcendental_flops: float = 1.0
+    parallel_grain_elements: float = 0.0
     path: str | None = field(default=None, compare=False)
 
     def tier(self, name: str) -> Tier:

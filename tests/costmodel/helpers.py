@@ -36,6 +36,20 @@ def two_tier_target(platform: str = "tpu", overhead_s: float = OVERHEAD_S,
     )
 
 
+def cpu_like(target: Target) -> Target:
+    """`target` with the compute figures measured for XLA's CPU backend (roofline.CPU_MEASURED)."""
+    from dataclasses import replace
+
+    from tiermap.costmodel.roofline import CPU_MEASURED
+
+    return replace(
+        target,
+        vector_peak_fraction=CPU_MEASURED.vector_peak_fraction,
+        transcendental_flops=CPU_MEASURED.transcendental_flops,
+        parallel_grain_elements=CPU_MEASURED.parallel_grain_elements,
+    )
+
+
 def chain_program(nbytes: Sequence[int], flops: Sequence[float]) -> Program:
     """t0 -> op0 -> t1 -> op1 -> t2 ...: op i reads t_i and writes t_{i+1} (f32 vectors)."""
     values = {}

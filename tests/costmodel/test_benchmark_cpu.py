@@ -31,6 +31,7 @@ def _cpu() -> Target:
     return Target(
         name="hand-cpu", description="hand-made 2-core CPU", platform="cpu",
         peak_flops_per_s={"f32": 4e11}, units=2, op_overhead_s=1e-6,
+        vector_peak_fraction=0.05, transcendental_flops=4.0, parallel_grain_elements=50_000.0,
         tiers=(Tier("l1", 98_304, 4.6e11, 4.6e11, per_unit=True),
                Tier("l2", 2_097_152, 4.4e11, 4.4e11, per_unit=True),
                Tier("l3", 33_554_432, 2.4e11, 2.4e11, per_unit=True),

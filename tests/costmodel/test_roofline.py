@@ -22,10 +22,11 @@ from tiermap.costmodel import (
     result_write_bytes,
     transfer_time_s,
 )
-from tiermap.costmodel.roofline import PLATFORM_MODELS, peak_flops_per_s, units_used
+from tiermap.costmodel.roofline import CPU_MEASURED, peak_flops_per_s, units_used
 from tiermap.errors import TiermapError
+from tiermap.hwtargets import Target
 
-from .helpers import OVERHEAD_S, two_tier_target
+from .helpers import OVERHEAD_S, cpu_like, two_tier_target
 
 S = jax.ShapeDtypeStruct
 F32 = jnp.float32
@@ -144,8 +145,8 @@ def test_attention_ops_by_hand(attention_program) -> None:  # type: ignore[no-un
     assert compute_time_s(exp, tgt) == pytest.approx(16_384 / 1e12)  # 1 flop each on "tpu"
     # On "cpu" a transcendental costs `transcendental_flops` vector flops, and loop code runs at
     # `vector_peak_fraction` of the f32 peak.
-    cpu = PLATFORM_MODELS["cpu"]
-    assert compute_time_s(exp, two_tier_target(platform="cpu")) == pytest.approx(
+    cpu = CPU_MEASURED
+    assert compute_time_s(exp, cpu_like(two_tier_target(platform="cpu"))) == pytest.approx(
         cpu.transcendental_flops * 16_384 / (1e12 * cpu.vector_peak_fraction))
     memory_s = 65_536 / 1e12 + 32_768 / 1e11 + 32_768 / 5e10
     assert op_cost(pv, p, tgt, ["fast", "slow"], ["slow"]).time_s == pytest.approx(
@@ -212,8 +213,8 @@ def test_op_cost_rejects_wrong_tier_count() -> None:
 def test_small_ops_do_not_keep_every_unit_busy() -> None:
     from dataclasses import replace
 
-    cpu = PLATFORM_MODELS["cpu"]
-    tgt = replace(two_tier_target(platform="cpu"), units=4)
+    cpu = CPU_MEASURED
+    tgt = replace(cpu_like(two_tier_target(platform="cpu")), units=4)
     grain = cpu.parallel_grain_elements
     small = lower(lambda a, b: a @ b, S((64, 64), F32), S((64, 64), F32)).ops[0]
     big = lower(lambda a, b: a @ b, S((1024, 1024), F32), S((1024, 64), F32)).ops[0]
@@ -223,3 +224,24 @@ def test_small_ops_do_not_keep_every_unit_busy() -> None:
     assert compute_time_s(small, tgt) == pytest.approx(2 * 64**3 / (1e12 / 4))
     # Accelerators: no grain, every unit busy.
     assert units_used(small, replace(two_tier_target(), units=4)) == 4.0
+
+
+def test_compute_figures_come_from_the_target_not_the_lowering_platform() -> None:
+    # sn40l lowers for "cpu" but has no CPU loop-code penalty: an exp costs one flop at peak.
+    from tiermap.hwtargets import load_target
+
+    sn40l = load_target("sn40l")
+    assert sn40l.platform == "cpu" and sn40l.vector_peak_fraction == 1.0
+    exp = next(op for op in lower(jnp.exp, jax.ShapeDtypeStruct((1024,), jnp.float32)).ops
+               if op.kind == "stablehlo.exponential")
+    assert compute_time_s(exp, replace_units(sn40l)) == pytest.approx(1024 / sn40l.peak("f32"))
+    cpu = load_target("cpu")
+    assert cpu.vector_peak_fraction == CPU_MEASURED.vector_peak_fraction
+    assert cpu.transcendental_flops == CPU_MEASURED.transcendental_flops
+
+
+def replace_units(target: Target) -> Target:
+    """One unit, so the grain rule cannot matter."""
+    from dataclasses import replace
+
+    return replace(target, units=1)
