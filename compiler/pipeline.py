@@ -128,4 +128,9 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
     state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective))
     if state.plan is None:
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
+    if state.fusion.notes:
+        # What fusion and tiling decided (and left unfused, and why) belongs in the plan too.
+        from dataclasses import replace as _replace
+
+        return _replace(state.plan, notes=tuple(state.fusion.notes) + tuple(state.plan.notes))
     return state.plan

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from tiermap.compiler.fusion import Fusion, FusionGroup
-from tiermap.compiler.ir import DTYPE_BITS, Program
+from tiermap.compiler.ir import DTYPE_BITS, Op, Program
 from tiermap.compiler.plan import TileChoice
 from tiermap.costmodel import bounds
 from tiermap.errors import TiermapError
@@ -539,26 +539,45 @@ def tile_fusion(program: Program, target: Target, fusion: Fusion) -> Fusion:
     fast_bytes, tier = tile_budget_bytes(target)
     groups: list[FusionGroup] = []
     tiles: list[TileChoice] = []
+    notes: list[str] = []
     fused_ops = fusion.group_of()
+
+    def matmul_choice(name: str, dot: Op, budget: int) -> TileChoice | None:
+        try:
+            return _matmul_choice(name, dot.kind, dict(dot.attrs), dot.dtype, budget)
+        except TiermapError as exc:
+            notes.append(f"{name}: no matmul tile fits ({exc}); charged compulsory traffic")
+            return None
+
     for group in fusion.groups:
         if group.kind in ("attention", "attention_bwd"):
-            new_group, choice = _attention_choice(group, program, fast_bytes, tier)
+            try:
+                new_group, choice = _attention_choice(group, program, fast_bytes, tier)
+            except TiermapError as exc:
+                # No block fits one core: the group cannot run fused; its ops run alone.
+                notes.append(f"{group.id}: left unfused: {exc}")
+                continue
             groups.append(new_group)
             tiles.append(choice)
             continue
-        groups.append(group)
         if group.kind == "matmul":
             dot = next(program.op(o) for o in group.op_ids if program.op(o).kind in MATMUL_KINDS)
             budget = fast_bytes // (1 + int(group.attrs.get("epilogue_tiles", 0)))
-            mm = _matmul_choice(group.id, dot.kind, dict(dot.attrs), dot.dtype, budget)
+            try:
+                mm = _matmul_choice(group.id, dot.kind, dict(dot.attrs), dot.dtype, budget)
+            except TiermapError as exc:
+                notes.append(f"{group.id}: left unfused: {exc}")
+                continue
             if mm is not None:
                 tiles.append(mm)
+        groups.append(group)
     for op in program.ops:
         if op.kind in MATMUL_KINDS and op.id not in fused_ops:
-            mm = _matmul_choice(op.id, op.kind, dict(op.attrs), op.dtype, fast_bytes)
+            mm = matmul_choice(op.id, op, fast_bytes)
             if mm is not None:
                 tiles.append(mm)
-    return Fusion(groups=tuple(groups), tiles=tuple(tiles), notes=fusion.notes)
+    return Fusion(groups=tuple(groups), tiles=tuple(tiles),
+                  notes=tuple(fusion.notes) + tuple(notes))
 
 
 @dataclass(frozen=True)
