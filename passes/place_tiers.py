@@ -197,31 +197,38 @@ class _WindowModel:
     def __init__(self, problem: PlacementProblem, base: CostState, incumbent: Mapping[str, Choice],
                  free: Sequence[str], c0: int, c1: int, backend: str,
                  incumbent_step_s: np.ndarray | None) -> None:
-        from ortools.math_opt.python import mathopt
-
-        self.mo = mathopt
         self.p = p = problem
         self.base = base
         self.incumbent = incumbent
         self.c0, self.c1 = c0, c1
         self.integer = backend == "cpsat"
-        self.model = mathopt.Model(name=f"place-tiers[{c0}..{c1}]")
+        # The model is collected as arrays (variables are their integer ids; constants are
+        # Python floats) and handed to MathOpt as one ModelProto: one call, not one per
+        # coefficient.
+        self.var_lb: list[float] = []
+        self.var_ub: list[float] = []
+        self.var_int: list[bool] = []
+        self.row_lb: list[float] = []
+        self.row_ub: list[float] = []
+        self.mat_row: list[int] = []
+        self.mat_col: list[int] = []
+        self.mat_coef: list[float] = []
         n = p.num_steps
         ref_s = float(np.mean(p.est_op_s[c0:c1 + 1])) if c1 >= c0 else 1.0
         self.time_unit_s = (ref_s if ref_s > 0 else 1e-9) / (
             CPSAT_RESOLUTION if self.integer else 1.0)
         num_tiers = len(p.tier_names)
-        self.x: dict[tuple[str, int], dict[int, Any]] = {}
-        self.z: dict[tuple[str, int], dict[int, Any]] = {}
-        self.h: dict[str, dict[int, Any]] = {}
-        self.hint_values: dict[Any, float] = {}
+        self.x: dict[tuple[str, int], dict[int, int]] = {}
+        self.z: dict[tuple[str, int], dict[int, int]] = {}
+        self.h: dict[str, dict[int, int]] = {}
+        self.hint_values: dict[int, float] = {}
         self.const_occ = np.zeros((num_tiers, n + 1))
         self.occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in range(num_tiers)]
         self.const_link: dict[tuple[int, int], np.ndarray] = {}
         self.link_terms: dict[tuple[int, int], list[tuple[Any, float, int, int]]] = {}
         self.energy_terms: list[tuple[Any, float]] = []
-        self.T: dict[int, Any] = {}
-        self.window_vars: dict[tuple[str, int, bool], dict[tuple[int, int], dict[int, Any]]] = (
+        self.T: dict[int, int] = {}
+        self.window_vars: dict[tuple[str, int, bool], dict[tuple[int, int], dict[int, int]]] = (
             defaultdict(dict))
         self.free = set(free)
         # (V1)-(V5), (C1)-(C4): decisions, moves, occupancy and link terms of the free tensors.
@@ -234,21 +241,20 @@ class _WindowModel:
             self._link_chain(key)
         self._other_links()
         # (O1) / (O2)
-        time_sum = mathopt.fast_sum(self.T.values())
+        time_sum = [(v, 1.0) for v in self.T.values()]
         self.energy_unit_pj = 1.0
         if p.objective == "energy":
             scale = sum(abs(c) for _v, c in self.energy_terms) or 1.0
             self.energy_unit_pj = scale / 1e6
-            energy_expr = mathopt.fast_sum(
-                v * (c / self.energy_unit_pj) for v, c in self.energy_terms
-                if not isinstance(v, float))
             if incumbent_step_s is not None and self.T:
                 budget_s = float(incumbent_step_s[np.array(sorted(self.T))].sum())
-                self.model.add_linear_constraint(
-                    ub=budget_s / self.time_unit_s * (1 + 1e-9), expr=time_sum)
-            self.model.minimize(energy_expr + ENERGY_TIME_WEIGHT * time_sum)
+                self._row(time_sum, -math.inf, budget_s / self.time_unit_s * (1 + 1e-9))
+            objective = [(v, c / self.energy_unit_pj) for v, c in self.energy_terms
+                         if not isinstance(v, float)]
+            objective += [(v, ENERGY_TIME_WEIGHT) for v, _c in time_sum]
         else:
-            self.model.minimize(time_sum)
+            objective = time_sum
+        self.model = self._export(f"place-tiers[{c0}..{c1}]", objective)
 
     # --- decisions as variables or constants ------------------------------------------------
 
@@ -276,11 +282,10 @@ class _WindowModel:
             var = self.T[s] = self._cont()
         return var
 
-    def _one_hot(self, tiers: Sequence[int], hinted: int) -> dict[int, Any]:
+    def _one_hot(self, tiers: Sequence[int], hinted: int) -> dict[int, int]:
         """(V1)/(V2) with (C1): one binary per tier, exactly one set."""
-        table = {k: self.model.add_binary_variable() for k in tiers}
-        self.model.add_linear_constraint(lb=1.0, ub=1.0,
-                                         expr=self.mo.fast_sum(table.values()))
+        table = {k: self._binary() for k in tiers}
+        self._row([(v, 1.0) for v in table.values()], 1.0, 1.0)
         for k, v in table.items():
             self.hint_values[v] = 1.0 if hinted == k else 0.0
         return table
@@ -291,9 +296,9 @@ class _WindowModel:
         tiers = list(seg.tiers) + list(seg.homes)
         hint = self.incumbent[vid]
         if seg.homes and self.in_window(seg.first):  # (V3), (C2)
-            hv = {k: self.model.add_binary_variable() for k in seg.homes}
+            hv = {k: self._binary() for k in seg.homes}
             self.h[vid] = hv
-            self.model.add_linear_constraint(ub=1.0, expr=self.mo.fast_sum(hv.values()))
+            self._row([(v, 1.0) for v in hv.values()], -math.inf, 1.0)
             for k, v in hv.items():
                 self.hint_values[v] = 1.0 if hint.home == k else 0.0
         for r, run in enumerate(seg.runs):
@@ -335,8 +340,8 @@ class _WindowModel:
                 for k in tiers:
                     zk = self.val(vid, "z", g, k)
                     if not isinstance(zk, float):
-                        self._le(zk, self.val(vid, "x", gap.prev_run, k)
-                                 + self.val(vid, "x", nxt, k))
+                        self._le_sum([(zk, 1.0), (self.val(vid, "x", gap.prev_run, k), -1.0),
+                                      (self.val(vid, "x", nxt, k), -1.0)], 0.0)
             src = {b: self.val(vid, "z", g, b) for b in tiers}
             dst = {c: self.val(vid, "x", nxt, c) for c in tiers}
             pair = (hint.gaps[g], hint.runs[nxt])
@@ -359,11 +364,8 @@ class _WindowModel:
         if isinstance(coef, float) or len(options) == 1 or not MIP_WINDOW_OPTIONS:
             return [(options[min(chosen, len(options) - 1)], coef)]
         # binary: a fractional mix of windows would model a capacity the plan does not have
-        parts = {o: self.model.add_binary_variable() for o in range(len(options))}
-        row = self.model.add_linear_constraint(lb=0.0, ub=0.0)
-        row.set_coefficient(coef, -1.0)
-        for var in parts.values():
-            row.set_coefficient(var, 1.0)
+        parts = {o: self._binary() for o in range(len(options))}
+        self._row([(coef, -1.0)] + [(var, 1.0) for var in parts.values()], 0.0, 0.0)
         self.window_vars[(vid, g, evict)][(src, dst)] = parts
         on = hint_pair == (src, dst)
         for o, var in parts.items():
@@ -458,8 +460,11 @@ class _WindowModel:
             if active <= 0:
                 prev, pending = None, []
                 continue
-            cur = self._cont()
-            self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
+            if pending or prev is None:
+                cur = self._cont()
+                self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
+            else:
+                cur = prev  # nothing started or ended: the same load as the last row
             self._ge_terms(self.step_var(s), [(cur, 1.0)], const[s] / tu)
             prev, pending = cur, []
 
@@ -523,54 +528,100 @@ class _WindowModel:
                 continue  # cannot bind here; the changes carry over to the next row
             room = (cap - const[s]) / scale
             if self.integer:
-                cur = self.model.add_integer_variable(lb=-(2**62), ub=math.floor(room + 1e-9))
+                cur = self._var(-(2.0**62), float(math.floor(room + 1e-9)), True)
             else:  # one byte of safety against the solver's feasibility tolerance
-                cur = self.model.add_variable(lb=-math.inf, ub=room - 1.0 / scale)
+                cur = self._var(-math.inf, room - 1.0 / scale)
             self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
             prev, pending = cur, []
 
     # --- small helpers ----------------------------------------------------------------------
 
-    def _cont(self) -> Any:
+    def _var(self, lb: float, ub: float, integer: bool = False) -> int:
+        """A new variable (its id)."""
+        self.var_lb.append(lb)
+        self.var_ub.append(ub)
+        self.var_int.append(integer)
+        return len(self.var_lb) - 1
+
+    def _binary(self) -> int:
+        return self._var(0.0, 1.0, True)
+
+    def _cont(self) -> int:
         """A non-negative quantity: continuous, or integer for CP-SAT."""
-        if self.integer:
-            return self.model.add_integer_variable(lb=0.0)
-        return self.model.add_variable(lb=0.0)
+        return self._var(0.0, math.inf, self.integer)
+
+    def _row(self, terms: Sequence[tuple[Any, float]], lb: float, ub: float) -> None:
+        """lb <= sum c * v <= ub over variables v (ids); constant terms (floats) move into
+        the bounds. Repeated variables are summed when the model is exported."""
+        const = 0.0
+        r = len(self.row_lb)
+        for v, c in terms:
+            if isinstance(v, float):
+                const += v * c
+            else:
+                self.mat_row.append(r)
+                self.mat_col.append(v)
+                self.mat_coef.append(c)
+        self.row_lb.append(lb - const)
+        self.row_ub.append(ub - const)
+
+    def _le_sum(self, terms: Sequence[tuple[Any, float]], ub: float) -> None:
+        """sum c * v <= ub, each v a variable or a float constant."""
+        if all(isinstance(v, float) for v, _c in terms):
+            total = sum(v * c for v, c in terms)
+            if total > ub:
+                raise PassError("place-tiers", f"fixed decisions contradict: {total} > {ub}")
+            return
+        self._row(terms, -math.inf, ub)
 
     def _le(self, a: Any, b: Any) -> None:
-        """a <= b, each a variable, an expression or a float constant."""
-        a_const, b_const = isinstance(a, float), isinstance(b, float)
-        if a_const and b_const:
-            if a > b:
-                raise PassError("place-tiers", f"fixed decisions contradict: {a} > {b}")
-        elif b_const:
-            self.model.add_linear_constraint(ub=b, expr=a)
-        elif a_const:
-            self.model.add_linear_constraint(lb=a, expr=b)
-        else:
-            self.model.add_linear_constraint(ub=0.0, expr=a - b)
+        """a <= b, each a variable or a float constant."""
+        self._le_sum([(a, 1.0), (b, -1.0)], 0.0)
 
-    def _ge_const(self, var: Any, value: float) -> None:
+    def _ge_const(self, var: int, value: float) -> None:
         """var >= value (skipped when value <= 0)."""
         if value > 0:
-            self.model.add_linear_constraint(lb=value, expr=var)
+            self._row([(var, 1.0)], value, math.inf)
 
-    def _ge_terms(self, var: Any, terms: Sequence[tuple[Any, float]], const: float) -> None:
+    def _ge_terms(self, var: int, terms: Sequence[tuple[Any, float]], const: float) -> None:
         """var >= const + sum c * v."""
-        row = self.model.add_linear_constraint(lb=const)
-        row.set_coefficient(var, 1.0)
-        for v, c in terms:
-            row.set_coefficient(v, row.get_coefficient(v) - c)
+        self._row([(var, 1.0)] + [(v, -c) for v, c in terms], const, math.inf)
 
-    def _eq(self, var: Any, terms: Sequence[tuple[Any, float]]) -> None:
+    def _eq(self, var: int, terms: Sequence[tuple[Any, float]]) -> None:
         """var == sum c * v; CP-SAT (integer variables) gets coefficients rounded away from 0,
         the same way where a term starts and where it ends, so the chain stays exact."""
-        row = self.model.add_linear_constraint(lb=0.0, ub=0.0)
-        row.set_coefficient(var, 1.0)
-        for v, c in terms:
-            if self.integer:
-                c = math.copysign(math.ceil(abs(c) - 1e-9), c)
-            row.set_coefficient(v, row.get_coefficient(v) - c)
+        if self.integer:
+            terms = [(v, math.copysign(math.ceil(abs(c) - 1e-9), c)) for v, c in terms]
+        self._row([(var, 1.0)] + [(v, -c) for v, c in terms], 0.0, 0.0)
+
+    def _export(self, name: str, objective: Sequence[tuple[int, float]]) -> Any:
+        """The collected variables, rows and objective (minimised) as a MathOpt model."""
+        from ortools.math_opt import model_pb2
+        from ortools.math_opt.python import mathopt
+
+        proto = model_pb2.ModelProto(name=name)
+        num_vars = len(self.var_lb)
+        proto.variables.ids.extend(range(num_vars))
+        proto.variables.lower_bounds.extend(self.var_lb)
+        proto.variables.upper_bounds.extend(self.var_ub)
+        proto.variables.integers.extend(self.var_int)
+        obj_ids, obj_coefs = _summed(np.zeros(len(objective), dtype=np.int64),
+                                     [v for v, _c in objective], [c for _v, c in objective],
+                                     num_vars)[1:]
+        proto.objective.maximize = False
+        proto.objective.linear_coefficients.ids.extend(obj_ids.tolist())
+        proto.objective.linear_coefficients.values.extend(obj_coefs.tolist())
+        num_rows = len(self.row_lb)
+        proto.linear_constraints.ids.extend(range(num_rows))
+        proto.linear_constraints.lower_bounds.extend(self.row_lb)
+        proto.linear_constraints.upper_bounds.extend(self.row_ub)
+        rows, cols, coefs = _summed(np.array(self.mat_row, dtype=np.int64), self.mat_col,
+                                    self.mat_coef, num_vars)
+        matrix = proto.linear_constraint_matrix
+        matrix.row_ids.extend(rows.tolist())
+        matrix.column_ids.extend(cols.tolist())
+        matrix.coefficients.extend(coefs.tolist())
+        return mathopt.Model.from_model_proto(proto)
 
     def _flow(self, src: Mapping[int, Any], dst: Mapping[int, Any],
               forbidden: set[tuple[int, int]], hint_pair: tuple[int, int] | None
@@ -600,30 +651,28 @@ class _WindowModel:
                         else:
                             self._le(va, 0.0)
             return out
-        rows_src = {a: self.model.add_linear_constraint(lb=0.0, ub=0.0) for a in src}
-        rows_dst = {b: self.model.add_linear_constraint(lb=0.0, ub=0.0) for b in dst}
-        for a, v in src.items():
-            rows_src[a].set_coefficient(v, -1.0)
-        for b, v in dst.items():
-            rows_dst[b].set_coefficient(v, -1.0)
+        rows_src: dict[int, list[tuple[Any, float]]] = {a: [(v, -1.0)] for a, v in src.items()}
+        rows_dst: dict[int, list[tuple[Any, float]]] = {b: [(v, -1.0)] for b, v in dst.items()}
         for a in src:
             for b in dst:
                 if (a, b) in forbidden:
                     continue
-                var = (self.model.add_binary_variable() if self.integer
-                       else self.model.add_variable(lb=0.0, ub=1.0))
-                rows_src[a].set_coefficient(var, 1.0)
-                rows_dst[b].set_coefficient(var, 1.0)
+                var = self._var(0.0, 1.0, self.integer)
+                rows_src[a].append((var, 1.0))
+                rows_dst[b].append((var, 1.0))
                 out[(a, b)] = var
                 if hint_pair is not None and self.integer:
                     self.hint_values[var] = 1.0 if hint_pair == (a, b) else 0.0
+        for terms in list(rows_src.values()) + list(rows_dst.values()):
+            self._row(terms, 0.0, 0.0)
         return out
 
     # --- solve ----------------------------------------------------------------------------
 
     def solve(self, backend: str, time_limit_s: float, seed: int, workers: int,
               relative_gap: float = RELATIVE_GAP) -> Any:
-        mo = self.mo
+        from ortools.math_opt.python import mathopt as mo
+
         params = mo.SolveParameters(
             time_limit=timedelta(seconds=max(time_limit_s, 0.05)),
             random_seed=seed,
@@ -647,10 +696,25 @@ class _WindowModel:
             params.cp_sat.mip_max_bound = 1e15
         model_params = None
         if self.hint_values:
+            hint = {self.model.get_variable(v, validate=False): value
+                    for v, value in self.hint_values.items()}
             model_params = mo.ModelSolveParameters(
-                solution_hints=[mo.SolutionHint(variable_values=dict(self.hint_values))])
+                solution_hints=[mo.SolutionHint(variable_values=hint)])
         with _quiet_stdout():
             return mo.solve(self.model, solver, params=params, model_params=model_params)
+
+
+def _summed(rows: np.ndarray, cols: Sequence[int], coefs: Sequence[float], num_cols: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries (row, col, coef) in row-major order, repeated (row, col) summed, zeros dropped
+    (the sparse form a ModelProto takes)."""
+    width = max(num_cols, 1)
+    keys = rows * width + np.asarray(cols, dtype=np.int64)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    sums = np.bincount(inverse, weights=np.asarray(coefs, dtype=float), minlength=len(unique))
+    keep = sums != 0.0
+    unique, sums = unique[keep], sums[keep]
+    return unique // width, unique % width, sums
 
 
 @contextlib.contextmanager
@@ -718,7 +782,9 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
     solved = result.has_primal_feasible_solution()
     new: dict[str, Choice] = {}
     if solved:
-        values = result.variable_values()
+        values = np.zeros(len(model.var_lb))
+        for var, value in result.variable_values().items():
+            values[var.id] = value
         for vid in free:
             old = assignment[vid]
             runs = tuple(_argmax(model.x[(vid, r)], values) if (vid, r) in model.x else k
@@ -766,7 +832,7 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
 
 
 def _chosen_window(model: _WindowModel, vid: str, g: int, evict: bool, pair: tuple[int, int],
-                   incumbent_pair: tuple[int, int], values: Mapping[Any, float], default: int
+                   incumbent_pair: tuple[int, int], values: np.ndarray, default: int
                    ) -> int:
     """The window option of gap g's move `pair` in the solution: the one the solver picked, else
     the incumbent's `default` for the incumbent's move, else the shortest (option 0)."""
@@ -860,7 +926,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
                       detail)
 
 
-def _argmax(table: Mapping[int, Any], values: Mapping[Any, float]) -> int:
+def _argmax(table: Mapping[int, int], values: np.ndarray) -> int:
     return max(table, key=lambda k: (values[table[k]], -k))
 
 
