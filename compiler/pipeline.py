@@ -8,12 +8,21 @@ with the PassManager (state re-checked after every pass, per-pass wall time reco
 `Plan.pass_wall_s`) and returns the plan with the program attached. The plan carries the predicted
 times of the baselines ("naive" and "greedy" for a "mip" plan, "naive" for a "greedy" plan) and
 the program's lower bound. For the same input the plan's JSON is byte-identical apart from the
-keys that contain "wall".
+keys that contain "wall" (and, when a solver stops at its time limit, from what it found).
+
+`time_limit_s` is a deadline for planning: the passes run after lowering get
+`PipelineState.deadline_s` = the time lowering ended + `time_limit_s`. The fusion MIP takes at
+most a share of what is left, and the placement MIP what is left after that less a reserve for
+building and verifying its plan (see `PlaceTiersPass.mip_time_limit_s`), so the plan comes back
+about `time_limit_s` after lowering ends. Passes that do not search (schedule, liveness, tiling,
+greedy placement, verification) are not cut short: a program too large for them to finish in
+time still gets its plan, late, with the MIP skipped (solver status "greedy_fallback").
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,11 +46,15 @@ from tiermap.passes.verify import VerifyPass
 
 def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None = None
                   ) -> list[Pass]:
-    """The fusion and tiling passes, in order: `fuse` (MIP over fusion groups) and `tile`."""
-    from tiermap.passes.fusion import FusePass
+    """The fusion and tiling passes, in order: `fuse` (MIP over fusion groups) and `tile`.
+
+    `time_limit_s` is the whole planning time: the fusion MIP gets `DEADLINE_SHARE` of it, at
+    most 10 s (placement needs the rest)."""
+    from tiermap.passes.fusion import DEADLINE_SHARE, FusePass
     from tiermap.passes.tiling import TilePass
 
-    return [FusePass(time_limit_s=min(time_limit_s, 10.0), seed=seed, workers=workers or 1),
+    return [FusePass(time_limit_s=min(DEADLINE_SHARE * time_limit_s, 10.0), seed=seed,
+                     workers=workers or 1),
             TilePass()]
 
 
@@ -94,7 +107,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         *args: example arguments: arrays or `jax.ShapeDtypeStruct` pytrees.
         target: a built-in target name, a .toml path or a Target.
         strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
-        time_limit_s: the MIP's wall-clock limit.
+        time_limit_s: the planning deadline in seconds after lowering (module docstring): the
+            fusion and placement MIPs fit their time limits into it.
         seed: the solver's random seed.
         objective: "time" (predicted seconds) or "energy" (needs energy figures on the tiers).
         backend: the MIP solver: "highs", "scip" or "cpsat".
@@ -125,7 +139,9 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
                           f"{type(fn_or_program).__name__}")
     pass_list = list(passes) if passes is not None else build_passes(
         strategy, time_limit_s, seed, backend, workers, fusion)
-    state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective))
+    deadline_s = time.perf_counter() + time_limit_s
+    state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective,
+                                                     deadline_s=deadline_s))
     if state.plan is None:
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
     if state.fusion.notes:

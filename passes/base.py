@@ -7,6 +7,11 @@ fields, and `run(state) -> state` returning a new `PipelineState` (built with
 pass's wall time and wraps unexpected failures in `PassError(pass_name, message)`. Errors the user
 must see as they are (`InfeasiblePlacementError`, `HardwareSpecError`, any other `TiermapError`)
 pass through unchanged.
+
+Deadline: `PipelineState.deadline_s` (a `time.perf_counter()` value, set by `plan()` to the moment
+its `time_limit_s` runs out) is when planning should be done. Passes that search (`fuse`,
+`place-tiers`) fit their solver time limits into what is left before it, keeping a reserve for the
+work after them; passes that do not search ignore it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class PipelineState:
         liveness: live ranges and live bytes per step, set by the `liveness` pass.
         plan: the placement, set by the `place-tiers` pass.
         pass_wall_s: wall-clock seconds of each pass run so far (not deterministic).
+        deadline_s: when planning should be done, as a `time.perf_counter()` value (None: no
+            deadline; each pass keeps its own time limits). Set by `plan()`.
     """
 
     program: Program
@@ -50,6 +57,11 @@ class PipelineState:
     liveness: Liveness | None = None
     plan: Plan | None = None
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
+    deadline_s: float | None = field(default=None, compare=False)
+
+    def seconds_left(self) -> float | None:
+        """Seconds until `deadline_s` (negative once past), or None without a deadline."""
+        return None if self.deadline_s is None else self.deadline_s - time.perf_counter()
 
 
 @runtime_checkable
@@ -94,8 +106,17 @@ def check_state(state: PipelineState, after: str, check_plan: bool = True) -> No
             raise PassError(after, f"plan does not verify: {exc}") from exc
 
 
+def _is_verify(p: Pass) -> bool:
+    from tiermap.passes.verify import VerifyPass
+
+    return isinstance(p, VerifyPass)
+
+
 class PassManager:
     """Runs passes in order, verifying after each and timing each.
+
+    A plan is immutable, so it is verified once: after the pass that made it, or, when the next
+    pass is the `verify` pass (which re-checks the plan itself), by that pass alone.
 
     Args:
         passes: the passes, in the order they run.
@@ -119,7 +140,7 @@ class PassManager:
     def run(self, state: PipelineState) -> PipelineState:
         """Run every pass on `state`; the returned state's plan carries `pass_wall_s`."""
         wall_s: dict[str, float] = dict(state.pass_wall_s)
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
             try:
                 new_state = p.run(state)
@@ -133,8 +154,11 @@ class PassManager:
             if self.verify_each:
                 t1 = time.perf_counter()
                 try:
-                    # A plan is immutable: re-verify it only after the pass that made it.
-                    check_state(new_state, p.name, check_plan=new_state.plan is not state.plan)
+                    # A plan is immutable: verify it only after the pass that made it, and
+                    # leave it to the verify pass when that comes next.
+                    verify_next = i + 1 < len(self.passes) and _is_verify(self.passes[i + 1])
+                    check_state(new_state, p.name, check_plan=(
+                        new_state.plan is not state.plan and not verify_next))
                 except TiermapError:
                     raise
                 except Exception as exc:

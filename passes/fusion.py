@@ -492,12 +492,22 @@ def fuse(program: Program, target: Target, time_limit_s: float = 10.0, seed: int
     return tile_fusion(program, target, Fusion(groups=tuple(groups), notes=tuple(notes)))
 
 
+# Under a planning deadline the fusion MIP gets this share of the whole planning time (see
+# `compiler.pipeline.fusion_passes`), and never more than LEFT_SHARE of the time left when it
+# starts (placement, which comes after, needs the rest).
+DEADLINE_SHARE = 0.2
+LEFT_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class FusePass:
     """Choose fusion groups (attention, matmul epilogues, elementwise and reduction chains).
 
-    Options: the MIP's `time_limit_s`, `seed` and `workers`; `attention=False` fuses attention
-    only as ordinary chains (a "standard attention" baseline).
+    Options: the MIP's `time_limit_s` (under a deadline in the state, at most LEFT_SHARE of the
+    time left; `fusion_passes` gives it DEADLINE_SHARE of the whole planning time, so that the
+    limit the notes record does not depend on timing unless the deadline binds), `seed` and
+    `workers`; `attention=False` fuses attention only as ordinary
+    chains (a "standard attention" baseline).
 
     Requires: a Program and a Target. Ensures: `state.fusion` holds disjoint, convex groups whose
     working sets fit one core's on-chip budget, with attention tiled (`Fusion.tiles`), and
@@ -511,6 +521,14 @@ class FusePass:
     attention: bool = True
 
     def run(self, state: PipelineState) -> PipelineState:
-        fusion = fuse(state.program, state.target, self.time_limit_s, self.seed, self.workers,
-                      self.attention)
+        fusion = fuse(state.program, state.target, self.solver_time_limit_s(state), self.seed,
+                      self.workers, self.attention)
         return replace(state, fusion=fusion)
+
+    def solver_time_limit_s(self, state: PipelineState) -> float:
+        """`time_limit_s`, or less when the state's deadline leaves less: at most LEFT_SHARE
+        of the time left."""
+        left_s = state.seconds_left()
+        if left_s is None:
+            return float(self.time_limit_s)
+        return max(min(float(self.time_limit_s), LEFT_SHARE * left_s), 0.01)

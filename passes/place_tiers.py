@@ -103,13 +103,25 @@ MAX_WINDOW_BINARIES = 1_500
 # solves); otherwise a move keeps the incumbent's window, and a new move takes the shortest.
 MIP_WINDOW_OPTIONS = False
 # At most this many fix-and-optimise sweeps over a decomposed program; another sweep runs only
-# if the last one improved the plan by at least this fraction.
+# if the last one improved the plan by at least this fraction, and a later sweep stops once the
+# windows it has solved gained less than this fraction times their share of the binaries.
 MAX_SWEEPS = 4
 SWEEP_MIN_GAIN = 1e-3
+# A window's solve gets at most this many seconds per binary variable that starts in it (a
+# window of MAX_WINDOW_BINARIES binaries: 1.5 s), however much of the time limit is left, so that
+# a long time limit is a bound on planning time, not its length.
+WINDOW_S_PER_BINARY = 1e-3
 # Relative gap at which a solve stops: the whole program in one window, or one of several
 # windows (looser, so that time is left for another sweep).
 RELATIVE_GAP = 1e-4
 WINDOW_RELATIVE_GAP = 2e-3
+# Under a planning deadline, the MIP leaves this reserve for the work after it: this many times
+# the measured time of building the greedy plan (the MIP's plan is built the same way, and the
+# independent verification takes about 7 such times), plus a constant; below MIN_MIP_TIME_S
+# left, the MIP is skipped.
+RESERVE_PER_PLAN_BUILD = 10.0
+RESERVE_S = 0.05
+MIN_MIP_TIME_S = 0.1
 # Weight of time in the energy objective (O2), per time unit.
 ENERGY_TIME_WEIGHT = 1e-6
 # CP-SAT works on integers: time and bytes are scaled to this many units per reference amount.
@@ -332,7 +344,7 @@ class _WindowModel:
                     for w, part in self._window_split(vid, seg, g, a, b, True, coef, pair):
                         if not ro[a]:
                             self._occ(a, gap.lo, gap.lo + w - 1, part, nbytes)
-                        self._move(a, b, gap.lo, gap.lo + w - 1, part, nbytes)
+                        self._move(a, b, *p.move_span(seg, g, a, b, True, w), part, nbytes)
             if gap.next_run is None:
                 continue
             nxt = gap.next_run
@@ -350,7 +362,7 @@ class _WindowModel:
                     continue
                 for w, part in self._window_split(vid, seg, g, b, c, False, coef, pair):
                     self._occ(c, gap.hi - w + 1, gap.hi, part, nbytes)
-                    self._move(b, c, gap.hi - w + 1, gap.hi, part, nbytes)
+                    self._move(b, c, *p.move_span(seg, g, b, c, False, w), part, nbytes)
 
     def _window_split(self, vid: str, seg: Segments, g: int, src: int, dst: int, evict: bool,
                       coef: Any, hint_pair: tuple[int, int]) -> list[tuple[int, Any]]:
@@ -861,7 +873,12 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     (fix-and-optimise): the decisions that start in the window are free, all others stay at the
     incumbent, so each solve keeps or improves the whole plan. While time is left and the last
     sweep improved the plan by SWEEP_MIN_GAIN or more, another sweep runs over windows shifted
-    by half (cut where the last sweep's windows had their middles).
+    by half (cut where the last sweep's windows had their middles); it stops early once the
+    windows it solved gained less than SWEEP_MIN_GAIN times their share of the binaries.
+
+    A window gets its share (by binaries) of the time left, at most WINDOW_S_PER_BINARY per
+    binary. Model building counts against `time_limit_s`; a solve may overrun its limit by the
+    solver's own overhead, and one of at least 0.05 s is always made.
     """
     t_start = time.perf_counter()
     p = problem
@@ -893,11 +910,14 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
                 results.append(_WindowResult("optimal", 0.0, None, True))
                 continue
             left_s = time_limit_s - (time.perf_counter() - t_start)
-            if left_s <= 0.0 and results:
-                # out of time: the remaining windows keep the incumbent
+            gained = before - state.objective_value()
+            if (left_s <= 0.0 and results) or (sweep > 0 and i > 0 and gained < (
+                    SWEEP_MIN_GAIN * abs(before) * sum(weights[:i]) / sum(weights))):
+                # out of time, or this sweep no longer pays: the rest keep the incumbent
                 results.append(_WindowResult("skipped", None, None, False))
                 continue
-            limit_s = max(left_s * weights[i] / max(sum(weights[i:]), 1.0), 0.05)
+            limit_s = max(min(left_s * weights[i] / max(sum(weights[i:]), 1.0),
+                              WINDOW_S_PER_BINARY * weights[i]), 0.05)
             label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
             res = _solve_window(p, state, assignment, free, c0, c1, backend, limit_s, seed,
                                 workers, label, RELATIVE_GAP if len(windows) == 1
@@ -922,6 +942,9 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     gaps = ",".join("?" if r.gap is None else f"{100 * r.gap:.2g}%" for r in results)
     detail = (f"{len(windows)} windows, {sweep} sweep(s) of fix-and-optimise; gaps of the last "
               f"sweep's windows, each with the rest fixed: {gaps}")
+    skipped = sum(r.status == "skipped" for r in results)
+    if skipped:
+        detail += (f" ({skipped} of them skipped: the sweep no longer paid, or time ran out)")
     return MipOutcome(assignment, "feasible", None, None, state.objective_value(), len(windows),
                       detail)
 
@@ -949,7 +972,10 @@ class PlaceTiersPass:
 
     Attributes:
         strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
-        time_limit_s: the MIP's wall-clock limit (all windows together).
+        time_limit_s: the MIP's wall-clock limit (all windows together). With a deadline in the
+            state (`PipelineState.deadline_s`) the MIP gets less when less is left: see
+            `mip_time_limit_s`; with no time left it is skipped (status "greedy_fallback").
+            The plan's `SolverInfo.time_limit_s` is the limit the MIP was given.
         seed: the solver's random seed.
         backend: "highs", "scip" or "cpsat".
         workers: solver threads (None: `default_workers()`); HiGHS always runs one.
@@ -1021,24 +1047,44 @@ class PlaceTiersPass:
         notes = () if naive is not None else (
             "the naive strategy finds no placement (whole tensors in program order do not "
             "fit), so there is no naive baseline",)
+        t1 = time.perf_counter()
         greedy_plan = build_plan(program, target, "greedy", greedy_parts[0], greedy_parts[1],
                                  state.fusion, lower_bound_s, baselines, greedy_info, notes)
+        build_s = time.perf_counter() - t1
         if self.strategy == "greedy":
             return replace(state, plan=greedy_plan)
         baselines["greedy"] = greedy_plan.predicted_time_s
         return replace(state, plan=self._mip(state, problem, greedy, greedy_plan, naive_problem,
-                                             naive, baselines, lower_bound_s, workers))
+                                             naive, baselines, lower_bound_s, workers, build_s))
+
+    def mip_time_limit_s(self, state: PipelineState, plan_build_s: float) -> float:
+        """The MIP's time limit: `time_limit_s`, or less when the state has a deadline: what is
+        left before it, less a reserve for the work after the MIP (building its plan and the
+        independent verification), estimated as RESERVE_PER_PLAN_BUILD times the measured time
+        of building the greedy plan."""
+        left_s = state.seconds_left()
+        if left_s is None:
+            return float(self.time_limit_s)
+        reserve_s = RESERVE_PER_PLAN_BUILD * plan_build_s + RESERVE_S
+        return max(min(float(self.time_limit_s), left_s - reserve_s), 0.0)
 
     def _mip(self, state: PipelineState, problem: PlacementProblem, greedy: Assignment,
              greedy_plan: Plan, naive_problem: PlacementProblem, naive: Assignment | None,
-             baselines: Mapping[str, float], lower_bound_s: float, workers: int) -> Plan:
+             baselines: Mapping[str, float], lower_bound_s: float, workers: int,
+             plan_build_s: float) -> Plan:
         program, target = state.program, state.target
         t0 = time.perf_counter()
-        outcome = solve_mip(problem, greedy, self.time_limit_s, self.seed, self.backend, workers,
-                            self.max_window_binaries)
+        limit_s = self.mip_time_limit_s(state, plan_build_s)
+        if limit_s >= MIN_MIP_TIME_S:
+            outcome = solve_mip(problem, greedy, limit_s, self.seed, self.backend, workers,
+                                self.max_window_binaries)
+        else:
+            limit_s = 0.0  # no solver runs
+            outcome = MipOutcome(None, "greedy_fallback", None, None, None, 0,
+                                 "no time left for the MIP before the planning deadline")
         wall_s = time.perf_counter() - t0
         notes: list[str] = list(greedy_plan.notes)
-        info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, self.time_limit_s,
+        info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, limit_s,
                           seed=self.seed, workers=solver_workers(self.backend, workers),
                           bound_s=outcome.bound_s, detail=outcome.detail)
         plan: Plan | None = None
@@ -1054,7 +1100,7 @@ class PlaceTiersPass:
                                detail=info.detail + "; the MIP plan was worse than greedy")
                 plan = None
         else:
-            notes.append(f"no MIP solution within {self.time_limit_s:g} s ({outcome.detail}); "
+            notes.append(f"no MIP solution within {limit_s:.3g} s ({outcome.detail}); "
                          "returning the greedy plan")
         if plan is None:
             plan = replace(greedy_plan, strategy="mip", baselines=dict(baselines), solver=info)
