@@ -344,7 +344,7 @@ class _WindowModel:
                     for w, part in self._window_split(vid, seg, g, a, b, True, coef, pair):
                         if not ro[a]:
                             self._occ(a, gap.lo, gap.lo + w - 1, part, nbytes)
-                        self._move(a, b, *p.move_span(seg, g, a, b, True, w), part, nbytes)
+                        self._move(a, b, gap.lo, gap.lo + w - 1, part, nbytes)
             if gap.next_run is None:
                 continue
             nxt = gap.next_run
@@ -362,7 +362,7 @@ class _WindowModel:
                     continue
                 for w, part in self._window_split(vid, seg, g, b, c, False, coef, pair):
                     self._occ(c, gap.hi - w + 1, gap.hi, part, nbytes)
-                    self._move(b, c, *p.move_span(seg, g, b, c, False, w), part, nbytes)
+                    self._move(b, c, gap.hi - w + 1, gap.hi, part, nbytes)
 
     def _window_split(self, vid: str, seg: Segments, g: int, src: int, dst: int, evict: bool,
                       coef: Any, hint_pair: tuple[int, int]) -> list[tuple[int, Any]]:
