@@ -11,7 +11,9 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   During a transfer the tensor occupies both tiers: the `dst` residency starts at `start_step`,
   the `src` residency lasts at least to `end_step`. The `dst` copy is usable by ops from
   `end_step + 1`; an op at step s reads its inputs from a tier where the tensor is usable at s
-  (the fastest one if several). An op's outputs are written where they reside at the op's step.
+  (the fastest one if several). An op's outputs are written where they reside at the op's step,
+  which is one writable tier (a copy elsewhere is a transfer that starts after that step; a
+  constant may also have its read-only home).
 - A transfer's time, bytes / link bandwidth, is spread evenly over its steps and overlaps the ops
   there (prefetch before a use, eviction after the last write). Step time = max(op time, for each
   link the sum of the shares of the transfers on it at that step). Op time = max(compute time,

@@ -49,6 +49,7 @@ import numpy as np
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.ir import Program
 from tiermap.compiler.plan import Residency, Transfer
+from tiermap.costmodel.bounds import best_spread_span
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
 from tiermap.errors import InfeasiblePlacementError, TiermapError
 from tiermap.hwtargets.target import Target
@@ -208,6 +209,7 @@ class PlacementProblem:
         self._check_feasible()
         self._estimate_op_times()
         self._window_cache: dict[tuple[str, int, int, int, bool], tuple[int, ...]] = {}
+        self._span_cache: dict[tuple[str, int, int, int, bool, int], tuple[int, int]] = {}
         self.pinned: Assignment = {}
         if pin:
             self._pin()
@@ -406,6 +408,26 @@ class PlacementProblem:
         self._window_cache[key] = options
         return options
 
+    def move_span(self, seg: Segments, g: int, src: int, dst: int, evict: bool, steps: int
+                  ) -> tuple[int, int]:
+        """The steps a move of gap g with a window of `steps` steps (at the gap's start for an
+        eviction, at its end for a prefetch) spreads its link time over: the run inside the
+        window whose estimated op times hide it best (`costmodel.bounds.best_spread_span`), so
+        that a copy can ride under a long kernel instead of stretching short ones. The tensor
+        is held in the destination from the run's first step, in the source to the window's
+        end."""
+        key = (seg.vid, g, src, dst, evict, steps)
+        hit = self._span_cache.get(key)
+        if hit is not None:
+            return hit
+        gap = seg.gaps[g]
+        lo = gap.lo if evict else gap.hi - steps + 1
+        first, last, _excess_s = best_spread_span(seg.nbytes / self.link_bw(src, dst),
+                                                  self.est_op_s[lo:lo + steps])
+        span = (lo + first, lo + last)
+        self._span_cache[key] = span
+        return span
+
     def layout(self, seg: Segments, choice: Choice) -> tuple[list[Piece], list[Move]]:
         """Residency pieces and transfers of a tensor under `choice` (see the module docstring)."""
         ro = self.read_only
@@ -419,21 +441,25 @@ class PlacementProblem:
                 pieces.append((k, run.lo, run.hi))
         for g, gap in enumerate(seg.gaps):
             b = choice.gaps[g]
-            if not ro[b]:
-                pieces.append((b, gap.lo, gap.hi))
+            b_from = gap.lo
             if gap.prev_run is not None:
                 a = choice.runs[gap.prev_run]
                 if a != b and not ro[b]:
                     w = self.window(seg, g, a, b, True, choice.evict_opt[g])
+                    start, end = self.move_span(seg, g, a, b, True, w)
                     if not ro[a]:
                         pieces.append((a, gap.lo, gap.lo + w - 1))
-                    moves.append((a, b, gap.lo, gap.lo + w - 1))
+                    moves.append((a, b, start, end))
+                    b_from = start
+            if not ro[b]:
+                pieces.append((b, b_from, gap.hi))
             if gap.next_run is not None:
                 c = choice.runs[gap.next_run]
                 if b != c and not ro[c]:
                     w = self.window(seg, g, b, c, False, choice.prefetch_opt[g])
-                    pieces.append((c, gap.hi - w + 1, gap.hi))
-                    moves.append((b, c, gap.hi - w + 1, gap.hi))
+                    start, end = self.move_span(seg, g, b, c, False, w)
+                    pieces.append((c, start, gap.hi))
+                    moves.append((b, c, start, end))
         return pieces, moves
 
     def valid(self, seg: Segments, choice: Choice) -> bool:

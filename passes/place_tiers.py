@@ -122,6 +122,8 @@ WINDOW_RELATIVE_GAP = 2e-3
 RESERVE_PER_PLAN_BUILD = 10.0
 RESERVE_S = 0.05
 MIN_MIP_TIME_S = 0.1
+# The capacity LP's time limit (less when the planning deadline is near: a third of what is left).
+CAPACITY_LP_TIME_LIMIT_S = 20.0
 # Weight of time in the energy objective (O2), per time unit.
 ENERGY_TIME_WEIGHT = 1e-6
 # CP-SAT works on integers: time and bytes are scaled to this many units per reference amount.
@@ -344,7 +346,8 @@ class _WindowModel:
                     for w, part in self._window_split(vid, seg, g, a, b, True, coef, pair):
                         if not ro[a]:
                             self._occ(a, gap.lo, gap.lo + w - 1, part, nbytes)
-                        self._move(a, b, gap.lo, gap.lo + w - 1, part, nbytes)
+                        m_lo, m_hi = p.move_span(seg, g, a, b, True, w)
+                        self._move(a, b, m_lo, m_hi, part, nbytes)
             if gap.next_run is None:
                 continue
             nxt = gap.next_run
@@ -362,7 +365,8 @@ class _WindowModel:
                     continue
                 for w, part in self._window_split(vid, seg, g, b, c, False, coef, pair):
                     self._occ(c, gap.hi - w + 1, gap.hi, part, nbytes)
-                    self._move(b, c, gap.hi - w + 1, gap.hi, part, nbytes)
+                    m_lo, m_hi = p.move_span(seg, g, b, c, False, w)
+                    self._move(b, c, m_lo, m_hi, part, nbytes)
 
     def _window_split(self, vid: str, seg: Segments, g: int, src: int, dst: int, evict: bool,
                       coef: Any, hint_pair: tuple[int, int]) -> list[tuple[int, Any]]:
@@ -980,6 +984,8 @@ class PlaceTiersPass:
         backend: "highs", "scip" or "cpsat".
         workers: solver threads (None: `default_workers()`); HiGHS always runs one.
         max_window_binaries: decompose programs whose MIP has more binaries than this.
+        capacity_bound: also solve the capacity LP (passes/capacity_bound.py) for a lower bound
+            that holds tier capacities over time (seconds on a 4k-op program; off by default).
     """
 
     name: ClassVar[str] = "place-tiers"
@@ -989,6 +995,7 @@ class PlaceTiersPass:
     backend: str = "highs"
     workers: int | None = None
     max_window_binaries: int = MAX_WINDOW_BINARIES
+    capacity_bound: bool = False
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -1014,6 +1021,29 @@ class PlaceTiersPass:
         from tiermap.costmodel.bounds import program_lower_bound_s
 
         lower_bound_s = program_lower_bound_s(program, target, state.fusion)
+        bound_notes: tuple[str, ...] = ()
+        if self.capacity_bound:
+            from tiermap.passes.capacity_bound import capacity_lower_bound
+
+            left_s = state.seconds_left()
+            cap = capacity_lower_bound(
+                program, target, state.fusion, seed=self.seed,
+                time_limit_s=CAPACITY_LP_TIME_LIMIT_S if left_s is None else max(
+                    min(CAPACITY_LP_TIME_LIMIT_S, left_s / 3), 0.1))
+            if cap.bound_s is not None and cap.bound_s > lower_bound_s:
+                bound_notes = (f"lower bound {cap.bound_s:.6g} s from the {cap.detail} "
+                               f"(the per-step knapsack bound is {lower_bound_s:.6g} s)",)
+                lower_bound_s = cap.bound_s
+            else:
+                bound_notes = (f"lower bound: the per-step knapsack ({lower_bound_s:.6g} s); "
+                               f"the capacity LP gave no more ({cap.status}: {cap.detail})",)
+        out = self._place(state, lower_bound_s)
+        if bound_notes and out.plan is not None:
+            out = replace(out, plan=replace(out.plan, notes=out.plan.notes + bound_notes))
+        return out
+
+    def _place(self, state: PipelineState, lower_bound_s: float) -> PipelineState:
+        program, target = state.program, state.target
         workers = self.workers or default_workers()
         # naive: no fusion, no pins
         naive_problem = PlacementProblem(program, target, Fusion(), state.liveness,

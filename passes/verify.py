@@ -11,7 +11,8 @@ when given, the Program) and checks the semantics fixed in compiler/plan.py:
 4. every change of tier has its transfer: an interval that starts after the live range starts is
    the destination of exactly one transfer starting there, whose source holds the tensor over the
    transfer's steps (a program input may also be copied from step 0; a produced tensor is written,
-   not moved, at its producer step); bytes = nbytes; nothing is written into a read-only tier;
+   not moved, at its producer step, into one writable tier); bytes = nbytes; nothing is written
+   into a read-only tier;
 5. at every step every tier's resident bytes fit its capacity;
 6. read-only tiers hold only program inputs and constants; scratch tiers (per-unit, not
    persistent) hold nothing;
@@ -150,7 +151,15 @@ def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
             if gap is not None:
                 _fail(f"{where}: {role} tier {tier} does not hold the tensor at step {gap}")
         into[(x.tensor, x.dst, x.start_step)].append(x)
+    read_only = {tier.name for tier in plan.target.tiers if tier.read_only}
     for t in plan.tensors:
+        if t.producer_step >= 0:
+            written = [r.tier for r in t.residency
+                       if r.from_step == t.producer_step and r.tier not in read_only]
+            if len(written) > 1:
+                _fail(f"tensor {t.id}: resides in {', '.join(written)} from its producer step "
+                      f"{t.producer_step}; an op writes its output into one tier (move it to "
+                      "the others with transfers after that step)")
         for r in t.residency:
             found = into.pop((t.id, r.tier, r.from_step), [])
             if r.from_step == _live_start(t):

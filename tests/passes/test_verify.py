@@ -69,6 +69,12 @@ def test_a_change_of_tier_without_its_transfer_is_caught(good: Plan) -> None:
            "tensor X", "exactly one transfer into fast starting at step 4")
 
 
+def test_an_output_is_written_into_one_tier(good: Plan) -> None:
+    # Y is produced at step 2: resident in both tiers from there would be a free copy
+    _fails(_with_tensor(good, "Y", residency=(Residency("fast", 2, 3), Residency("slow", 2, 3))),
+           "tensor Y: resides in fast, slow from its producer step 2")
+
+
 def test_transfer_bytes_must_be_the_tensor_size(good: Plan) -> None:
     broken = (replace(good.transfers[0], bytes=123),) + good.transfers[1:]
     _fails(replace(good, transfers=broken), "moves 123 bytes", f"has {S}")
