@@ -345,18 +345,20 @@ class _CapacityLp:
             for o in movable:
                 if o.kind == "B":
                     occ_terms[o.index].append((v[i][o], nbytes, steps[i], steps[i]))
-        # (C5) a move into a binding tier needs a copy in F (one binding tier, no home)
-        evict = None
-        if free_tier is not None and not has_home and len(self.binding) == 1:
-            evict = self._var()
+        # moves into F are on links incident to the binding tier when it is the only one and
+        # there is no home (their source is that tier): (C5) and the link rows count them
+        single = free_tier is not None and not has_home and len(self.binding) == 1
+        into_f: list[Any] = []
+        lead_sums: list[list[Any]] = []
         for i in range(num - 1):
             a_i, a_next = steps[i], steps[i + 1]
             for o in movable:
                 if o.kind == "F":  # (C3) for F: held since a_i or moved in since
                     n_f = self._var()
                     m.add_linear_constraint(ub=0.0, expr=v[i + 1][o] - v[i][o] - n_f)
-                    if evict is not None:
-                        m.add_linear_constraint(ub=0.0, expr=n_f - evict)
+                    into_f.append(n_f)
+                    if single:  # it ends before a_next and starts in the live range
+                        windows.append(_Window(lo, a_next - 1, 0, [(n_f, nbytes)]))
                     continue
                 stay = self._var()  # (V3), (C4)
                 m.add_linear_constraint(ub=0.0, expr=stay - v[i][o])
@@ -365,12 +367,15 @@ class _CapacityLp:
                 leads = self._lead_options(vid, o, nbytes, lo, a_i, a_next, occ_terms, windows)
                 m.add_linear_constraint(  # (C3)
                     ub=0.0, expr=v[i + 1][o] - stay - mo.fast_sum(leads))
-                if evict is not None:
-                    assert free_tier is not None
-                    m.add_linear_constraint(
-                        ub=0.0, expr=mo.fast_sum(leads) - evict - v[0][free_tier])
-        if evict is not None:
-            windows.append(_Window(0, self.num_steps - 1, 0, [(evict, nbytes)]))
+                lead_sums.append(leads)
+        if single and free_tier is not None:
+            # (C5) a move into the binding tier needs a copy in F: written or given there, or
+            # moved there (ending in some gap, or later: `tail`)
+            tail = self._var()
+            windows.append(_Window(lo, self.ranges[vid][1], 0, [(tail, nbytes)]))
+            for leads in lead_sums:
+                m.add_linear_constraint(ub=0.0, expr=mo.fast_sum(leads) - tail
+                                        - mo.fast_sum(into_f) - v[0][free_tier])
 
     def _lead_options(self, vid: str, o: _Option, nbytes: float, live_lo: int, a_i: int,
                       a_next: int, occ_terms: list[list[tuple[Any, float, int, int]]],
@@ -476,6 +481,17 @@ class _CapacityLp:
                 if size >= n:
                     break
                 size *= 2
+        for w in windows:  # each move alone within its own window, (C8) and (C9)
+            lo, hi = w.lo, w.hi
+            span = P[hi] - (P[lo - 1] if lo > 0 else 0.0)
+            bw = self.link_bytes_per_s[w.tier]
+            m.add_linear_constraint(lb=0.0, expr=span - self.mo.fast_sum(
+                nb / bw / tu * var for var, nb in w.terms))
+            if w.penalty_s > 0:
+                floor_s = float(self.floor_cum_s[hi + 1] - self.floor_cum_s[lo])
+                share = self.fastest_link_bytes_per_s[w.tier] / bw
+                m.add_linear_constraint(lb=floor_s / tu, expr=span - self.mo.fast_sum(
+                    share * w.penalty_s / tu * var for var, _nb in w.terms))
         for (size, off, idx, b), ws in sorted(rows.items(), key=lambda kv: kv[0]):
             lo = idx * size + off
             hi = min(lo + size - 1, n - 1)

@@ -716,8 +716,28 @@ class _WindowModel:
                     for v, value in self.hint_values.items()}
             model_params = mo.ModelSolveParameters(
                 solution_hints=[mo.SolutionHint(variable_values=hint)])
+        return solve_with_hint_fallback(self.model, solver, params, model_params, time_limit_s)
+
+
+def solve_with_hint_fallback(model: Any, solver: Any, params: Any, model_params: Any,
+                             time_limit_s: float) -> Any:
+    """`mathopt.solve` with the hint in `model_params`; if the solver fails on it, again
+    without it in the time that is left. HiGHS rejects some partial MIP starts with an
+    internal error on models it solves without them; the caller keeps its incumbent unless the
+    new solution is better, so dropping the hint loses nothing but speed."""
+    from ortools.math_opt.python import mathopt as mo
+
+    t0 = time.perf_counter()
+    try:
         with _quiet_stdout():
-            return mo.solve(self.model, solver, params=params, model_params=model_params)
+            return mo.solve(model, solver, params=params, model_params=model_params)
+    except Exception:
+        if model_params is None:
+            raise
+        params.time_limit = timedelta(seconds=max(time_limit_s - (time.perf_counter() - t0),
+                                                  0.05))
+        with _quiet_stdout():
+            return mo.solve(model, solver, params=params)
 
 
 def _summed(rows: np.ndarray, cols: Sequence[int], coefs: Sequence[float], num_cols: int

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tiermap.compiler.frontend import lower
@@ -241,3 +241,30 @@ def test_no_random_plan_of_a_lowered_jax_program_beats_the_bound(
     for _ in range(3):
         residency, transfers = random_placement(program, target, fusion, rng)
         _check(program, target, fusion, residency, transfers)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_no_random_plan_beats_the_capacity_lp_bound(seed: int) -> None:
+    """The capacity LP (passes/capacity_bound.py) is a relaxation of every plan, too: random
+    placements, which hold tensors across steps and move them between tiers at random, never
+    beat it."""
+    from tiermap.passes.capacity_bound import capacity_lower_bound
+
+    rng = random.Random(seed)
+    program = random_program(rng)
+    target = random_target(rng)
+    fusion = random_fusion(program, rng)
+    result = capacity_lower_bound(program, target, fusion, time_limit_s=30.0)
+    if result.bound_s is None:
+        assert result.status == "no binding tier", result
+        return
+    event("a tier binds")
+    knapsack_s = program_lower_bound_s(program, target, fusion)
+    if result.bound_s > knapsack_s * (1 + 1e-6):
+        event("the capacity LP is tighter")
+    for _ in range(3):
+        residency, transfers = random_placement(program, target, fusion, rng)
+        ev = evaluate(program, target, residency, transfers, fusion)
+        assert ev.unplaced == (), ev.unplaced
+        assert ev.predicted_time_s >= result.bound_s, (ev.predicted_time_s, result.bound_s)

@@ -175,3 +175,29 @@ def test_time_limit_hit_is_reported_as_feasible_with_its_gap_or_falls_back() -> 
     if p.solver.status == "feasible":
         assert p.solver.gap is not None
     assert p.predicted_time_s <= p.baselines["greedy"] * (1 + 1e-9)
+
+
+def test_a_hint_highs_rejects_is_dropped_not_fatal() -> None:
+    """A window MIP (saved from a hypothesis case) on which HiGHS fails with an internal error
+    when given the greedy incumbent as a partial MIP start, and solves without it."""
+    import json
+    from datetime import timedelta
+    from pathlib import Path
+
+    from ortools.math_opt import model_pb2
+    from ortools.math_opt.python import mathopt as mo
+
+    from tiermap.passes.place_tiers import solve_with_hint_fallback
+
+    data = Path(__file__).parent / "data"
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString((data / "highs_hint_internal_error.pb").read_bytes())
+    model = mo.Model.from_model_proto(proto)
+    hint = {model.get_variable(int(k)): v for k, v in json.loads(
+        (data / "highs_hint_internal_error.hint.json").read_text()).items()}
+    params = mo.SolveParameters(time_limit=timedelta(seconds=20), random_seed=0)
+    params.highs.int_options["threads"] = 1
+    model_params = mo.ModelSolveParameters(solution_hints=[mo.SolutionHint(hint)])
+    result = solve_with_hint_fallback(model, mo.SolverType.HIGHS, params, model_params, 20.0)
+    assert result.termination.reason == mo.TerminationReason.OPTIMAL
+    assert result.objective_value() == pytest.approx(49.59297232349792, rel=1e-6)
