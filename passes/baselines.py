@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,8 @@ WINDOW_SLACK = 2.0
 # first option only).
 WINDOW_STRETCH = 4
 CONSTANT_KIND = "stablehlo.constant"
+# Sweeps of `respread_moves` over the transfers.
+RESPREAD_SWEEPS = 2
 # Eviction candidates the greedy strategy scores at each overflowing step.
 RELIEVE_CANDIDATES = 8
 # Relative improvement below which a greedy move is not worth making (float noise).
@@ -428,8 +431,13 @@ class PlacementProblem:
         self._span_cache[key] = span
         return span
 
-    def layout(self, seg: Segments, choice: Choice) -> tuple[list[Piece], list[Move]]:
-        """Residency pieces and transfers of a tensor under `choice` (see the module docstring)."""
+    def layout(self, seg: Segments, choice: Choice,
+               windows: list[tuple[int, int, int]] | None = None
+               ) -> tuple[list[Piece], list[Move]]:
+        """Residency pieces and transfers of a tensor under `choice` (see the module docstring).
+
+        With `windows`, appends per move (first and last step of its window, index in the
+        pieces of the destination piece that starts with it), for `respread_moves`."""
         ro = self.read_only
         pieces: list[Piece] = []
         moves: list[Move] = []
@@ -450,6 +458,8 @@ class PlacementProblem:
                     if not ro[a]:
                         pieces.append((a, gap.lo, gap.lo + w - 1))
                     moves.append((a, b, start, end))
+                    if windows is not None:
+                        windows.append((gap.lo, gap.lo + w - 1, len(pieces)))
                     b_from = start
             if not ro[b]:
                 pieces.append((b, b_from, gap.hi))
@@ -458,6 +468,8 @@ class PlacementProblem:
                 if b != c and not ro[c]:
                     w = self.window(seg, g, b, c, False, choice.prefetch_opt[g])
                     start, end = self.move_span(seg, g, b, c, False, w)
+                    if windows is not None:
+                        windows.append((gap.hi - w + 1, gap.hi, len(pieces)))
                     pieces.append((c, start, gap.hi))
                     moves.append((b, c, start, end))
         return pieces, moves
@@ -478,18 +490,109 @@ class PlacementProblem:
                     return False
         return True
 
-    def to_plan_parts(self, assignment: Mapping[str, Choice]
+    def to_plan_parts(self, assignment: Mapping[str, Choice], respread: bool = False
                       ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
-        """Residency intervals per tensor and the transfers, as compiler/plan.py defines them."""
+        """Residency intervals per tensor and the transfers, as compiler/plan.py defines them.
+
+        With `respread`, each transfer's steps are then moved within its window to where its
+        link time costs least given all the others (`respread_moves`)."""
+        layouts: dict[str, tuple[list[Piece], list[Move], list[tuple[int, int, int]]]] = {}
+        for vid, seg in self.segments.items():
+            windows: list[tuple[int, int, int]] = []
+            pieces, moves = self.layout(seg, assignment[vid], windows)
+            layouts[vid] = (pieces, moves, windows)
+        if respread:
+            respread_moves(self, layouts)
+        return self._parts(layouts)
+
+    def _parts(self, layouts: Mapping[str, tuple[list[Piece], list[Move], Any]]
+               ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
         residency: dict[str, tuple[Residency, ...]] = {}
         transfers: list[Transfer] = []
         names = self.tier_names
-        for vid, seg in self.segments.items():
-            pieces, moves = self.layout(seg, assignment[vid])
+        for vid, (pieces, moves, _windows) in layouts.items():
+            nbytes = self.segments[vid].nbytes
             residency[vid] = tuple(Residency(names[k], lo, hi) for k, lo, hi in _merge(pieces))
-            transfers.extend(Transfer(vid, names[a], names[b], lo, hi, seg.nbytes)
+            transfers.extend(Transfer(vid, names[a], names[b], lo, hi, nbytes)
                              for a, b, lo, hi in moves)
         return residency, transfers
+
+
+def respread_moves(problem: PlacementProblem,
+                   layouts: dict[str, tuple[list[Piece], list[Move], list[tuple[int, int, int]]]],
+                   sweeps: int = RESPREAD_SWEEPS) -> None:
+    """Move each transfer's steps within its window (largest first, `sweeps` times) to the run
+    of steps where its evenly spread link time adds least to the step times, given the op times
+    and every other transfer: a step lasts max(op, each link's load), so the cost of a run I
+    of length L is sum_{s in I} max(base_s, load_s + t / L) - max(base_s, load_s), base_s being
+    the op and the other links. The destination then holds the tensor from the run's first step
+    (the window was counted in full when the placement was checked against capacities, so any
+    run inside it fits). Kept only if the plan's predicted time falls and no tier overflows;
+    `layouts` is updated in place."""
+    from tiermap.costmodel.evaluate import evaluate
+
+    n = problem.num_steps
+    before = problem._parts(layouts)
+    ev = evaluate(problem.program, problem.target, before[0], before[1], problem.fusion)
+    op_s = np.array(ev.op_time_s)
+    entries = []
+    loads: dict[tuple[int, int], np.ndarray] = {}
+    for vid, (_pieces, moves, windows) in layouts.items():
+        nbytes = problem.segments[vid].nbytes
+        for i, ((a, b, lo, hi), (w_lo, w_hi, _piece)) in enumerate(zip(moves, windows,
+                                                                        strict=True)):
+            key = (min(a, b), max(a, b))
+            transfer_s = nbytes / problem.link_bw(a, b)
+            arr = loads.setdefault(key, np.zeros(n + 1))
+            arr[lo:hi + 1] += transfer_s / (hi - lo + 1)
+            entries.append((transfer_s, vid, i, key, w_lo, w_hi))
+    if not entries:
+        return
+    saved = {vid: (list(p), list(m), list(w)) for vid, (p, m, w) in layouts.items()}
+    entries.sort(key=lambda e: (-e[0], e[1], e[2]))
+    for _sweep in range(sweeps):
+        for transfer_s, vid, i, key, w_lo, w_hi in entries:
+            pieces, moves, windows = layouts[vid]
+            a, b, lo, hi = moves[i]
+            own = loads[key]
+            own[lo:hi + 1] -= transfer_s / (hi - lo + 1)
+            base = op_s[w_lo:w_hi + 1].copy()
+            for other, arr in loads.items():
+                if other != key:
+                    base = np.maximum(base, arr[w_lo:w_hi + 1])
+            here = own[w_lo:w_hi + 1]
+            now = np.maximum(base, here)
+            best = (math.inf, 0, 0)
+            m = w_hi - w_lo + 1
+            length = 1
+            lengths = {m, hi - lo + 1}
+            while length < m:
+                lengths.add(length)
+                length = max(length + 1, int(length * 1.25))
+            for length in sorted(lengths):
+                extra = np.maximum(base, here + transfer_s / length) - now
+                cum = np.concatenate([[0.0], np.cumsum(extra)])
+                sums = cum[length:] - cum[:-length]
+                j = int(np.argmin(sums))
+                if sums[j] < best[0] - 1e-15:
+                    best = (float(sums[j]), j, length)
+            current = float(np.sum(np.maximum(base[lo - w_lo:hi - w_lo + 1],
+                                              here[lo - w_lo:hi - w_lo + 1]
+                                              + transfer_s / (hi - lo + 1))
+                                   - now[lo - w_lo:hi - w_lo + 1]))
+            if best[0] < current - 1e-15:
+                lo, hi = w_lo + best[1], w_lo + best[1] + best[2] - 1
+                moves[i] = (a, b, lo, hi)
+                piece = windows[i][2]
+                k, _old_lo, p_hi = pieces[piece]
+                pieces[piece] = (k, lo, p_hi)
+            own[lo:hi + 1] += transfer_s / (hi - lo + 1)
+    after = problem._parts(layouts)
+    ev_after = evaluate(problem.program, problem.target, after[0], after[1], problem.fusion)
+    fits = all(max(ev_after.occupancy_bytes.get(t.name, (0,)), default=0) <= t.capacity_bytes
+               for t in problem.target.tiers)
+    if not fits or ev_after.predicted_time_s >= ev.predicted_time_s:
+        layouts.update(saved)
 
 
 def _segments(vid: str, nbytes: int, first: int, last: int, accesses: Sequence[int],

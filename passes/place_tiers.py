@@ -1139,7 +1139,7 @@ class PlaceTiersPass:
                           bound_s=outcome.bound_s, detail=outcome.detail)
         plan: Plan | None = None
         if outcome.assignment is not None:
-            parts = problem.to_plan_parts(outcome.assignment)
+            parts = problem.to_plan_parts(outcome.assignment, respread=True)
             plan = build_plan(program, target, "mip", parts[0], parts[1], state.fusion,
                               lower_bound_s, baselines, info)
             if not _no_worse(plan, greedy_plan, state.objective):

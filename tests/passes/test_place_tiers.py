@@ -201,3 +201,37 @@ def test_a_hint_highs_rejects_is_dropped_not_fatal() -> None:
     result = solve_with_hint_fallback(model, mo.SolverType.HIGHS, params, model_params, 20.0)
     assert result.termination.reason == mo.TerminationReason.OPTIMAL
     assert result.objective_value() == pytest.approx(49.59297232349792, rel=1e-6)
+
+
+def test_respread_takes_a_transfer_off_a_kernel_another_one_rides() -> None:
+    """A and B wait in the slow tier and are prefetched before their reads at steps 4 and 5.
+    Alone, each copy (1 MiB at 1e10 B/s) hides under one 1.2e-4 s kernel, and both windows pick
+    the first one (step 1), where together they stretch it to 2 * 1.048576e-4 s. Re-spreading
+    moves one to the kernel at step 3: the plan gets 2 * 1.048576e-4 - 1.2e-4 s faster."""
+    from tiermap.costmodel.evaluate import evaluate
+    from tiermap.passes.baselines import Choice, PlacementProblem
+
+    sizes = {"A": MIB, "B": MIB, "c": 4, "d": 4, "e": 4, "f": 4, "g": 4, "h": 4, "out": 4}
+    prog = program(sizes, ["A", "B", "c"], [
+        (["c"], ["d"], 0.0), (["d"], ["e"], 1.2e8), (["e"], ["f"], 0.0), (["f"], ["g"], 1.2e8),
+        (["A", "g"], ["h"], 0.0), (["B", "h"], ["out"], 0.0)], ["out"])
+    target = two_tier(4 * MIB)
+    problem = PlacementProblem(prog, target, pin=False)
+    fast, slow = 0, 1
+    assignment = {vid: Choice.whole(seg, fast) for vid, seg in problem.segments.items()}
+    for vid in ("A", "B"):
+        assignment[vid] = Choice((fast,), (slow,))
+    times = {}
+    for respread in (False, True):
+        residency, transfers = problem.to_plan_parts(assignment, respread=respread)
+        steps = {x.tensor: (x.start_step, x.end_step) for x in transfers}
+        times[respread] = evaluate(prog, target, residency, transfers).predicted_time_s
+        if not respread:
+            assert steps == {"A": (1, 1), "B": (1, 1)}
+        else:
+            assert sorted(steps.values()) == [(1, 1), (3, 3)]
+            for vid, (start, _end) in steps.items():  # the copy is held from its first step
+                assert residency[vid][-1].tier == "fast"
+                assert residency[vid][-1].from_step == start
+    copy_s = MIB / SLOW_BPS
+    assert times[False] - times[True] == pytest.approx(2 * copy_s - 1.2e-4, rel=1e-9)
