@@ -13,8 +13,10 @@ The segment form (the "mip" strategy in place_tiers.py uses the same one):
   (gap, source, destination) by `PlacementProblem.window`: the fewest steps whose estimated
   compute hides the transfer (`WINDOW_SLACK` times over), at most half the gap when a gap could
   hold both an eviction and a prefetch (so the two never overlap), and the whole gap otherwise.
-  Gaps of one or two steps between runs hold at most one transfer: their middle tier is the tier
-  of the run before or after.
+  The window is how long both tiers hold the tensor; the transfer itself runs over the steps of
+  the window that hide it best under the estimated op times (`PlacementProblem.move_span`), and
+  the destination holds it from the first of them. Gaps of one or two steps between runs hold
+  at most one transfer: their middle tier is the tier of the run before or after.
 - Read-only tiers (flash) are *homes*: a program input or constant placed there stays there for
   its whole live range, and runs or gaps in that tier read it in place; leaving the home for a
   writable tier is a transfer out of it, going back is free (the copy is dropped).

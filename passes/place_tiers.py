@@ -58,6 +58,13 @@ in it and keeps all others at the incumbent, so each solve keeps or improves the
 window's bound holds only with the rest fixed, so a decomposed solve is reported as "feasible",
 its gap measured against the program's lower bound (costmodel/bounds.py).
 
+A move's window (V4/V5) is how long the tensor is held for it; its link time is spread over
+the run of steps inside the window that hides it best under the estimated op times
+(`PlacementProblem.move_span`), the same run in this model, in greedy and in the plan, so the
+model stays exact. After the solve, `respread_moves` moves each transfer within its window to
+where it costs least given all the others (a copy that rides on a long kernel another copy
+already fills goes to the next one), and keeps the result only if it is faster and fits.
+
 The plan the MIP finds is re-evaluated by the cost model; if it is worse than greedy (it should
 not be: the model is exact for segment-form plans) the greedy plan is returned and the notes
 say so. If no solve returns a solution in time, the greedy plan is returned with solver status
