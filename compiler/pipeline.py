@@ -60,14 +60,15 @@ def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None
 
 def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
                  backend: str = "highs", workers: int | None = None,
-                 fusion: bool = True) -> list[Pass]:
+                 fusion: bool = True, capacity_bound: bool = False) -> list[Pass]:
     """The pass list of `plan`: schedule, liveness, fusion (unless off or naive), placement,
     verification."""
     passes: list[Pass] = [SchedulePass(), LivenessPass()]
     if fusion and strategy != "naive":
         passes.extend(fusion_passes(time_limit_s, seed, workers))
     passes.append(PlaceTiersPass(strategy=strategy, time_limit_s=time_limit_s, seed=seed,
-                                 backend=backend, workers=workers))
+                                 backend=backend, workers=workers,
+                                 capacity_bound=capacity_bound))
     passes.append(VerifyPass())
     return passes
 
@@ -99,7 +100,8 @@ def _validate(strategy: str, objective: str, backend: str, time_limit_s: float, 
 def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target = "cpu",
          strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
          objective: str = "time", backend: str = "highs", workers: int | None = None,
-         fusion: bool = True, passes: Sequence[Pass] | None = None, **kwargs: Any) -> Plan:
+         fusion: bool = True, passes: Sequence[Pass] | None = None,
+         capacity_bound: bool = False, **kwargs: Any) -> Plan:
     """Plan where every tensor of a JAX function (or Program) lives on `target`.
 
     Args:
@@ -115,6 +117,9 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         workers: solver threads (None: the machine's cores, at most 8).
         fusion: run the fusion passes (the "naive" strategy never fuses).
         passes: a custom pass list (default: `build_passes(...)`).
+        capacity_bound: also solve the capacity LP for the plan's lower bound
+            (passes/capacity_bound.py): tighter where a tier binds; seconds on 4k-op programs,
+            taken out of the time limit.
         **kwargs: keyword arguments of the function.
 
     Raises:
@@ -138,7 +143,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
                           f"{type(fn_or_program).__name__}")
     pass_list = list(passes) if passes is not None else build_passes(
-        strategy, time_limit_s, seed, backend, workers, fusion)
+        strategy, time_limit_s, seed, backend, workers, fusion, capacity_bound)
     deadline_s = time.perf_counter() + time_limit_s
     state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective,
                                                      deadline_s=deadline_s))

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_compile.add_argument("--time-limit-s", type=_positive_float, default=30.0, metavar="S",
                            help="solver time limit in seconds (default 30)")
     p_compile.add_argument("--seed", type=int, default=0)
+    p_compile.add_argument("--capacity-bound", action="store_true",
+                           help="also solve the capacity LP for a lower bound that holds tier "
+                                "capacities over time (tighter where a tier binds; seconds)")
     p_compile.add_argument("--objective", choices=("time", "energy"), default="time")
     p_compile.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan JSON")
     p_compile.add_argument("--mlir", metavar="OUT.mlir", help="write the annotated StableHLO")
@@ -450,7 +453,8 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         steps.step(f"planning {program.name}: {program.num_steps} ops on {target.name} "
                    f"({ns.strategy}, time limit {ns.time_limit_s:g} s)")
         plan = tiermap.plan(program, target=target, strategy=ns.strategy,
-                            time_limit_s=ns.time_limit_s, seed=ns.seed, objective=ns.objective)
+                            time_limit_s=ns.time_limit_s, seed=ns.seed, objective=ns.objective,
+                            capacity_bound=ns.capacity_bound)
         compare: dict[str, Plan] = {}
         if "plots" in paths:
             for other in ("naive", "greedy"):

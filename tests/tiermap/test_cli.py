@@ -382,3 +382,24 @@ def test_a_program_that_does_not_fit_exits_3(user_file: Path, tmp_path: Path) ->
     assert err.startswith("tiermap: error: does not fit: ")
     assert "16384 bytes" in err and "dram" in err   # what does not fit, and where
     assert "Traceback" not in err
+
+
+def test_compile_with_the_capacity_bound(user_file: Path, tmp_path: Path) -> None:
+    # the starved benchmark target with 192 KiB of HBM: the mlp's tensors cannot all stay there
+    src = (Path(__file__).parents[2] / "benchmarks" / "targets" / "a100-256m.toml").read_text()
+    assert "capacity_bytes = 268_435_456" in src
+    small = tmp_path / "a100-192k.toml"
+    small.write_text(src.replace("capacity_bytes = 268_435_456", "capacity_bytes = 196_608"))
+    bounds = {}
+    for flag in ((), ("--capacity-bound",)):
+        out_json = tmp_path / f"plan{len(flag)}.json"
+        code, _out, err = run("compile", f"{user_file}:mlp", "--arg", "f32[64,128]",
+                              "--arg", "f32[128,256]", "--target", str(small), *FAST,
+                              *flag, "-o", str(out_json))
+        assert code == 0, err
+        plan = json.loads(out_json.read_text())
+        assert plan["predicted_time_s"] >= plan["lower_bound_s"]
+        bounds[bool(flag)] = plan["lower_bound_s"]
+        if flag:
+            assert any("capacity LP" in note for note in plan["notes"]), plan["notes"]
+    assert bounds[True] >= bounds[False]
