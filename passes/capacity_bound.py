@@ -22,7 +22,8 @@ Variables (all in [0, 1] unless said)
  (V3) s[t,i,k]: t is usable in k at a_i and stays there through a_{i+1}; k in B.
  (V4) p[t,i,k,l]: t becomes usable in k at a_{i+1} by a move that starts L steps before a_{i+1},
       l <= L < u (lead classes l = 1, 2, 4, ...; the last reaches back to the live range's
-      start); n[t,i,F]: a move into F ends between a_i and a_{i+1}; e[t]: some move into F.
+      start); n[t,i,F]: a move into F ends between a_i and a_{i+1} (o[t]: after the last
+      access).
  (V5) T[s] >= 0: the time of step s; P[s] = T[0] + ... + T[s].
 
 Constraints
@@ -33,7 +34,7 @@ Constraints
       for F, v[t,i+1,F] <= v[t,i,F] + n[t,i,F].
  (C4) s[t,i,k] <= v[t,i,k].
  (C5) one binding tier, no home: a move into it needs a copy in F, which was written there, is
-      an input's, or was moved there: sum_l p[t,i,k,l] <= e[t] + v[t,first,F]; n[t,i,F] <= e[t].
+      an input's, or was moved there: sum_l p[t,i,k,l] <= v[t,first,F] + sum_i n[t,i,F] + o[t].
       The virtual access a_0 is somewhere: sum_k v[t,0,k] >= 1.
  (C6) capacity: at every step where tier k in B can overflow, sum_t bytes_t * (v at its access
       steps + s inside its gaps + p[.,l] over the l steps before the access) <= capacity_k.
@@ -41,8 +42,10 @@ Constraints
       T[s] >= w_s * (overhead + sum_access bytes / bandwidth_k * y) for kernel j at step s (w_s: the
       step's flop share of the kernel; a multi-step kernel's time is one variable m[j]).
  (C8) link rate: over any range of steps D, the moves whose steps lie in D fit the links incident
-      to k: (P[hi(D)] - P[lo(D)-1]) * bandwidth_into(k) >= sum bytes_t * p (and e at the whole
-      program); D runs over two dyadic families of ranges (offsets 0 and half a range).
+      to k: (P[hi(D)] - P[lo(D)-1]) * bandwidth_into(k) >= sum bytes_t * p (with one binding
+      tier, also the moves into F: n within [live start, a_{i+1} - 1], o within the live range);
+      D runs over each move's own window and two dyadic families of ranges (offsets 0 and half
+      a range).
  (C9) link spreading: a move spread evenly over L steps adds at least
       pen = min over runs I of sum_{s in I} max(0, (bytes / bw) / L - floor_s) to the steps
       (`costmodel.bounds.spread_penalty_s`; floor_s the step's least op time, bw the fastest
@@ -117,8 +120,8 @@ class _Access:
 
 @dataclass(frozen=True)
 class _Window:
-    """Moves into binding tier `tier` (its index in the LP's binding list) that lie within steps
-    [lo, hi]: (variable, bytes) terms."""
+    """Moves on the links of binding tier `tier` (its index in the LP's binding list) that lie
+    within steps [lo, hi]: (variable, bytes) terms."""
 
     lo: int
     hi: int
