@@ -221,8 +221,12 @@ def big(layers: int, time_limit_s: float) -> None:
     passes = ", ".join(f"{k} {v:.1f} s" for k, v in p.pass_wall_s.items())
     print(f"- {program.num_steps} ops, {len(program.values)} tensors on {target.name}; "
           f"lowering {lower_s:.1f} s; planning {plan_s:.1f} s ({passes})")
-    print(f"- MIP time limit {time_limit_s:g} s; solver {p.solver.status}, "
-          f"wall {p.solver.wall_s:.1f} s; {p.solver.detail}")
+    given = "–" if p.solver.time_limit_s is None else f"{p.solver.time_limit_s:.1f}"
+    print(f"- planning time limit (deadline after lowering) {time_limit_s:g} s, of which the "
+          f"MIP was given {given} s; solver {p.solver.status}, wall {p.solver.wall_s:.1f} s; "
+          f"{p.solver.detail}")
+    print(f"- within the limit: {'yes' if plan_s <= time_limit_s else 'NO'} "
+          f"({plan_s:.1f} s for {time_limit_s:g} s)")
     print(f"- predicted {_ms(p.predicted_time_s)} ms; greedy {_ms(p.baselines['greedy'])} ms; "
           f"naive {_ms(p.baselines.get('naive'))} ms; bound {_ms(p.lower_bound_s)} ms")
 

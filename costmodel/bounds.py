@@ -247,25 +247,26 @@ def spread_penalty_s(transfer_s: float, op_s: np.ndarray) -> float:
 def best_spread_span(transfer_s: float, op_s: np.ndarray) -> tuple[int, int, float]:
     """The run of steps (first, last offsets into `op_s`) to spread a transfer over so that it
     adds the least time to steps taking `op_s`, and that time. Ties go to the longer run (it
-    leaves more room to other transfers). Lengths tried: 1, 2, ... growing by
-    SPREAD_CLASS_RATIO, and the whole window."""
+    leaves more room to other transfers), then the earlier one. Lengths tried: 1, 2, ...
+    growing by SPREAD_CLASS_RATIO, and the whole window."""
     m = len(op_s)
     if m == 0:
         raise TiermapError("a transfer needs at least one step")
-    lengths = {m}
+    lengths_set = {m}
     length = 1
     while length < m:
-        lengths.add(length)
+        lengths_set.add(length)
         length = max(length + 1, int(length * SPREAD_CLASS_RATIO))
-    best = (math.inf, 0, 0, 0)  # (excess, -length, start, length)
-    for length in sorted(lengths):
-        sums = _spread_excess(transfer_s, op_s, length, transfer_s / length)
-        i = int(np.argmin(sums))
-        cand = (float(sums[i]), -length, i, length)
-        if cand[:2] < best[:2]:
-            best = cand
-    excess_s, _neg, start, length = best
-    return start, start + length - 1, excess_s
+    lengths = np.array(sorted(lengths_set, reverse=True))  # longest first: ties go to it
+    extra = np.maximum(transfer_s / lengths[:, None] - op_s[None, :], 0.0)
+    cum = np.concatenate([np.zeros((len(lengths), 1)), np.cumsum(extra, axis=1)], axis=1)
+    starts = np.arange(m)
+    ends = np.minimum(starts[None, :] + lengths[:, None], m)
+    sums = np.take_along_axis(cum, ends, axis=1) - cum[:, :m]
+    sums[starts[None, :] + lengths[:, None] > m] = np.inf
+    flat = int(np.argmin(sums))  # row-major: the longest length, then the earliest start
+    row, start = divmod(flat, m)
+    return start, start + int(lengths[row]) - 1, float(sums[row, start])
 
 
 # --- the program bound --------------------------------------------------------------------------
