@@ -185,8 +185,8 @@ def speed(time_limit_s: float, repeat: int) -> None:
     print(f"XLA CPU compile (`jax.jit(fn).lower(*args).compile()`, caches cleared), best of "
           f"{repeat}: {min(xla_s):.2f} s\n")
     print("| target | time limit s | pipeline s | of which place-tiers s | fuse s | ops | "
-          "status | pipeline / XLA |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+          "status | predicted ms (greedy) | pipeline / XLA |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     short_s = min(4.0, time_limit_s)
     for target_name, limit_s in (("h100", time_limit_s), ("sn40l", time_limit_s),
                                  (STARVED_TARGET, time_limit_s), (STARVED_TARGET, short_s)):
@@ -203,7 +203,8 @@ def speed(time_limit_s: float, repeat: int) -> None:
         wall_s, p = best
         print(f"| {target.name} | {limit_s:g} | {wall_s:.2f} | "
               f"{p.pass_wall_s.get('place-tiers', 0):.2f} | {p.pass_wall_s.get('fuse', 0):.2f} | "
-              f"{p.num_steps} | {p.solver.status} | {wall_s / min(xla_s):.2f} |", flush=True)
+              f"{p.num_steps} | {p.solver.status} | {_ms(p.predicted_time_s)} "
+              f"({_ms(p.baselines['greedy'])}) | {wall_s / min(xla_s):.2f} |", flush=True)
 
 
 def big(layers: int, time_limit_s: float) -> None:
