@@ -527,16 +527,19 @@ def respread_moves(problem: PlacementProblem,
     of steps where its evenly spread link time adds least to the step times, given the op times
     and every other transfer: a step lasts max(op, each link's load), so the cost of a run I
     of length L is sum_{s in I} max(base_s, load_s + t / L) - max(base_s, load_s), base_s being
-    the op and the other links. The destination then holds the tensor from the run's first step
-    (the window was counted in full when the placement was checked against capacities, so any
-    run inside it fits). Kept only if the plan's predicted time falls and no tier overflows;
-    `layouts` is updated in place."""
+    the op and the other links. The destination then holds the tensor from the run's first step,
+    so a run that starts earlier is taken only if the destination has the room at every step it
+    adds. Kept only if the plan's predicted time falls and no tier overflows; `layouts` is
+    updated in place."""
     from tiermap.costmodel.evaluate import evaluate
 
     n = problem.num_steps
     before = problem._parts(layouts)
     ev = evaluate(problem.program, problem.target, before[0], before[1], problem.fusion)
     op_s = np.array(ev.op_time_s)
+    names = problem.tier_names
+    occupancy = {k: np.array(ev.occupancy_bytes[names[k]], dtype=np.int64)
+                 for k in range(len(names)) if names[k] in ev.occupancy_bytes}
     entries = []
     loads: dict[tuple[int, int], np.ndarray] = {}
     for vid, (_pieces, moves, windows) in layouts.items():
@@ -582,8 +585,16 @@ def respread_moves(problem: PlacementProblem,
                                               here[lo - w_lo:hi - w_lo + 1]
                                               + transfer_s / (hi - lo + 1))
                                    - now[lo - w_lo:hi - w_lo + 1]))
-            if best[0] < current - 1e-15:
-                lo, hi = w_lo + best[1], w_lo + best[1] + best[2] - 1
+            new_lo = w_lo + best[1]
+            if best[0] < current - 1e-15 and _room(problem, occupancy, b, new_lo, lo,
+                                                   problem.segments[vid].nbytes):
+                nbytes = problem.segments[vid].nbytes
+                occ = occupancy[b]
+                if new_lo < lo:  # the destination holds the tensor from the new first step
+                    occ[new_lo:lo] += nbytes
+                else:
+                    occ[lo:new_lo] -= nbytes
+                lo, hi = new_lo, new_lo + best[2] - 1
                 moves[i] = (a, b, lo, hi)
                 piece = windows[i][2]
                 k, _old_lo, p_hi = pieces[piece]
@@ -595,6 +606,17 @@ def respread_moves(problem: PlacementProblem,
                for t in problem.target.tiers)
     if not fits or ev_after.predicted_time_s >= ev.predicted_time_s:
         layouts.update(saved)
+
+
+def _room(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray], tier: int,
+          new_lo: int, old_lo: int, nbytes: int) -> bool:
+    """Whether `tier` can hold `nbytes` more over [new_lo, old_lo) (a later start frees room)."""
+    if new_lo >= old_lo:
+        return True
+    occ = occupancy.get(tier)
+    if occ is None:
+        return False
+    return bool((occ[new_lo:old_lo] + nbytes <= problem.capacity[tier]).all())
 
 
 def _segments(vid: str, nbytes: int, first: int, last: int, accesses: Sequence[int],
