@@ -322,7 +322,7 @@ def solver_line(plan: Plan) -> str:
     parts = [s.backend]
     if s.gap is not None and math.isfinite(s.gap):
         parts.append(f"gap {100 * s.gap:.2f}%")
-    limit = f" of {s.time_limit_s:g} s" if s.time_limit_s else ""
+    limit = f" of {s.time_limit_s:.3g} s" if s.time_limit_s else ""
     parts.append(f"{s.wall_s:.2f} s{limit}")
     line = f"{s.status} ({', '.join(parts)})"
     redundant = s.detail.strip().lower() in ("", s.status.lower(), f"solver status {s.status}")
