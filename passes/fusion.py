@@ -506,8 +506,8 @@ class FusePass:
     Options: the MIP's `time_limit_s` (under a deadline in the state, at most LEFT_SHARE of the
     time left; `fusion_passes` gives it DEADLINE_SHARE of the whole planning time, so that the
     limit the notes record does not depend on timing unless the deadline binds), `seed` and
-    `workers`; `attention=False` fuses attention only as ordinary
-    chains (a "standard attention" baseline).
+    `workers`; `attention=False` fuses attention only as ordinary chains (a "standard
+    attention" baseline).
 
     Requires: a Program and a Target. Ensures: `state.fusion` holds disjoint, convex groups whose
     working sets fit one core's on-chip budget, with attention tiled (`Fusion.tiles`), and
