@@ -75,16 +75,19 @@ def _is_literal(v: Any) -> bool:
     return isinstance(v, jcore.Literal)
 
 
+def _bind_env(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> dict[Any, Any]:
+    """A jaxpr's environment with its constants and arguments bound."""
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    return env
+
+
 def _eval_inlined(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    env: dict[Any, Any] = {}
+    env = _bind_env(jaxpr, consts, args)
 
     def read(v: Any) -> Any:
         return v.val if _is_literal(v) else env[v]
 
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args, strict=True):
-        env[v] = a
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if eqn.primitive.name in INLINE_PRIMITIVES:
@@ -1111,15 +1114,11 @@ class _Rewriter:
 
     def run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], top: bool = True
             ) -> list[Any]:
-        env: dict[Any, Any] = {}
+        env = _bind_env(jaxpr, consts, args)
 
         def read(v: Any) -> Any:
             return v.val if _is_literal(v) else env[v]
 
-        for v, c in zip(jaxpr.constvars, consts, strict=True):
-            env[v] = c
-        for v, a in zip(jaxpr.invars, args, strict=True):
-            env[v] = a
         matches = self.matches(jaxpr, consts)
         live = self._live[id(jaxpr)]
         at_d2 = {m.d2: m for m in matches}

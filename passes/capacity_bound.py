@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -79,13 +79,13 @@ import numpy as np
 
 from tiermap.costmodel.bounds import spread_penalty_s
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
+from tiermap.passes.baselines import CONSTANT_KIND
 
 if TYPE_CHECKING:
     from tiermap.compiler.fusion import Fusion
     from tiermap.compiler.ir import Program
     from tiermap.hwtargets.target import Target
 
-CONSTANT_KIND = "stablehlo.constant"
 # Tensors this small are charged at their fastest tier with no occupancy (a relaxation).
 TINY_TENSOR_BYTES = 4096
 # Relative slack taken off the LP optimum for HiGHS's feasibility and optimality tolerances.
@@ -262,9 +262,10 @@ class _CapacityLp:
         occ_terms: list[list[tuple[Any, float, int, int]]] = [[] for _ in self.binding]
         const_occ = [np.zeros(n + 1) for _ in self.binding]
         windows: list[_Window] = []
-        self.floor_cum_s = np.concatenate([[0.0], np.cumsum(self._floors())])
+        opts_of = {vid: self.options(vid) for vid in self.accesses}
+        self.floor_cum_s = np.concatenate([[0.0], np.cumsum(self._floors(opts_of))])
         for vid, accs in self.accesses.items():
-            opts = self.options(vid)
+            opts = opts_of[vid]
             nbytes = float(self.program.values[vid].nbytes)
             if not opts:
                 continue  # fits nowhere: planning raises InfeasiblePlacementError first
@@ -291,12 +292,12 @@ class _CapacityLp:
         self._links(P, windows)  # (C8)
         m.minimize(P[n - 1])  # (O1)
 
-    def _floors(self) -> np.ndarray:
+    def _floors(self, opts_of: Mapping[str, Sequence[_Option]]) -> np.ndarray:
         """The least time of each step under any placement: its kernel's roofline with every
         access at the fastest tier that may hold the tensor, split by flop share."""
         mem_s = [0.0] * len(self.kernel_steps)
         for vid, accs in self.accesses.items():
-            opts = self.options(vid)
+            opts = opts_of[vid]
             if not opts:
                 continue
             rd = max(o.read_bytes_per_s for o in opts)

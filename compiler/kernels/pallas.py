@@ -42,6 +42,20 @@ def _scale_causal(transform: LogitsTransform, sides: list[Any]) -> tuple[float, 
     return scale, transform.causal
 
 
+def _heads(q: Any, v: Any, transform: LogitsTransform, sides: list[Any]
+           ) -> tuple[float, bool, int, int, int] | str:
+    """(scale, causal, query length, key length, head dim) for the Pallas kernels, or why
+    they cannot take this attention."""
+    sc = _scale_causal(transform, sides)
+    if isinstance(sc, str):
+        return sc
+    nq, d = q.shape[-2:]
+    nk, dv = v.shape[-2:]
+    if d != dv:
+        return f"head dims differ (d={d}, dv={dv})"
+    return sc[0], sc[1], nq, nk, dv
+
+
 def _flatten(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any, tuple[int, ...]]:
     batch = tuple(max(a, b, c) for a, b, c in zip(q.shape[:-2], k.shape[:-2], v.shape[:-2],
                                                   strict=True))
@@ -57,14 +71,10 @@ def gpu_attention(q: Any, k: Any, v: Any, sides: list[Any], transform: LogitsTra
                   block_q: int, block_k: int, backward_blocks: tuple[int, int],
                   interpret: bool = False) -> tuple[Any | None, str]:
     """Pallas GPU `mha` with the plan's blocks (rounded to power-of-two divisors)."""
-    sc = _scale_causal(transform, sides)
-    if isinstance(sc, str):
-        return None, sc
-    scale, causal = sc
-    nq, d = q.shape[-2:]
-    nk, dv = v.shape[-2:]
-    if d != dv:
-        return None, f"head dims differ (d={d}, dv={dv})"
+    heads = _heads(q, v, transform, sides)
+    if isinstance(heads, str):
+        return None, heads
+    scale, causal, nq, nk, dv = heads
     bq, bk = _pow2_block(nq, block_q), _pow2_block(nk, block_k)
     bbq, bbk = _pow2_block(nq, backward_blocks[0]), _pow2_block(nk, backward_blocks[1])
     if bq is None or bk is None or bbq is None or bbk is None:
@@ -87,14 +97,10 @@ def tpu_attention(q: Any, k: Any, v: Any, sides: list[Any], transform: LogitsTra
 
     `interpret=True` runs it through Pallas's TPU interpreter on any backend (forward and
     backward both traced under `force_tpu_interpret_mode`)."""
-    sc = _scale_causal(transform, sides)
-    if isinstance(sc, str):
-        return None, sc
-    scale, causal = sc
-    nq, d = q.shape[-2:]
-    nk, dv = v.shape[-2:]
-    if d != dv:
-        return None, f"head dims differ (d={d}, dv={dv})"
+    heads = _heads(q, v, transform, sides)
+    if isinstance(heads, str):
+        return None, heads
+    scale, causal, nq, nk, dv = heads
     bq = _pow2_block(nq, max(block_q, 128), smallest=128)
     bk = _pow2_block(nk, max(block_k, 128), smallest=128)
     if bq is None or bk is None:
