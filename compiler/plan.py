@@ -14,6 +14,10 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   (the fastest one if several). An op's outputs are written where they reside at the op's step,
   which is one writable tier (a copy elsewhere is a transfer that starts after that step; a
   constant may also have its read-only home).
+- An alias op (`ALIAS_KINDS`: a reshape, an optimization barrier) returns its operands under
+  another shape; XLA makes it a bitcast of the same buffer and the cost model counts it free. So
+  its result i is written, at the op's step, in a tier where its operand i resides then (a copy
+  into another tier would be a transfer the op does not pay for).
 - A transfer's time, bytes / link bandwidth, is spread evenly over its steps and overlaps the ops
   there (prefetch before a use, eviction after the last write). Step time = max(op time, for each
   link the sum of the shares of the transfers on it at that step). Op time = max(compute time,
@@ -26,7 +30,7 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,17 @@ if TYPE_CHECKING:
     from tiermap.hwtargets.target import Target
 
 SCHEMA = "tiermap.plan/v1"
+# Ops whose result i is their operand i under another shape (see the module docstring).
+ALIAS_KINDS = frozenset({"stablehlo.reshape", "stablehlo.optimization_barrier"})
+
+
+def alias_pairs(kind: str, inputs: Sequence[str], outputs: Sequence[str]
+                ) -> list[tuple[str, str]]:
+    """(operand, result) pairs that must share a tier at an op of `kind`: none unless it is
+    an alias op with as many results as operands."""
+    if kind not in ALIAS_KINDS or len(inputs) != len(outputs):
+        return []
+    return list(zip(inputs, outputs, strict=True))
 
 
 @dataclass(frozen=True)

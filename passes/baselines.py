@@ -51,7 +51,7 @@ import numpy as np
 
 from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.ir import Program
-from tiermap.compiler.plan import Residency, Transfer
+from tiermap.compiler.plan import Residency, Transfer, alias_pairs
 from tiermap.costmodel.bounds import best_spread_span
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
 from tiermap.errors import InfeasiblePlacementError, TiermapError
@@ -165,6 +165,18 @@ class Kernel:
     accesses: tuple[tuple[str, int, float, bool], ...]
 
 
+@dataclass(frozen=True)
+class Tie:
+    """Run `src_run` of `src` (an alias op's operand) and run `dst_run` of `dst` (its result) share
+    one tier: the result is the operand's buffer under another shape (compiler/plan.py)."""
+
+    src: str
+    src_run: int
+    dst: str
+    dst_run: int
+    step: int
+
+
 class PlacementProblem:
     """A program on a target in segment form, with the decisions every strategy shares.
 
@@ -211,6 +223,7 @@ class PlacementProblem:
             self.main = self.writable[0]
         self._build_kernels()
         self._build_segments(live)
+        self._build_ties()
         self._check_feasible()
         self._estimate_op_times()
         self._window_cache: dict[tuple[str, int, int, int, bool], tuple[int, ...]] = {}
@@ -270,6 +283,100 @@ class PlacementProblem:
                 self._too_big(vid, first, last, eligible)
             self.segments[vid] = _segments(vid, nbytes, first, last, live.accesses[vid],
                                            tiers, homes)
+
+    def _build_ties(self) -> None:
+        """The runs that alias ops tie together (`Tie`), and the groups of tensors they join
+        (tensors tied to each other, transitively; the naive strategy places a group whole in
+        one tier, and tensors are pinned group by group)."""
+        ties: list[Tie] = []
+        for op in self.program.ops:
+            for x, y in alias_pairs(op.kind, op.inputs, op.outputs):
+                sx, sy = self.segments.get(x), self.segments.get(y)
+                if sx is None or sy is None or sx.nbytes != sy.nbytes:
+                    continue  # fused away, or not a bitcast
+                rx, ry = sx.run_of_step.get(op.step), sy.run_of_step.get(op.step)
+                if rx is not None and ry is not None:
+                    ties.append(Tie(x, rx, y, ry, op.step))
+        self.ties = tuple(ties)
+        self.ties_at: dict[tuple[str, int], list[Tie]] = {}
+        parent: dict[str, str] = {}
+
+        def root(v: str) -> str:
+            while parent[v] != v:
+                v = parent[v]
+            return v
+
+        for t in ties:
+            self.ties_at.setdefault((t.src, t.src_run), []).append(t)
+            self.ties_at.setdefault((t.dst, t.dst_run), []).append(t)
+            parent.setdefault(t.src, t.src)
+            parent.setdefault(t.dst, t.dst)
+            a, b = root(t.src), root(t.dst)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        order = {vid: i for i, vid in enumerate(self.program.values)}
+        groups: dict[str, list[str]] = {}
+        for v in sorted(parent, key=order.__getitem__):
+            groups.setdefault(root(v), []).append(v)
+        self.tie_groups: dict[str, tuple[str, ...]] = {
+            v: tuple(members) for members in groups.values() for v in members}
+
+    def tie_group(self, vid: str) -> tuple[str, ...]:
+        """The tensors tied to `vid` by alias ops, transitively, in program order (itself alone
+        if none)."""
+        return self.tie_groups.get(vid, (vid,))
+
+    def with_ties(self, current: Mapping[str, Choice], vid: str, new: Choice
+                  ) -> dict[str, Choice] | None:
+        """`vid`'s new choice and the changes the ties then force on other tensors (each tied
+        run follows the run it is tied to into its tier), or None when they cannot follow: a
+        tier a tensor may not use (a read-only one), a pinned tensor, or two demands at odds."""
+        out = {vid: new}
+        if not self.tie_groups.get(vid):
+            return out
+        old = current[vid]
+        decided = {(vid, r) for r, k in enumerate(new.runs) if k != old.runs[r]}
+        queue = sorted(decided)
+        while queue:
+            w, r = queue.pop()
+            k = out[w].runs[r]
+            for t in self.ties_at.get((w, r), ()):
+                other, orun = (t.dst, t.dst_run) if (t.src, t.src_run) == (w, r) else (
+                    t.src, t.src_run)
+                choice = out.get(other, current[other])
+                if choice.runs[orun] == k:
+                    continue
+                pinned = self.pinned.get(other)
+                if (other, orun) in decided or k not in self.segments[other].tiers or (
+                        pinned is not None and pinned.runs[orun] != k):
+                    return None
+                moved = self._with_run(other, choice, orun, k)
+                if moved is None:
+                    return None
+                out[other] = moved
+                decided.add((other, orun))
+                queue.append((other, orun))
+        return out
+
+    def _with_run(self, vid: str, choice: Choice, r: int, k: int) -> Choice | None:
+        """`choice` with run r in writable tier k (and the one-move gaps next to it made valid),
+        or None if that is not a valid choice."""
+        seg = self.segments[vid]
+        runs = list(choice.runs)
+        runs[r] = k
+        gaps = list(choice.gaps)
+        for g, gap in enumerate(seg.gaps):
+            if gap.single_move and r in (gap.prev_run, gap.next_run) and (
+                    gap.prev_run is not None and gap.next_run is not None) and (
+                    gaps[g] not in (runs[gap.prev_run], runs[gap.next_run])):
+                gaps[g] = k
+        out = Choice(tuple(runs), tuple(gaps), choice.home, choice.evict_opt, choice.prefetch_opt)
+        return out if self.valid(seg, out) else None
+
+    def ties_hold(self, assignment: Mapping[str, Choice]) -> bool:
+        """Whether every tied pair of runs shares its tier under `assignment`."""
+        return all(assignment[t.src].runs[t.src_run] == assignment[t.dst].runs[t.dst_run]
+                   for t in self.ties)
 
     def _too_big(self, vid: str, first: int, last: int, eligible: bool) -> None:
         value = self.program.values[vid]
@@ -345,10 +452,14 @@ class PlacementProblem:
             return
         pressure = (self.live_bytes > self.capacity[k0]).astype(np.int64)
         before = np.concatenate([[0], np.cumsum(pressure)])
+
+        def calm(vid: str) -> bool:
+            seg = self.segments[vid]
+            return k0 in seg.tiers and before[seg.last + 1] - before[seg.first] == 0
+
         for vid, seg in self.segments.items():
-            if vid in self.pinned or k0 not in seg.tiers:
-                continue
-            if before[seg.last + 1] - before[seg.first] == 0:
+            # tied tensors share tiers: a group is pinned whole or not at all
+            if vid not in self.pinned and all(calm(v) for v in self.tie_group(vid)):
                 self.pinned[vid] = Choice.whole(seg, k0)
 
     def dominates(self, k0: int) -> bool:
@@ -753,51 +864,67 @@ class CostState:
         cap = self.p.capacity
         return all(self.occ[k, lo:hi + 1].max(initial=0) <= cap[k] for k, lo, hi in pieces)
 
-    def _affected(self, vid: str, choices: Sequence[Choice]) -> np.ndarray:
+    def _affected(self, changes: Mapping[str, Choice]) -> np.ndarray:
+        """Steps whose time the `changes` (tensor → new choice) can alter."""
         p = self.p
-        seg = p.segments[vid]
         steps: set[int] = set()
-        for j, _s, _b, _r in p.touches.get(vid, ()):
-            steps.update(p.kernels[j].steps)
-        for choice in choices:
-            for _a, _b, lo, hi in p.layout(seg, choice)[1]:
-                steps.update(range(lo, hi + 1))
+        for vid, new in changes.items():
+            seg = p.segments[vid]
+            for j, _s, _b, _r in p.touches.get(vid, ()):
+                steps.update(p.kernels[j].steps)
+            for choice in (self.assignment[vid], new):
+                for _a, _b, lo, hi in p.layout(seg, choice)[1]:
+                    steps.update(range(lo, hi + 1))
         return np.array(sorted(steps), dtype=np.int64)
 
-    def probe(self, vid: str, new: Choice, ignore_tier: int | None = None) -> tuple[bool, float]:
-        """(fits, Δtime_s) of replacing `vid`'s choice by `new`, changing nothing.
+    def _swap(self, changes: Mapping[str, Choice], old: Mapping[str, Choice]) -> list[Piece]:
+        """Replace the choices of `old`'s tensors by those in `changes`; the new pieces."""
+        for vid, choice in old.items():
+            self._apply(vid, choice, -1)
+        pieces: list[Piece] = []
+        for vid, choice in changes.items():
+            pieces.extend(self._apply(vid, choice, +1)[0])
+        return pieces
 
-        `fits` checks the capacity of the tiers `new` puts the tensor in, `ignore_tier` aside.
+    def probe(self, vid: str, new: Choice, ignore_tier: int | None = None) -> tuple[bool, float]:
+        """(fits, Δtime_s) of replacing `vid`'s choice by `new` (and the tensors tied to it as
+        the ties demand, `PlacementProblem.with_ties`), changing nothing.
+
+        `fits` checks the capacity of the tiers the changes put tensors in, `ignore_tier` aside;
+        it is False when the ties cannot follow.
         """
-        old = self.assignment[vid]
-        steps = self._affected(vid, (old, new))
+        changes = self.p.with_ties(self.assignment, vid, new)
+        if changes is None:
+            return False, math.inf
+        old = {v: self.assignment[v] for v in changes}
+        steps = self._affected(changes)
         before_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
-        self._apply(vid, old, -1)
-        pieces, _ = self._apply(vid, new, +1)
+        pieces = self._swap(changes, old)
         fits = self.fits([pc for pc in pieces if pc[0] != ignore_tier])
         after_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
-        self._apply(vid, new, -1)
-        self._apply(vid, old, +1)
+        self._swap(old, changes)
         return fits, after_s - before_s
 
     def try_move(self, vid: str, new: Choice, commit_if_better: bool = True,
                  accept_equal: bool = False) -> tuple[bool, float, float]:
-        """Score replacing `vid`'s choice by `new`; keep it if it fits and improves the objective
-        (or, with `accept_equal`, does not worsen it).
+        """Score replacing `vid`'s choice by `new` (with the tensors tied to it, as in
+        `probe`); keep it if it fits and improves the objective (or, with `accept_equal`, does
+        not worsen it).
 
-        Returns (kept, Δtime_s, Δenergy_pj); Δ are inf when `new` does not fit.
+        Returns (kept, Δtime_s, Δenergy_pj); Δ are inf when the change does not fit.
         """
-        old = self.assignment[vid]
-        if new == old:
+        if new == self.assignment[vid]:
             return False, 0.0, 0.0
-        steps = self._affected(vid, (old, new))
+        changes = self.p.with_ties(self.assignment, vid, new)
+        if changes is None:
+            return False, math.inf, math.inf
+        old = {v: self.assignment[v] for v in changes}
+        steps = self._affected(changes)
         before_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
         energy_before = self.energy_pj
-        self._apply(vid, old, -1)
-        pieces, _ = self._apply(vid, new, +1)
+        pieces = self._swap(changes, old)
         if not self.fits(pieces):
-            self._apply(vid, new, -1)
-            self._apply(vid, old, +1)
+            self._swap(old, changes)
             return False, math.inf, math.inf
         after_s = float(self.step_times(steps).sum()) if len(steps) else 0.0
         d_time = after_s - before_s
@@ -809,17 +936,24 @@ class CostState:
         else:
             better = d_time < -tol_s or accept_equal and d_time <= tol_s
         if better and commit_if_better:
-            self.assignment[vid] = new
+            self.assignment.update(changes)
             return True, d_time, d_energy
-        self._apply(vid, new, -1)
-        self._apply(vid, old, +1)
+        self._swap(old, changes)
         return False, d_time, d_energy
 
     def force(self, vid: str, new: Choice) -> None:
-        """Replace `vid`'s choice regardless of cost or capacity."""
-        self._apply(vid, self.assignment[vid], -1)
-        self._apply(vid, new, +1)
-        self.assignment[vid] = new
+        """Replace `vid`'s choice (and its tied tensors', as in `probe`) regardless of cost or
+        capacity.
+
+        Raises:
+            TiermapError: the ties cannot follow (`probe` says so first: it does not fit).
+        """
+        changes = self.p.with_ties(self.assignment, vid, new)
+        if changes is None:
+            raise TiermapError(f"tensor {vid}: the tensors tied to it by alias ops cannot follow "
+                               "this choice")
+        self._swap(changes, {v: self.assignment[v] for v in changes})
+        self.assignment.update(changes)
 
     def objective_value(self) -> float:
         return self.energy_pj if self.p.objective == "energy" else self.total_time_s()
@@ -863,11 +997,20 @@ def naive_assignment(problem: PlacementProblem, start: Mapping[str, Choice] | No
         if vid in out:
             continue
         seg = problem.segments[vid]
+        # tensors tied by alias ops go whole into one writable tier together
+        group = [problem.segments[v] for v in problem.tie_group(vid) if v not in out]
+        need = np.zeros(n + 1, dtype=np.int64)
+        for member in group:
+            need[member.first] += member.nbytes
+            need[member.last + 1] -= member.nbytes
+        need = np.cumsum(need[:n])
         for k, home in _spill_order(problem, seg):
-            window = occ[k, seg.first:seg.last + 1]
-            if window.max(initial=0) + seg.nbytes <= problem.capacity[k]:
-                occ[k, seg.first:seg.last + 1] += seg.nbytes
-                out[vid] = Choice.whole(seg, k, home)
+            if len(group) > 1 and (home or any(k not in m.tiers for m in group)):
+                continue
+            if (occ[k] + need).max(initial=0) <= problem.capacity[k]:
+                occ[k] += need
+                for member in group:
+                    out[member.vid] = Choice.whole(member, k, home)
                 break
         else:
             tiers = [k for k, _ in _spill_order(problem, seg)]
@@ -876,11 +1019,14 @@ def naive_assignment(problem: PlacementProblem, start: Mapping[str, Choice] | No
                 f"{problem.tier_names[k]} {int(problem.capacity[k]) - u} of "
                 f"{int(problem.capacity[k])} B free" for k, u in zip(tiers, used, strict=True))
             value = problem.program.values[vid]
+            tied = "" if len(group) == 1 else (
+                f" together with the {len(group) - 1} tensor(s) alias ops tie to it ("
+                + ", ".join(m.vid for m in group[1:4]) + ("..." if len(group) > 4 else "") + ")")
             raise InfeasiblePlacementError(
                 f"tensor {vid} ({value.type}, {seg.nbytes} bytes, live at steps {seg.first}.."
-                f"{seg.last}) fits no tier over its live range when tensors are placed whole in "
-                f"program order ({free}). Fix: a target with more memory, or strategy 'greedy' "
-                "or 'mip', which split live ranges")
+                f"{seg.last}) fits no tier over its live range{tied} when tensors are placed "
+                f"whole in program order ({free}). Fix: a target with more memory, or strategy "
+                "'greedy' or 'mip', which split live ranges")
     return out
 
 
@@ -901,8 +1047,12 @@ def _idle_spill(problem: PlacementProblem) -> Assignment | None:
         if p.main in seg.tiers:
             assignment[vid] = Choice.whole(seg, p.main)
         else:
-            spill = _spill_order(p, seg)[0]
-            assignment[vid] = Choice.whole(seg, spill[0], spill[1])
+            # a tied tensor may not take a read-only home: its ties need one writable tier
+            spill = [(k, home) for k, home in _spill_order(p, seg)
+                     if not (home and len(p.tie_group(vid)) > 1)]
+            if not spill:
+                return None
+            assignment[vid] = Choice.whole(seg, spill[0][0], spill[0][1])
     state = CostState(p, assignment)
     index = _LiveIndex.of(p)
     for tier in p.writable:

@@ -44,6 +44,9 @@ Constraints
  (C7) links: L[l,s] = L[l,s-1] + shares of the transfers starting at s - shares of those that
       ended at s-1 (share = bytes / link bandwidth / window steps); T[s] >= constant load + L[l,s];
       T[s] >= the constant load of every other link.
+ (C8) ties: an alias op's operand run and result run (`Tie`: the same buffer under another
+      shape) share their tier, x[t,r,k] = x[t',r',k] for every k (a read-only k is then out for
+      both, since the result may not use it).
 
 Objective
  (O1) time: minimise sum_s T[s] (plus the constant time of the other steps, this is the cost
@@ -261,6 +264,7 @@ class _WindowModel:
         # (V1)-(V5), (C1)-(C4): decisions, moves, occupancy and link terms of the free tensors.
         for vid in free:
             self._tensor(vid, p.segments[vid])
+        self._ties()  # (C8)
         self._kernels()  # (V6), (C6)
         for k in range(num_tiers):  # (V8), (C5)
             self._occupancy_chain(k)
@@ -380,6 +384,23 @@ class _WindowModel:
                     self._occ(c, gap.hi - w + 1, gap.hi, part, nbytes)
                     m_lo, m_hi = p.move_span(seg, g, b, c, False, w)
                     self._move(b, c, m_lo, m_hi, part, nbytes)
+
+    def _ties(self) -> None:
+        """(C8) runs tied by an alias op share their tier: x[t,r,k] = x[t',r',k]."""
+        for tie in self.p.ties:
+            if tie.src not in self.free and tie.dst not in self.free:
+                continue
+            tiers = set(self.p.segments[tie.src].tiers) | set(self.p.segments[tie.src].homes)
+            tiers |= set(self.p.segments[tie.dst].tiers)
+            for k in sorted(tiers):
+                a = self.val(tie.src, "x", tie.src_run, k)
+                b = self.val(tie.dst, "x", tie.dst_run, k)
+                if isinstance(a, float) and isinstance(b, float):
+                    if a != b:
+                        raise PassError("place-tiers", f"fixed decisions break the tie of "
+                                        f"{tie.src} and {tie.dst} at step {tie.step}")
+                    continue
+                self._row([(a, 1.0), (b, -1.0)], 0.0, 0.0)
 
     def _window_split(self, vid: str, seg: Segments, g: int, src: int, dst: int, evict: bool,
                       coef: Any, hint_pair: tuple[int, int]) -> list[tuple[int, Any]]:
@@ -855,6 +876,8 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
                                            (old.gaps[g], old.runs[gap.next_run]), values, pf[g])
             choice = Choice(runs, gaps, home, tuple(ev), tuple(pf))
             new[vid] = choice if p.valid(seg, choice) else old
+        if not p.ties_hold({**assignment, **new}):
+            new = {}  # (C8) holds in the model: only a tolerance can break it; keep the old
     for vid in free:
         state.add(vid, new.get(vid, assignment[vid]))
     if new and (state.objective_value() > before * (1 + 1e-12) + 1e-300
@@ -1071,14 +1094,6 @@ class PlaceTiersPass:
                 bound_notes = (f"lower bound: the per-step knapsack ({lower_bound_s:.6g} s); "
                                f"the capacity LP gave no more ({cap.status}: {cap.detail})",)
         out = self._place(state, lower_bound_s)
-        if out.plan is not None:
-            moved = reshapes_across_tiers(out.plan)
-            if moved:
-                bound_notes += (
-                    f"{len(moved)} reshape(s) have their output in another tier than their input "
-                    f"({sum(b for _o, b in moved)} bytes, e.g. {moved[0][0]}): the cost model "
-                    "takes a reshape as free, so these moves between tiers are not charged (a "
-                    "known defect: such tensors should be placed together)",)
         if bound_notes and out.plan is not None:
             out = replace(out, plan=replace(out.plan, notes=out.plan.notes + bound_notes))
         return out
@@ -1204,34 +1219,6 @@ class PlaceTiersPass:
             info = replace(info, bound_s=plan.lower_bound_s,
                            gap=max(pred - plan.lower_bound_s, 0.0) / pred if pred > 0 else 0.0)
         return replace(plan, solver=info, notes=tuple(notes))
-
-
-ALIAS_KINDS = frozenset({"stablehlo.reshape"})
-
-
-def reshapes_across_tiers(plan: Plan) -> list[tuple[str, int]]:
-    """(op id, output bytes) of each reshape whose output resides, at the reshape's step, in no
-    tier where its input does: a move between tiers the cost model does not charge, since it
-    takes a reshape (a bitcast of the same buffer in XLA) as free."""
-    tensors = {t.id: t for t in plan.tensors}
-
-    def tiers_at(tid: str, step: int) -> set[str] | None:
-        t = tensors.get(tid)
-        if t is None or not t.materialized:
-            return None
-        return {r.tier for r in t.residency if r.from_step <= step <= r.to_step}
-
-    out = []
-    for op in plan.ops:
-        if op.kind not in ALIAS_KINDS:
-            continue
-        for y in op.outputs:
-            at_y = tiers_at(y, op.step)
-            for x in op.inputs:
-                at_x = tiers_at(x, op.step)
-                if at_x is not None and at_y is not None and not at_x & at_y:
-                    out.append((op.id, tensors[y].nbytes))
-    return out
 
 
 def _no_worse(plan: Plan, reference: Plan, objective: str) -> bool:

@@ -7,7 +7,8 @@ when given, the Program) and checks the semantics fixed in compiler/plan.py:
    it; fused (unmaterialized) tensors have no residency;
 2. a tensor's intervals in one tier do not overlap;
 3. each op's materialized inputs are usable at its step (resident there, not mid-transfer into
-   that tier) and its outputs reside somewhere at its step;
+   that tier) and its outputs reside somewhere at its step; an alias op's (a reshape's) result
+   resides then in a tier where its operand resides (it is the same buffer);
 4. every change of tier has its transfer: an interval that starts after the live range starts is
    the destination of exactly one transfer starting there, whose source holds the tensor over the
    transfer's steps (a program input may also be copied from step 0; a produced tensor is written,
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from tiermap.compiler.plan import Plan, TensorPlan, Transfer
+from tiermap.compiler.plan import Plan, TensorPlan, Transfer, alias_pairs
 from tiermap.errors import PassError
 
 if TYPE_CHECKING:
@@ -218,6 +219,17 @@ def _check_ops(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
             if t.materialized and not any(r.from_step <= o.step <= r.to_step
                                           for r in t.residency):
                 _fail(f"op {o.id} at step {o.step} writes {vid}, which resides nowhere then")
+        for x, y in alias_pairs(o.kind, o.inputs, o.outputs):
+            tx, ty = by_id[x], by_id[y]
+            if not (tx.materialized and ty.materialized) or tx.nbytes != ty.nbytes:
+                continue
+            at_x = {r.tier for r in tx.residency if r.from_step <= o.step <= r.to_step}
+            at_y = {r.tier for r in ty.residency if r.from_step <= o.step <= r.to_step}
+            if not at_x & at_y:
+                _fail(f"op {o.id} ({o.kind}) at step {o.step}: its result {y} resides in "
+                      f"{sorted(at_y)}, its operand {x} in {sorted(at_x)}; the result is the "
+                      "operand's buffer under another shape, so it must stay where the operand is"
+                      " (a copy between tiers would be a transfer the op does not pay for)")
 
 
 def _check_capacity_and_kinds(plan: Plan) -> None:
