@@ -112,10 +112,14 @@ MAX_WINDOW_BINARIES = 1_500
 # Whether the MIP chooses among the window-length options of every move (more binaries, slower
 # solves); otherwise a move keeps the incumbent's window, and a new move takes the shortest.
 MIP_WINDOW_OPTIONS = False
-# At most this many fix-and-optimise sweeps over a decomposed program; another sweep runs only
-# if the last one improved the plan by at least this fraction, and a later sweep stops once the
-# windows it has solved gained less than this fraction times their share of the binaries.
-MAX_SWEEPS = 4
+# At most this many fix-and-optimise sweeps over a decomposed program by default
+# (`PlaceTiersPass.max_sweeps`); another sweep runs only if the last one improved the plan by at
+# least SWEEP_MIN_GAIN, and a later sweep stops once the windows it has solved gained less than
+# that fraction times their share of the binaries. Measured on the 12-layer training step on the
+# starved a100-256m (plan after re-spreading, MIP seconds): 1 sweep 49.3 ms in 3.5 s, 2 sweeps
+# 44.9 ms in 6.0 s, 3 sweeps 44.1 ms in 9.8 s, 4 sweeps 42.0 ms in 13.1 s; two keep planning
+# within twice XLA's compile time (benchmarks/placement.py), sn40l stops after two by itself.
+MAX_SWEEPS = 2
 SWEEP_MIN_GAIN = 1e-3
 # A window's solve gets at most this many seconds per binary variable that starts in it (a
 # window of MAX_WINDOW_BINARIES binaries: 0.6 s), however much of the time limit is left, so that
@@ -924,8 +928,8 @@ def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: float, seed: int,
-              backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES
-              ) -> MipOutcome:
+              backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES,
+              max_sweeps: int = MAX_SWEEPS) -> MipOutcome:
     """Improve `incumbent` (the greedy assignment) with the MIP, window by window.
 
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
@@ -987,7 +991,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
         sweep += 1
         left_s = time_limit_s - (time.perf_counter() - t_start)
         improved = state.objective_value() < before * (1 - SWEEP_MIN_GAIN)
-        if len(windows) == 1 or sweep >= MAX_SWEEPS or left_s < 0.1 * time_limit_s or (
+        if len(windows) == 1 or sweep >= max_sweeps or left_s < 0.1 * time_limit_s or (
                 not improved):
             break
         sweep_windows = _shifted(sweep_windows) if sweep % 2 else windows
@@ -1040,6 +1044,8 @@ class PlaceTiersPass:
         backend: "highs", "scip" or "cpsat".
         workers: solver threads (None: `default_workers()`); HiGHS always runs one.
         max_window_binaries: decompose programs whose MIP has more binaries than this.
+        max_sweeps: at most this many fix-and-optimise sweeps over a decomposed program (more
+            may find a better plan, in more time: see MAX_SWEEPS).
         capacity_bound: also solve the capacity LP (passes/capacity_bound.py) for a lower bound
             that holds tier capacities over time (seconds on a 4k-op program; off by default).
     """
@@ -1051,6 +1057,7 @@ class PlaceTiersPass:
     backend: str = "highs"
     workers: int | None = None
     max_window_binaries: int = MAX_WINDOW_BINARIES
+    max_sweeps: int = MAX_SWEEPS
     capacity_bound: bool = False
 
     def __post_init__(self) -> None:
@@ -1061,6 +1068,8 @@ class PlaceTiersPass:
                               "of seconds")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ChoiceError(f"workers={self.workers!r}: expected a positive integer or None")
+        if not isinstance(self.max_sweeps, int) or self.max_sweeps < 1:
+            raise ChoiceError(f"max_sweeps={self.max_sweeps!r}: expected a positive integer")
 
     def run(self, state: PipelineState) -> PipelineState:
         if state.liveness is None:
@@ -1164,7 +1173,7 @@ class PlaceTiersPass:
         limit_s = self.mip_time_limit_s(state, plan_build_s)
         if limit_s >= MIN_MIP_TIME_S:
             outcome = solve_mip(problem, greedy, limit_s, self.seed, self.backend, workers,
-                                self.max_window_binaries)
+                                self.max_window_binaries, self.max_sweeps)
         else:
             limit_s = 0.0  # no solver runs
             outcome = MipOutcome(None, "greedy_fallback", None, None, None, 0,

@@ -85,3 +85,11 @@ def test_pass_list_is_schedule_liveness_fusion_place_verify() -> None:
                                                        "verify"]
     assert [p.name for p in build_passes("mip", fusion=False)] == [
         "schedule", "liveness", "place-tiers", "verify"]
+
+
+def test_max_sweeps_must_be_a_positive_integer() -> None:
+    from tiermap.passes.place_tiers import PlaceTiersPass
+
+    with pytest.raises(ChoiceError, match="max_sweeps=0: expected a positive integer"):
+        PlaceTiersPass(max_sweeps=0)
+    assert PlaceTiersPass(max_sweeps=4).max_sweeps == 4
