@@ -999,16 +999,17 @@ def naive_assignment(problem: PlacementProblem, start: Mapping[str, Choice] | No
         seg = problem.segments[vid]
         # tensors tied by alias ops go whole into one writable tier together
         group = [problem.segments[v] for v in problem.tie_group(vid) if v not in out]
-        need = np.zeros(n + 1, dtype=np.int64)
+        lo, hi = min(m.first for m in group), max(m.last for m in group)
+        need = np.zeros(hi - lo + 2, dtype=np.int64)
         for member in group:
-            need[member.first] += member.nbytes
-            need[member.last + 1] -= member.nbytes
-        need = np.cumsum(need[:n])
+            need[member.first - lo] += member.nbytes
+            need[member.last + 1 - lo] -= member.nbytes
+        need = np.cumsum(need[:-1])
         for k, home in _spill_order(problem, seg):
             if len(group) > 1 and (home or any(k not in m.tiers for m in group)):
                 continue
-            if (occ[k] + need).max(initial=0) <= problem.capacity[k]:
-                occ[k] += need
+            if (occ[k, lo:hi + 1] + need).max(initial=0) <= problem.capacity[k]:
+                occ[k, lo:hi + 1] += need
                 for member in group:
                     out[member.vid] = Choice.whole(member, k, home)
                 break
