@@ -248,7 +248,12 @@ def best_spread_span(transfer_s: float, op_s: np.ndarray) -> tuple[int, int, flo
     """The run of steps (first, last offsets into `op_s`) to spread a transfer over so that it
     adds the least time to steps taking `op_s`, and that time. Ties go to the longer run (it
     leaves more room to other transfers), then the earlier one. Lengths tried: 1, 2, ...
-    growing by SPREAD_CLASS_RATIO, and the whole window."""
+    growing by SPREAD_CLASS_RATIO, and the whole window.
+
+    Lengths are tried longest first and the search stops at the first run that hides the
+    transfer completely (no shorter run can beat it, and ties go to the longer), which on long
+    windows is usually the first length tried.
+    """
     m = len(op_s)
     if m == 0:
         raise TiermapError("a transfer needs at least one step")
@@ -257,16 +262,18 @@ def best_spread_span(transfer_s: float, op_s: np.ndarray) -> tuple[int, int, flo
     while length < m:
         lengths_set.add(length)
         length = max(length + 1, int(length * SPREAD_CLASS_RATIO))
-    lengths = np.array(sorted(lengths_set, reverse=True))  # longest first: ties go to it
-    extra = np.maximum(transfer_s / lengths[:, None] - op_s[None, :], 0.0)
-    cum = np.concatenate([np.zeros((len(lengths), 1)), np.cumsum(extra, axis=1)], axis=1)
-    starts = np.arange(m)
-    ends = np.minimum(starts[None, :] + lengths[:, None], m)
-    sums = np.take_along_axis(cum, ends, axis=1) - cum[:, :m]
-    sums[starts[None, :] + lengths[:, None] > m] = np.inf
-    flat = int(np.argmin(sums))  # row-major: the longest length, then the earliest start
-    row, start = divmod(flat, m)
-    return start, start + int(lengths[row]) - 1, float(sums[row, start])
+    best = (0, m - 1, math.inf)
+    for length in sorted(lengths_set, reverse=True):  # longest first: ties go to it
+        extra = np.maximum(transfer_s / length - op_s, 0.0)
+        cum = np.concatenate([[0.0], np.cumsum(extra)])
+        sums = cum[length:] - cum[:-length]  # by start, starts 0 .. m - length
+        start = int(np.argmin(sums))  # the earliest of equal sums
+        added_s = float(sums[start])
+        if added_s < best[2]:
+            best = (start, start + length - 1, added_s)
+        if added_s <= 0.0:
+            break
+    return best
 
 
 # --- the program bound --------------------------------------------------------------------------

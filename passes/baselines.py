@@ -38,6 +38,10 @@ Strategies:
   visit tensors by benefit/√size (benefit: bytes accessed × the saving per byte of the faster
   tier) and move the whole tensor, or single runs with a prefetch before and an eviction after,
   into faster tiers when it fits (best fit on the occupancy timeline) and the predicted time drops.
+  Before each such pass and at the end, tensors that move between tiers are scored read in place
+  instead (whole, or one run at a time, in the slower tier they are parked in): under memory
+  pressure the evictions and prefetches share one slow link, and once it is busier than the
+  compute that hides it, slower accesses cost less than the moves (`_read_in_place`).
 """
 
 from __future__ import annotations
@@ -1229,6 +1233,51 @@ def _candidates(problem: PlacementProblem, seg: Segments, choice: Choice, tier: 
     return out
 
 
+def _read_in_place(state: CostState) -> None:
+    """Trade transfers for slower accesses where the link is the bottleneck.
+
+    Visits the tensors that move between tiers, most bytes moved first, and scores reading them
+    where they are parked instead: the whole tensor in a slower tier it uses, or one run at a time
+    moved there (which drops that run's prefetch and eviction). Keeps the best change that lowers
+    the objective. Under memory pressure the evictions and prefetches share one slow link
+    (PCIe to host DRAM); once it is busier than the compute that hides it, an access from the
+    slower tier costs less than moving the tensor.
+    """
+    p = state.p
+    order: list[tuple[int, str]] = []
+    for vid, choice in state.assignment.items():
+        seg = p.segments[vid]
+        moves = p.layout(seg, choice)[1]
+        if moves:
+            order.append((-seg.nbytes * len(moves), vid))
+    order.sort()
+    for _neg, vid in order:
+        seg = p.segments[vid]
+        choice = state.assignment[vid]
+        options: list[Choice] = []
+        for k in sorted(set(choice.runs) | set(choice.gaps)):
+            if k <= p.main or (k not in seg.tiers and k not in seg.homes):
+                continue
+            home = k if p.read_only[k] else choice.home
+            if home not in (None, k):
+                continue
+            options.append(Choice.whole(seg, k, p.read_only[k]))
+            for r in range(len(seg.runs)):
+                if choice.runs[r] != k:
+                    runs = list(choice.runs)
+                    runs[r] = k
+                    new = Choice(tuple(runs), choice.gaps, home)
+                    if p.valid(seg, new):
+                        options.append(new)
+        best: tuple[float, Choice] | None = None
+        for new in options:
+            fits, d_time = state.probe(vid, new)
+            if fits and (best is None or d_time < best[0]):
+                best = (d_time, new)
+        if best is not None and best[0] < 0.0:
+            state.try_move(vid, best[1])
+
+
 def _tune_windows(state: CostState) -> None:
     """Try every window option of every move; keep those that lower the objective."""
     p = state.p
@@ -1279,6 +1328,7 @@ def greedy_assignment(problem: PlacementProblem) -> Assignment:
     for vid, choice in p.pinned.items():  # pins are where the MIP keeps these tensors
         state.try_move(vid, choice, accept_equal=True)
     for _round in range(2):
+        _read_in_place(state)
         queue: list[tuple[float, str, int]] = []
         for vid, seg in p.segments.items():
             choice = state.assignment[vid]
@@ -1299,4 +1349,5 @@ def greedy_assignment(problem: PlacementProblem) -> Assignment:
         if not moved:
             break
     _tune_windows(state)
+    _read_in_place(state)
     return dict(state.assignment)
