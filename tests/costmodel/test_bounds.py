@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiermap.compiler.plan import Residency
 from tiermap.costmodel.bounds import (
+    SPREAD_CLASS_RATIO,
     attention_compulsory_bytes,
     attention_io_lower_bound_bytes,
+    best_spread_span,
     elementwise_traffic_bytes,
     flash_attention_blocks,
     flash_attention_traffic_bytes,
@@ -156,3 +159,36 @@ def test_everything_in_slow_is_no_better_than_the_bound() -> None:
     tgt = two_tier_target()
     ev = evaluate(p, tgt, everywhere(p, "slow"), [])
     assert ev.predicted_time_s >= program_lower_bound_s(p, tgt)
+
+
+def _spread_lengths(m: int) -> list[int]:
+    """The lengths `best_spread_span` tries: 1, 2, ... growing by SPREAD_CLASS_RATIO, and m."""
+    out, length = {m}, 1
+    while length < m:
+        out.add(length)
+        length = max(length + 1, int(length * SPREAD_CLASS_RATIO))
+    return sorted(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(op_us=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.5, 8.0, 40.0]), min_size=1,
+                      max_size=60),
+       transfer_us=st.sampled_from([0.25, 1.0, 3.0, 10.0, 35.0, 200.0]))
+def test_best_spread_span_is_the_brute_force_optimum(op_us: list[float],
+                                                     transfer_us: float) -> None:
+    """Against every run of every length tried: the least added time, ties to the longest run,
+    then the earliest."""
+    op_s = np.array(op_us) * 1e-6
+    transfer_s = transfer_us * 1e-6
+    m = len(op_s)
+    runs = []
+    for length in _spread_lengths(m):
+        for start in range(m - length + 1):
+            added_s = float(np.maximum(transfer_s / length - op_s[start:start + length],
+                                       0.0).sum())
+            runs.append((added_s, -length, start))
+    added_s, neg_length, start = min(runs)
+    first, last, got_s = best_spread_span(transfer_s, op_s)
+    assert got_s == pytest.approx(added_s, rel=1e-9, abs=1e-18)
+    if added_s == 0.0:  # exact ties only where nothing is added: then the run is determined
+        assert (first, last) == (start, start - neg_length - 1)
