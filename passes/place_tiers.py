@@ -35,9 +35,11 @@ Constraints
       z[t,g,k] <= x[t,prev(g),k] + x[t,next(g),k].
  (C5) occupancy: O[k,s] = O[k,s'] + bytes of the terms started - bytes of the terms ended since
       the previous row s' (terms: x over its run, z over its gap, e over its window in its source,
-      f over its window in its destination, h over the live range); O[k,s] <= capacity_k -
+      f from its transfer's first step to the gap's end in its destination, minus e from the
+      gap's start to its transfer's first step in its destination (the middle tier holds the
+      tensor once the eviction starts), h over the live range); O[k,s] <= capacity_k -
       constants[s]; rows only where a term starts or the constants grow, and only where the
-      tier could overflow.
+      tier could overflow. These are `PlacementProblem.layout`'s residency pieces exactly.
  (C6) kernel time: a lone op's T[s] >= compute_j + overhead and
       T[s] >= overhead + sum_access bytes / bandwidth_k * x; for a multi-op kernel the same bounds
       on m[j], and T[s] >= w_s * m[j] for each of its steps (w_s: its flop share).
@@ -368,6 +370,8 @@ class _WindowModel:
                         if not ro[a]:
                             self._occ(a, gap.lo, gap.lo + w - 1, part, nbytes)
                         m_lo, m_hi = p.move_span(seg, g, a, b, True, w)
+                        if m_lo > gap.lo:  # b holds it from the transfer's first step
+                            self._occ(b, gap.lo, m_lo - 1, part, -nbytes)
                         self._move(a, b, m_lo, m_hi, part, nbytes)
             if gap.next_run is None:
                 continue
@@ -385,8 +389,8 @@ class _WindowModel:
                 if b == c or ro[c] or (isinstance(coef, float) and not coef):
                     continue
                 for w, part in self._window_split(vid, seg, g, b, c, False, coef, pair):
-                    self._occ(c, gap.hi - w + 1, gap.hi, part, nbytes)
                     m_lo, m_hi = p.move_span(seg, g, b, c, False, w)
+                    self._occ(c, m_lo, gap.hi, part, nbytes)  # from the transfer's first step
                     self._move(b, c, m_lo, m_hi, part, nbytes)
 
     def _ties(self) -> None:
@@ -427,7 +431,8 @@ class _WindowModel:
         return [(options[o], var) for o, var in parts.items()]
 
     def _occ(self, k: int, lo: int, hi: int, coef: Any, nbytes: int) -> None:
-        """Tier k holds `nbytes` over [lo, hi] when `coef` (a variable or a 0/1 constant) is 1."""
+        """Tier k holds `nbytes` over [lo, hi] when `coef` (a variable or a 0/1 constant) is 1
+        (negative `nbytes` takes back what another term counted)."""
         if isinstance(coef, float):
             if coef:
                 self.const_occ[k, lo] += coef * nbytes
@@ -523,17 +528,19 @@ class _WindowModel:
             prev, pending = cur, []
 
     def _other_links(self) -> None:
-        """T[s] >= every link's constant load at the steps this model times."""
-        keys = set(self.base.links) | set(self.const_link)
-        if not keys or not self.T:
+        """T[s] >= every link's constant load at the steps this model times, and the op time
+        of the steps no free tensor's kernel touches (a link chain created their T[s])."""
+        if not self.T:
             return
-        steps = np.array(sorted(self.T), dtype=np.int64)
-        most = np.zeros(len(steps))
-        for key in keys:
-            most = np.maximum(most, self._link_load_s(key)[steps])
         tu = self.time_unit_s
-        for s, load_s in zip(steps.tolist(), most.tolist(), strict=True):
-            self._ge_const(self.T[s], load_s / tu)
+        keys = set(self.base.links) | set(self.const_link)
+        if keys:
+            steps = np.array(sorted(self.T), dtype=np.int64)
+            most = np.zeros(len(steps))
+            for key in keys:
+                most = np.maximum(most, self._link_load_s(key)[steps])
+            for s, load_s in zip(steps.tolist(), most.tolist(), strict=True):
+                self._ge_const(self.T[s], load_s / tu)
         # untouched steps that only a link chain created: their op time is a constant
         p, base = self.p, self.base
         touched = {s for vid in self.free for j, _s, _b, _r in p.touches.get(vid, ())
@@ -557,8 +564,9 @@ class _WindowModel:
         starts: dict[int, list[tuple[Any, float]]] = {}
         ends: dict[int, list[tuple[Any, float]]] = {}
         for var, nbytes, lo, hi in terms:
-            diff[lo] += nbytes
-            diff[hi + 1] -= nbytes
+            if nbytes > 0:  # the most the terms can hold: negative ones (an eviction's
+                diff[lo] += nbytes  # destination before its transfer starts) only lower it
+                diff[hi + 1] -= nbytes
             starts.setdefault(lo, []).append((var, nbytes))
             ends.setdefault(hi + 1, []).append((var, nbytes))
         active = np.cumsum(diff[:n])
@@ -583,8 +591,11 @@ class _WindowModel:
             room = (cap - const[s]) / scale
             if self.integer:
                 cur = self._var(-(2.0**62), float(math.floor(room + 1e-9)), True)
-            else:  # one byte of safety against the solver's feasibility tolerance
-                cur = self._var(-math.inf, room - 1.0 / scale)
+            else:
+                # exact: a plan that fills the tier to the byte is feasible (greedy's often
+                # is). A solution that uses the solver's tolerances to overfill it is caught
+                # when `_solve_window` re-checks capacity on the rounded choice, and dropped.
+                cur = self._var(-math.inf, room)
             self._eq(cur, pending + ([(prev, 1.0)] if prev is not None else []))
             prev, pending = cur, []
 

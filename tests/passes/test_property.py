@@ -8,6 +8,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
@@ -143,3 +145,79 @@ def test_planning_is_deterministic(data: st.DataObject) -> None:
     again = plan(prog, target=target, strategy="mip", time_limit_s=5)
     if first.solver.status == "optimal":
         assert strip_wall(first.to_json()) == strip_wall(again.to_json())
+
+
+def _stretched(problem: Any, assignment: dict[str, Any]) -> dict[str, Any]:
+    """`assignment` with every move given its longest window option (the one whose transfer
+    run is most often shorter than the window)."""
+    from tiermap.passes.baselines import Choice
+
+    out = {}
+    for vid, c in assignment.items():
+        seg = problem.segments[vid]
+        ev, pf = list(c.evict_opt), list(c.prefetch_opt)
+        for g, gap in enumerate(seg.gaps):
+            for evict, opts, run in ((True, ev, gap.prev_run), (False, pf, gap.next_run)):
+                if run is None:
+                    continue
+                src, dst = ((c.runs[run], c.gaps[g]) if evict else (c.gaps[g], c.runs[run]))
+                if src == dst or problem.read_only[dst]:
+                    continue
+                options = problem.window_options(seg, g, src, dst, evict)
+                opts[g] = max(range(len(options)), key=lambda o: options[o])
+        out[vid] = Choice(c.runs, c.gaps, c.home, tuple(ev), tuple(pf))
+    return out
+
+
+def _model_time_s(problem: Any, assignment: dict[str, Any]) -> tuple[float, float]:
+    """(the placement MIP's optimum over the whole program with every binary fixed at
+    `assignment`, the cost model's time of `assignment`)."""
+    from ortools.math_opt.python import mathopt
+
+    from tiermap.passes.baselines import CostState
+    from tiermap.passes.place_tiers import _free_tensors, _WindowModel
+
+    n = problem.num_steps
+    free = _free_tensors(problem, 0, n - 1)
+    state = CostState(problem, assignment)
+    total_s = state.total_time_s()
+    for vid in free:
+        state.remove(vid)
+    model = _WindowModel(problem, state, assignment, free, 0, n - 1, "highs", None)
+    for var, value in model.hint_values.items():
+        model.var_lb[var] = model.var_ub[var] = value
+    fixed = model._export("fixed", [(v, 1.0) for v in model.T.values()])
+    result = mathopt.solve(fixed, mathopt.SolverType.HIGHS)
+    assert result.termination.reason == mathopt.TerminationReason.OPTIMAL
+    for vid in free:
+        state.add(vid, assignment[vid])
+    modelled = np.array(sorted(model.T), dtype=np.int64)
+    rest_s = total_s - float(state.step_times(modelled).sum())
+    return result.objective_value() * model.time_unit_s + rest_s, total_s
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_mip_model_is_exact_for_the_greedy_plan(data: st.DataObject) -> None:
+    """The placement MIP over the whole program, with every binary fixed at greedy's choice, is
+    feasible and its optimum is greedy's predicted time: the model charges what the cost model
+    charges, occupancy included (so greedy's plan is a feasible warm start of every window).
+    Likewise with every move stretched to its longest window, where it fits."""
+    from tiermap.passes.baselines import CostState, PlacementProblem, greedy_assignment
+
+    prog = data.draw(programs())
+    target = data.draw(targets(prog))
+    problem = PlacementProblem(prog, target, pin=False)
+    try:
+        greedy = greedy_assignment(problem)
+    except InfeasiblePlacementError:
+        return
+    event("moves" if any(problem.layout(problem.segments[v], c)[1] for v, c in greedy.items())
+          else "no moves")
+    model_s, cost_s = _model_time_s(problem, greedy)
+    assert model_s == pytest.approx(cost_s, rel=1e-6)
+    stretched = _stretched(problem, greedy)
+    if stretched != greedy and CostState(problem, stretched).within_capacity():
+        event("stretched windows")
+        model_s, cost_s = _model_time_s(problem, stretched)
+        assert model_s == pytest.approx(cost_s, rel=1e-6)
