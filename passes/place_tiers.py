@@ -1210,14 +1210,22 @@ class PlaceTiersPass:
             notes.append(f"no MIP solution within {limit_s:.3g} s ({outcome.detail}); "
                          "returning the greedy plan")
         left_s = state.seconds_left()
-        if plan is None and (left_s is None or left_s > 0.0):
-            # the greedy placement, with its transfers re-spread if that makes it faster
+        if left_s is None or left_s > 0.0:
+            # greedy's placement with its transfers re-spread: returned when the MIP found
+            # nothing, or found something slower (re-spreading changes what each plan costs)
             parts = problem.to_plan_parts(greedy, respread=True)
             spread = build_plan(program, target, "mip", parts[0], parts[1], state.fusion,
                                 lower_bound_s, baselines, info)
-            if spread.predicted_time_s < greedy_plan.predicted_time_s * (1 - 1e-12) and (
-                    _no_worse(spread, greedy_plan, state.objective)):
-                notes.append("greedy's placement with its transfers re-spread")
+            best = greedy_plan if plan is None else plan
+            if spread.predicted_time_s < best.predicted_time_s * (1 - 1e-12) and (
+                    _no_worse(spread, best, state.objective)):
+                if plan is None:
+                    notes.append("greedy's placement with its transfers re-spread")
+                else:
+                    notes.append(
+                        f"greedy's placement with its transfers re-spread "
+                        f"({spread.predicted_time_s:.9g} s) is faster than the MIP's plan "
+                        f"({plan.predicted_time_s:.9g} s) after re-spreading; returning it")
                 plan = spread
         if plan is None:
             plan = replace(greedy_plan, strategy="mip", baselines=dict(baselines), solver=info)

@@ -125,6 +125,15 @@ def test_every_strategy_verifies_and_mip_le_greedy_le_naive(data: st.DataObject)
     if "greedy" in plans and "mip" in plans:
         assert plans["mip"].predicted_time_s <= plans["greedy"].predicted_time_s * (1 + TOL)
         assert plans["mip"].baselines["greedy"] == plans["greedy"].predicted_time_s
+    if "mip" in plans and not fusion:
+        # the mip strategy also weighs greedy's placement after the same re-spreading
+        from tiermap.costmodel.evaluate import evaluate
+        from tiermap.passes.baselines import PlacementProblem, greedy_assignment
+
+        problem = PlacementProblem(prog, target, pin=True)
+        residency, transfers = problem.to_plan_parts(greedy_assignment(problem), respread=True)
+        spread_s = evaluate(prog, target, residency, transfers).predicted_time_s
+        assert plans["mip"].predicted_time_s <= spread_s * (1 + TOL)
     if "naive" in plans and "greedy" in plans and not fusion:
         # greedy starts from naive's placement and only makes moves that pay
         assert plans["greedy"].predicted_time_s <= plans["naive"].predicted_time_s * (1 + TOL)
