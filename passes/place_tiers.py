@@ -949,7 +949,10 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     incumbent, so each solve keeps or improves the whole plan. While time is left and the last
     sweep improved the plan by SWEEP_MIN_GAIN or more, another sweep runs over windows shifted
     by half (cut where the last sweep's windows had their middles); it stops early once the
-    windows it solved gained less than SWEEP_MIN_GAIN times their share of the binaries.
+    windows it solved gained less than SWEEP_MIN_GAIN times their share of the binaries. With
+    the time objective, another sweep also needs the last one to have improved the plan as the
+    pass returns it (transfers re-spread, `respread_moves`) by SWEEP_MIN_GAIN: the MIP scores
+    each transfer on its own best steps, and a gain there can vanish once they are re-spread.
 
     A window gets its share (by binaries) of the time left, at most WINDOW_S_PER_BINARY per
     binary. Model building counts against `time_limit_s`; a solve may overrun its limit by the
@@ -974,6 +977,8 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     results: list[_WindowResult] = []
     solved_any = False
     sweep = 0
+    spread_s: float | None = None
+    stopped = ""
     sweep_windows = windows
     while True:
         weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in sweep_windows]
@@ -1005,6 +1010,16 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
         if len(windows) == 1 or sweep >= max_sweeps or left_s < 0.1 * time_limit_s or (
                 not improved):
             break
+        if p.objective == "time":
+            # the plan is the placement re-spread: a sweep that did not pay there ends it
+            if spread_s is None:
+                spread_s = _respread_time_s(p, incumbent)
+            now_s = _respread_time_s(p, assignment)
+            if now_s > spread_s * (1 - SWEEP_MIN_GAIN):
+                stopped = (f"; stopped after sweep {sweep}: re-spread, the plan gained less than "
+                           f"{100 * SWEEP_MIN_GAIN:g}% ({spread_s:.6g} -> {now_s:.6g} s)")
+                break
+            spread_s = now_s
         sweep_windows = _shifted(sweep_windows) if sweep % 2 else windows
     if not solved_any:
         return MipOutcome(None, "greedy_fallback", None, None, None, len(windows),
@@ -1020,8 +1035,17 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     skipped = sum(r.status == "skipped" for r in results)
     if skipped:
         detail += (f" ({skipped} of them skipped: the sweep no longer paid, or time ran out)")
+    detail += stopped
     return MipOutcome(assignment, "feasible", None, None, state.objective_value(), len(windows),
                       detail)
+
+
+def _respread_time_s(problem: PlacementProblem, assignment: Assignment) -> float:
+    """Predicted time of `assignment`'s plan with its transfers re-spread (what the pass
+    returns)."""
+    residency, transfers = problem.to_plan_parts(assignment, respread=True)
+    return evaluate(problem.program, problem.target, residency, transfers,
+                    problem.fusion).predicted_time_s
 
 
 def _argmax(table: Mapping[int, int], values: np.ndarray) -> int:
