@@ -1234,7 +1234,7 @@ class PlaceTiersPass:
             notes.append(f"no MIP solution within {limit_s:.3g} s ({outcome.detail}); "
                          "returning the greedy plan")
         left_s = state.seconds_left()
-        if left_s is None or left_s > 0.0:
+        if greedy_plan.transfers and (left_s is None or left_s > 0.0):
             # greedy's placement with its transfers re-spread: returned when the MIP found
             # nothing, or found something slower (re-spreading changes what each plan costs)
             parts = problem.to_plan_parts(greedy, respread=True)
