@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 import tiermap  # noqa: E402
 from tiermap.compiler.frontend import lower  # noqa: E402
+from tiermap.compiler.ir import Program  # noqa: E402
 from tiermap.compiler.pipeline import build_passes, plan  # noqa: E402
 from tiermap.compiler.plan import Plan  # noqa: E402
 from tiermap.passes.place_tiers import PlaceTiersPass  # noqa: E402
@@ -89,7 +90,7 @@ class Row:
     starved: bool
     plan: Plan
     wall_s: float
-    target_spec: str  # what tiermap.target() was given
+    program: Program
 
     @property
     def mip_s(self) -> float:
@@ -139,7 +140,7 @@ def quality(quick: bool, time_limit_s: float, starved_only: bool = False) -> lis
                       for q in build_passes("mip", time_limit_s)]
             p = plan(program, target=target, passes=passes, time_limit_s=time_limit_s + 40.0)
             row = Row(name, target.name, program.num_steps, _starved(p), p,
-                      time.perf_counter() - t0, target_name)
+                      time.perf_counter() - t0, program)
             rows.append(row)
             gap = "" if p.solver.gap is None else f" ({100 * p.solver.gap:.2g}%)"
             print(f"| {name} | {target.name} | {row.ops} | {'yes' if row.starved else 'no'} | "
@@ -151,8 +152,7 @@ def quality(quick: bool, time_limit_s: float, starved_only: bool = False) -> lis
     return rows
 
 
-def _greedy_respread_s(row: Row, fn: Callable[..., Any], args: tuple[Any, ...],
-                       time_limit_s: float) -> float:
+def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     """Predicted time of greedy's placement after the MIP strategy's post-pass (each transfer
     re-spread within its window, `respread_moves`), under the same fusion passes."""
     from tiermap.compiler.fusion import Fusion
@@ -160,11 +160,10 @@ def _greedy_respread_s(row: Row, fn: Callable[..., Any], args: tuple[Any, ...],
     from tiermap.passes.base import PassManager, PipelineState
     from tiermap.passes.baselines import PlacementProblem, greedy_assignment
 
-    target = tiermap.target(row.target_spec)
-    program = lower(fn, *args, platform=target.platform)
+    target = row.plan.target
     passes = build_passes("mip", time_limit_s)
     before = passes[:next(i for i, q in enumerate(passes) if isinstance(q, PlaceTiersPass))]
-    state = PassManager(before).run(PipelineState(program, target, Fusion(), "time"))
+    state = PassManager(before).run(PipelineState(row.program, target, Fusion(), "time"))
     problem = PlacementProblem(state.program, target, state.fusion, state.liveness, "time",
                                pin=True)
     residency, transfers = problem.to_plan_parts(greedy_assignment(problem), respread=True)
@@ -178,14 +177,12 @@ def respread_table(rows: list[Row], time_limit_s: float) -> None:
     starved = [r for r in rows if r.starved]
     if not starved:
         return
-    builds = {**_models(False), **_starved_models(False)}
     print("\nStarved rows: greedy's placement after the MIP strategy's re-spreading post-pass "
           "(times in ms)\n")
     print("| model | greedy | greedy re-spread | mip | greedy re-spread / mip |")
     print("|---|---:|---:|---:|---:|")
     for r in starved:
-        fn, args = builds[r.model]()
-        spread_s = _greedy_respread_s(r, fn, args, time_limit_s)
+        spread_s = _greedy_respread_s(r, time_limit_s)
         print(f"| {r.model} | {_ms(r.greedy_s)} | {_ms(spread_s)} | {_ms(r.mip_s)} | "
               f"{spread_s / r.mip_s:.3f} |", flush=True)
 

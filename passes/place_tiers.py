@@ -940,7 +940,8 @@ def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: float, seed: int,
               backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES,
-              max_sweeps: int = MAX_SWEEPS) -> MipOutcome:
+              max_sweeps: int = MAX_SWEEPS, incumbent_spread_s: float | None = None
+              ) -> MipOutcome:
     """Improve `incumbent` (the greedy assignment) with the MIP, window by window.
 
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
@@ -953,6 +954,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     the time objective, another sweep also needs the last one to have improved the plan as the
     pass returns it (transfers re-spread, `respread_moves`) by SWEEP_MIN_GAIN: the MIP scores
     each transfer on its own best steps, and a gain there can vanish once they are re-spread.
+    `incumbent_spread_s` is that time for the incumbent, if the caller has it.
 
     A window gets its share (by binaries) of the time left, at most WINDOW_S_PER_BINARY per
     binary. Model building counts against `time_limit_s`; a solve may overrun its limit by the
@@ -977,7 +979,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     results: list[_WindowResult] = []
     solved_any = False
     sweep = 0
-    spread_s: float | None = None
+    spread_s = incumbent_spread_s
     stopped = ""
     sweep_windows = windows
     while True:
@@ -1204,11 +1206,18 @@ class PlaceTiersPass:
              baselines: Mapping[str, float], lower_bound_s: float, workers: int,
              plan_build_s: float) -> Plan:
         program, target = state.program, state.target
+        left_s = state.seconds_left()
+        # greedy's placement with its transfers re-spread: the MIP's sweeps must beat it, and
+        # it is returned when the MIP finds nothing or something slower (below)
+        spread_parts = (problem.to_plan_parts(greedy, respread=True)
+                        if greedy_plan.transfers and (left_s is None or left_s > 0.0) else None)
+        spread_s = greedy_plan.predicted_time_s if spread_parts is None else evaluate(
+            program, target, spread_parts[0], spread_parts[1], state.fusion).predicted_time_s
         t0 = time.perf_counter()
         limit_s = self.mip_time_limit_s(state, plan_build_s)
         if limit_s >= MIN_MIP_TIME_S:
             outcome = solve_mip(problem, greedy, limit_s, self.seed, self.backend, workers,
-                                self.max_window_binaries, self.max_sweeps)
+                                self.max_window_binaries, self.max_sweeps, spread_s)
         else:
             limit_s = 0.0  # no solver runs
             outcome = MipOutcome(None, "greedy_fallback", None, None, None, 0,
@@ -1234,12 +1243,11 @@ class PlaceTiersPass:
             notes.append(f"no MIP solution within {limit_s:.3g} s ({outcome.detail}); "
                          "returning the greedy plan")
         left_s = state.seconds_left()
-        if greedy_plan.transfers and (left_s is None or left_s > 0.0):
-            # greedy's placement with its transfers re-spread: returned when the MIP found
-            # nothing, or found something slower (re-spreading changes what each plan costs)
-            parts = problem.to_plan_parts(greedy, respread=True)
-            spread = build_plan(program, target, "mip", parts[0], parts[1], state.fusion,
-                                lower_bound_s, baselines, info)
+        if spread_parts is not None and (left_s is None or left_s > 0.0):
+            # returned when the MIP found nothing, or found something slower (re-spreading
+            # changes what each plan costs)
+            spread = build_plan(program, target, "mip", spread_parts[0], spread_parts[1],
+                                state.fusion, lower_bound_s, baselines, info)
             best = greedy_plan if plan is None else plan
             if spread.predicted_time_s < best.predicted_time_s * (1 - 1e-12) and (
                     _no_worse(spread, best, state.objective)):
