@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -154,6 +154,20 @@ class Choice:
 Assignment = dict[str, Choice]
 Piece = tuple[int, int, int]  # (tier, from_step, to_step)
 Move = tuple[int, int, int, int]  # (src tier, dst tier, start_step, end_step)
+
+
+class MoveRoom(NamedTuple):
+    """Where `respread_moves` may run a move of `PlacementProblem.layout`: within its gap's
+    steps [lo, hi]. The tensor's piece `dst_piece` starts with the move; an eviction's source
+    piece `src_piece` (-1: none, a read-only source) ends with it; `partner` is the other move
+    of the same gap (-1: none), and an eviction ends before its partner prefetch starts."""
+
+    lo: int
+    hi: int
+    dst_piece: int
+    src_piece: int
+    partner: int
+    evict: bool
 
 
 @dataclass(frozen=True)
@@ -548,13 +562,11 @@ class PlacementProblem:
         self._span_cache[key] = span
         return span
 
-    def layout(self, seg: Segments, choice: Choice,
-               windows: list[tuple[int, int, int]] | None = None
+    def layout(self, seg: Segments, choice: Choice, rooms: list[MoveRoom] | None = None
                ) -> tuple[list[Piece], list[Move]]:
         """Residency pieces and transfers of a tensor under `choice` (see the module docstring).
 
-        With `windows`, appends per move (first and last step of its window, index in the
-        pieces of the destination piece that starts with it), for `respread_moves`."""
+        With `rooms`, appends per move where `respread_moves` may run it (`MoveRoom`)."""
         ro = self.read_only
         pieces: list[Piece] = []
         moves: list[Move] = []
@@ -567,16 +579,20 @@ class PlacementProblem:
         for g, gap in enumerate(seg.gaps):
             b = choice.gaps[g]
             b_from = gap.lo
+            evict_at = -1
             if gap.prev_run is not None:
                 a = choice.runs[gap.prev_run]
                 if a != b and not ro[b]:
                     w = self.window(seg, g, a, b, True, choice.evict_opt[g])
                     start, end = self.move_span(seg, g, a, b, True, w)
+                    src_piece = -1
                     if not ro[a]:
+                        src_piece = len(pieces)
                         pieces.append((a, gap.lo, gap.lo + w - 1))
+                    evict_at = len(moves)
                     moves.append((a, b, start, end))
-                    if windows is not None:
-                        windows.append((gap.lo, gap.lo + w - 1, len(pieces)))
+                    if rooms is not None:
+                        rooms.append(MoveRoom(gap.lo, gap.hi, len(pieces), src_piece, -1, True))
                     b_from = start
             if not ro[b]:
                 pieces.append((b, b_from, gap.hi))
@@ -585,8 +601,10 @@ class PlacementProblem:
                 if b != c and not ro[c]:
                     w = self.window(seg, g, b, c, False, choice.prefetch_opt[g])
                     start, end = self.move_span(seg, g, b, c, False, w)
-                    if windows is not None:
-                        windows.append((gap.hi - w + 1, gap.hi, len(pieces)))
+                    if rooms is not None:
+                        rooms.append(MoveRoom(gap.lo, gap.hi, len(pieces), -1, evict_at, False))
+                        if evict_at >= 0:
+                            rooms[-2] = rooms[-2]._replace(partner=len(moves))
                     pieces.append((c, start, gap.hi))
                     moves.append((b, c, start, end))
         return pieces, moves
@@ -611,13 +629,13 @@ class PlacementProblem:
                       ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
         """Residency intervals per tensor and the transfers, as compiler/plan.py defines them.
 
-        With `respread`, each transfer's steps are then moved within its window to where its
+        With `respread`, each transfer's steps are then moved within its gap to where its
         link time costs least given all the others (`respread_moves`)."""
-        layouts: dict[str, tuple[list[Piece], list[Move], list[tuple[int, int, int]]]] = {}
+        layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]] = {}
         for vid, seg in self.segments.items():
-            windows: list[tuple[int, int, int]] = []
-            pieces, moves = self.layout(seg, assignment[vid], windows)
-            layouts[vid] = (pieces, moves, windows)
+            rooms: list[MoveRoom] = []
+            pieces, moves = self.layout(seg, assignment[vid], rooms)
+            layouts[vid] = (pieces, moves, rooms)
         if respread:
             respread_moves(self, layouts)
         return self._parts(layouts)
@@ -636,16 +654,17 @@ class PlacementProblem:
 
 
 def respread_moves(problem: PlacementProblem,
-                   layouts: dict[str, tuple[list[Piece], list[Move], list[tuple[int, int, int]]]],
+                   layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
                    sweeps: int = RESPREAD_SWEEPS) -> None:
-    """Move each transfer's steps within its window (largest first, `sweeps` times) to the run
-    of steps where its evenly spread link time adds least to the step times, given the op times
+    """Move each transfer's steps within its gap (largest first, `sweeps` times) to the run of
+    steps where its evenly spread link time adds least to the step times, given the op times
     and every other transfer: a step lasts max(op, each link's load), so the cost of a run I
     of length L is sum_{s in I} max(base_s, load_s + t / L) - max(base_s, load_s), base_s being
-    the op and the other links. The destination then holds the tensor from the run's first step,
-    so a run that starts earlier is taken only if the destination has the room at every step it
-    adds. Kept only if the plan's predicted time falls and no tier overflows; `layouts` is
-    updated in place."""
+    the op and the other links. The destination then holds the tensor from the run's first step
+    and an eviction's source to its last, so only runs where both tiers have the room at every
+    step they add are weighed; an eviction ends before the prefetch of the same gap starts.
+    Kept only if the plan's predicted time falls and no tier overflows; `layouts` is updated in
+    place."""
     from tiermap.costmodel.evaluate import evaluate
 
     n = problem.num_steps
@@ -657,33 +676,35 @@ def respread_moves(problem: PlacementProblem,
                  for k in range(len(names)) if names[k] in ev.occupancy_bytes}
     entries = []
     loads: dict[tuple[int, int], np.ndarray] = {}
-    for vid, (_pieces, moves, windows) in layouts.items():
+    for vid, (_pieces, moves, _rooms) in layouts.items():
         nbytes = problem.segments[vid].nbytes
-        for i, ((a, b, lo, hi), (w_lo, w_hi, _piece)) in enumerate(zip(moves, windows,
-                                                                        strict=True)):
+        for i, (a, b, lo, hi) in enumerate(moves):
             key = (min(a, b), max(a, b))
             transfer_s = nbytes / problem.link_bw(a, b)
             arr = loads.setdefault(key, np.zeros(n + 1))
             arr[lo:hi + 1] += transfer_s / (hi - lo + 1)
-            entries.append((transfer_s, vid, i, key, w_lo, w_hi))
+            entries.append((transfer_s, vid, i, key))
     if not entries:
         return
-    saved = {vid: (list(p), list(m), list(w)) for vid, (p, m, w) in layouts.items()}
+    saved = {vid: (list(p), list(m), list(r)) for vid, (p, m, r) in layouts.items()}
     entries.sort(key=lambda e: (-e[0], e[1], e[2]))
     for _sweep in range(sweeps):
-        for transfer_s, vid, i, key, w_lo, w_hi in entries:
-            pieces, moves, windows = layouts[vid]
+        for transfer_s, vid, i, key in entries:
+            pieces, moves, rooms = layouts[vid]
             a, b, lo, hi = moves[i]
+            nbytes = problem.segments[vid].nbytes
+            r_lo, r_hi = _move_limits(problem, occupancy, pieces, moves, rooms, i, lo, hi,
+                                      nbytes)
             own = loads[key]
             own[lo:hi + 1] -= transfer_s / (hi - lo + 1)
-            base = op_s[w_lo:w_hi + 1].copy()
+            base = op_s[r_lo:r_hi + 1].copy()
             for other, arr in loads.items():
                 if other != key:
-                    base = np.maximum(base, arr[w_lo:w_hi + 1])
-            here = own[w_lo:w_hi + 1]
+                    base = np.maximum(base, arr[r_lo:r_hi + 1])
+            here = own[r_lo:r_hi + 1]
             now = np.maximum(base, here)
             best = (math.inf, 0, 0)
-            m = w_hi - w_lo + 1
+            m = r_hi - r_lo + 1
             length = 1
             lengths = {m, hi - lo + 1}
             while length < m:
@@ -696,24 +717,22 @@ def respread_moves(problem: PlacementProblem,
                 j = int(np.argmin(sums))
                 if sums[j] < best[0] - 1e-15:
                     best = (float(sums[j]), j, length)
-            current = float(np.sum(np.maximum(base[lo - w_lo:hi - w_lo + 1],
-                                              here[lo - w_lo:hi - w_lo + 1]
+            current = float(np.sum(np.maximum(base[lo - r_lo:hi - r_lo + 1],
+                                              here[lo - r_lo:hi - r_lo + 1]
                                               + transfer_s / (hi - lo + 1))
-                                   - now[lo - w_lo:hi - w_lo + 1]))
-            new_lo = w_lo + best[1]
-            if best[0] < current - 1e-15 and _room(problem, occupancy, b, new_lo, lo,
-                                                   problem.segments[vid].nbytes):
-                nbytes = problem.segments[vid].nbytes
-                occ = occupancy[b]
-                if new_lo < lo:  # the destination holds the tensor from the new first step
-                    occ[new_lo:lo] += nbytes
-                else:
-                    occ[lo:new_lo] -= nbytes
-                lo, hi = new_lo, new_lo + best[2] - 1
+                                   - now[lo - r_lo:hi - r_lo + 1]))
+            if best[0] < current - 1e-15:
+                new_lo, new_hi = r_lo + best[1], r_lo + best[1] + best[2] - 1
+                _hold(occupancy, b, new_lo, lo, nbytes)  # the destination holds from new_lo
+                room = rooms[i]
+                if room.src_piece >= 0:  # an eviction's source holds to new_hi
+                    k, p_lo, p_hi = pieces[room.src_piece]
+                    _hold(occupancy, a, p_hi + 1, new_hi + 1, nbytes)
+                    pieces[room.src_piece] = (k, p_lo, new_hi)
+                lo, hi = new_lo, new_hi
                 moves[i] = (a, b, lo, hi)
-                piece = windows[i][2]
-                k, _old_lo, p_hi = pieces[piece]
-                pieces[piece] = (k, lo, p_hi)
+                k, _old_lo, p_hi = pieces[room.dst_piece]
+                pieces[room.dst_piece] = (k, lo, p_hi)
             own[lo:hi + 1] += transfer_s / (hi - lo + 1)
     after = problem._parts(layouts)
     ev_after = evaluate(problem.program, problem.target, after[0], after[1], problem.fusion)
@@ -723,15 +742,57 @@ def respread_moves(problem: PlacementProblem,
         layouts.update(saved)
 
 
-def _room(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray], tier: int,
-          new_lo: int, old_lo: int, nbytes: int) -> bool:
-    """Whether `tier` can hold `nbytes` more over [new_lo, old_lo) (a later start frees room)."""
-    if new_lo >= old_lo:
-        return True
-    occ = occupancy.get(tier)
+def _move_limits(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray],
+                 pieces: Sequence[Piece], moves: Sequence[Move], rooms: Sequence[MoveRoom],
+                 i: int, lo: int, hi: int, nbytes: int) -> tuple[int, int]:
+    """The steps [r_lo, r_hi] within which a move now at [lo, hi] may run: its gap, after its
+    gap's eviction or before its prefetch, and where its destination (from an earlier start)
+    and an eviction's source (to a later end) have the room for the tensor at every step."""
+    room, dst = rooms[i], moves[i][1]
+    r_lo, r_hi = room.lo, room.hi
+    if room.partner >= 0:
+        # the eviction ends before the prefetch starts, and where the prefetch goes back to the
+        # eviction's source, that tier is left for a step at least (else the two residencies
+        # would be one, with no start for the prefetch)
+        partner = moves[room.partner]
+        if room.evict:
+            same = room.src_piece >= 0 and partner[1] == pieces[room.src_piece][0]
+            r_hi = min(r_hi, partner[2] - (2 if same else 1))
+        else:
+            evict = rooms[room.partner]
+            r_lo = max(r_lo, partner[3] + 1)
+            if evict.src_piece >= 0 and pieces[evict.src_piece][0] == dst:
+                r_lo = max(r_lo, pieces[evict.src_piece][2] + 2)
+    occ = occupancy.get(dst)
     if occ is None:
-        return False
-    return bool((occ[new_lo:old_lo] + nbytes <= problem.capacity[tier]).all())
+        r_lo = max(r_lo, lo)
+    else:
+        full = np.flatnonzero(occ[r_lo:lo] + nbytes > problem.capacity[dst])
+        if len(full):
+            r_lo = r_lo + int(full[-1]) + 1
+    if room.src_piece >= 0:
+        src, _p_lo, p_hi = pieces[room.src_piece]
+        occ = occupancy.get(src)
+        if occ is None:
+            r_hi = min(r_hi, p_hi)
+        else:
+            full = np.flatnonzero(occ[p_hi + 1:r_hi + 1] + nbytes > problem.capacity[src])
+            if len(full):
+                r_hi = p_hi + int(full[0])
+    return r_lo, max(r_hi, hi)
+
+
+def _hold(occupancy: Mapping[int, np.ndarray], tier: int, start: int, stop: int,
+          nbytes: int) -> None:
+    """The tier holds the tensor over steps [start, stop) more (or, with stop < start, over
+    [stop, start) no longer)."""
+    occ = occupancy.get(tier)
+    if occ is None or start == stop:
+        return
+    if start < stop:
+        occ[start:stop] += nbytes
+    else:
+        occ[stop:start] -= nbytes
 
 
 def _segments(vid: str, nbytes: int, first: int, last: int, accesses: Sequence[int],

@@ -235,3 +235,66 @@ def test_respread_takes_a_transfer_off_a_kernel_another_one_rides() -> None:
                 assert residency[vid][-1].from_step == start
     copy_s = MIB / SLOW_BPS
     assert times[False] - times[True] == pytest.approx(2 * copy_s - 1.2e-4, rel=1e-9)
+
+
+def _evict_and_prefetch(with_y: bool) -> tuple[float, float, dict[str, tuple[int, int]]]:
+    """X (1 MiB) is written at step 0, read at 1 and 10, and waits in the slow tier over steps
+    2..9: an eviction, then a prefetch. Kernels at steps 5 and 8 (1.2e-4 s each) hide one copy
+    (1 MiB at 1e10 B/s = 1.048576e-4 s) each. The eviction's window is the first three steps of
+    the gap (2..4, no compute), the prefetch's the last four (6..9). With `with_y`, Y (2 MiB)
+    lives over steps 5..6 in the fast tier, which cannot hold X beside it. Returns the plan's
+    time before and after re-spreading, and the transfers' steps after."""
+    from tiermap.costmodel.evaluate import evaluate
+    from tiermap.passes.baselines import Choice, PlacementProblem
+
+    sizes = {"X": MIB, "Y": 2 * MIB, "a": 4, "out": 4,
+             **{f"s{i}": 4 for i in range(1, 10)}}
+    ops: list[tuple[list[str], list[str], float]] = [(["a"], ["X"], 0.0), (["X"], ["s1"], 0.0)]
+    for step in range(2, 10):
+        ins, outs = [f"s{step - 1}"], [f"s{step}"]
+        if with_y and step == 5:
+            outs.append("Y")
+        if with_y and step == 6:
+            ins.append("Y")
+        ops.append((ins, outs, 1.2e8 if step in (5, 8) else 0.0))
+    ops.append((["X", "W", "s9"] if with_y else ["X", "s9"], ["out"], 0.0))
+    if with_y:
+        sizes["W"] = MIB // 2
+    else:
+        del sizes["Y"]
+    prog = program(sizes, ["a", "W"] if with_y else ["a"], ops, ["out"])
+    target = two_tier(11 * MIB // 4)
+    problem = PlacementProblem(prog, target, pin=False)
+    fast, slow = 0, 1
+    assignment = {vid: Choice.whole(seg, fast) for vid, seg in problem.segments.items()}
+    assignment["X"] = Choice((fast, fast), (slow,))
+    if with_y:
+        assignment["W"] = Choice((fast,), (slow,))
+    times, steps = [], {}
+    for respread in (False, True):
+        residency, transfers = problem.to_plan_parts(assignment, respread=respread)
+        ev = evaluate(prog, target, residency, transfers)
+        assert max(ev.occupancy_bytes["fast"]) <= target.tiers[0].capacity_bytes
+        times.append(ev.predicted_time_s)
+        steps = {f"{x.src}->{x.dst}": (x.start_step, x.end_step) for x in transfers}
+    return times[0], times[1], steps
+
+
+def test_respread_runs_an_eviction_past_its_window_where_the_source_has_room() -> None:
+    """Re-spreading may run a move anywhere in its gap: the eviction leaves its window (steps
+    2..4, where nothing hides it) for the kernel at step 5, the fast tier holding X to there;
+    the plan gets one copy's time faster, less the three scalar ops the copy had stretched
+    (each reads and writes 4 bytes in the fast tier)."""
+    before_s, after_s, steps = _evict_and_prefetch(with_y=False)
+    assert steps == {"fast->slow": (5, 5), "slow->fast": (8, 8)}
+    assert before_s - after_s == pytest.approx(MIB / SLOW_BPS - 3 * 8 / FAST_BPS, rel=1e-9)
+
+
+def test_respread_keeps_an_eviction_where_the_source_has_no_room_past_it() -> None:
+    """With Y beside it at step 5 the fast tier cannot hold X there: the eviction stays in its
+    window. W's and X's prefetches both start on the kernel at step 8 and stretch it; moving
+    one of them is a gain re-spreading keeps (it would be thrown away with the rest had the
+    eviction been run onto step 5 and overfilled the fast tier)."""
+    before_s, after_s, steps = _evict_and_prefetch(with_y=True)
+    assert 2 <= steps["fast->slow"][0] <= steps["fast->slow"][1] <= 4
+    assert after_s < before_s
