@@ -25,6 +25,9 @@ Variables (all in [0, 1] unless said)
       start); n[t,i,F]: a move into F ends between a_i and a_{i+1} (o[t]: after the last
       access).
  (V5) T[s] >= 0: the time of step s; P[s] = T[0] + ... + T[s].
+ (V6) e[t,i,l]: with one binding tier k and no home, t leaves k in the gap after a_i and its
+      copy in F is made by a move that ends L steps after a_i, l <= L < u (classes [0, 1), then
+      lengths growing EVICT_CLASS_RATIO-fold, the last reaching a_{i+1} - 1).
 
 Constraints
  (C1) sum_k y[t,i,k] = 1; y[t,i,k] <= v[t,i,k]; R only for inputs and constants.
@@ -51,13 +54,21 @@ Constraints
       (`costmodel.bounds.spread_penalty_s`; floor_s the step's least op time, bw the fastest
       link); per step max(floor, sum of loads) - floor is superadditive over the moves on one
       link, so over D: P[hi] - P[lo-1] >= sum_D floor_s + (bw / bandwidth_into(k)) * sum pen * p.
+ (C10) leaving the binding tier needs a copy in F: usable there at a_i, or made by a move that
+      the binding tier feeds to its end (the source lasts to a transfer's end, compiler/plan.py):
+      v[t,i,k] - s[t,i,k] <= v[t,i,F] + sum_l e[t,i,l]; e[t,i,l] holds k over
+      [a_i + 1, a_i + l] (C6) and moves within [first, a_i + u - 1] ((C8), (C9); first: the
+      live range's start, a step later for a produced tensor, whose copies start after its
+      write); and it is one of the gap's moves into F: sum_l e[t,i,l] <= n[t,i,F].
 Objective
  (O1) minimise P[n-1] = sum_s T[s].
 
 Why it is a relaxation: take any valid plan and read y, v, s, p, n, e off it. (C1)-(C5) then hold
 by the plan semantics, (C6) counts only bytes the plan holds, (C7) is each kernel's roofline, in
 (C8) a step lasts at least each link's busy time, and (C9) holds per link (the factor spreads it
-over the links incident to k). Dropped terms only weaken it: tensors of at most TINY_TENSOR_BYTES
+over the links incident to k). In (C10), a tensor that leaves k with a next access ahead must be
+resident elsewhere the step after, so in F, by a move whose source (k) lasted to its end.
+Dropped terms only weaken it: tensors of at most TINY_TENSOR_BYTES
 and tensors whose live range never meets a binding step are charged at their fastest tier with no
 occupancy or moves.
 
@@ -91,6 +102,8 @@ TINY_TENSOR_BYTES = 4096
 # Relative slack taken off the LP optimum for HiGHS's feasibility and optimality tolerances.
 LP_TOLERANCE_SLACK = 1e-6
 DEFAULT_TIME_LIMIT_S = 20.0
+# (V6) an eviction's classes of how long the binding tier feeds it: [0, 1), [1, r), [r, r^2), ...
+EVICT_CLASS_RATIO = 4
 
 
 @dataclass(frozen=True)
@@ -356,7 +369,8 @@ class _CapacityLp:
         lead_sums: list[list[Any]] = []
         for i in range(num - 1):
             a_i, a_next = steps[i], steps[i + 1]
-            for o in movable:
+            n_f = None
+            for o in sorted(movable, key=lambda o: o.kind != "F"):  # F's move first, for (C10)
                 if o.kind == "F":  # (C3) for F: held since a_i or moved in since
                     n_f = self._var()
                     m.add_linear_constraint(ub=0.0, expr=v[i + 1][o] - v[i][o] - n_f)
@@ -372,6 +386,13 @@ class _CapacityLp:
                 m.add_linear_constraint(  # (C3)
                     ub=0.0, expr=v[i + 1][o] - stay - mo.fast_sum(leads))
                 lead_sums.append(leads)
+                if single and free_tier is not None and n_f is not None:  # (C10)
+                    first_move = lo + 1 if produced else lo
+                    evicts = self._evict_options(o, nbytes, first_move, a_i, a_next, occ_terms,
+                                                 windows)
+                    m.add_linear_constraint(ub=0.0, expr=v[i][o] - stay - v[i][free_tier]
+                                            - mo.fast_sum(evicts))
+                    m.add_linear_constraint(ub=0.0, expr=mo.fast_sum(evicts) - n_f)
         if single and free_tier is not None:
             # (C5) a move into the binding tier needs a copy in F: written or given there, or
             # moved there (ending in some gap, or later: `tail`)
@@ -401,6 +422,32 @@ class _CapacityLp:
             penalty_s = spread_penalty_s(nbytes / self.fastest_link_bytes_per_s[o.index], floors)
             windows.append(_Window(lo, a_next - 1, o.index, [(var, nbytes)], penalty_s))
             out.append(var)
+            lead = upper
+        return out
+
+    def _evict_options(self, o: _Option, nbytes: float, first_move: int, a_i: int, a_next: int,
+                       occ_terms: list[list[tuple[Any, float, int, int]]],
+                       windows: list[_Window]) -> list[Any]:
+        """(V6) t leaves binding tier o in the gap after a_i with its copy in F made by a move
+        that ends L steps after a_i (o feeds the move to its end, so it holds t over
+        [a_i + 1, a_i + L]): option [l, u) for l = 0, 1, r, r², ... (r = EVICT_CLASS_RATIO)
+        holds o over [a_i + 1, a_i + l] and moves within [first_move, a_i + u - 1];
+        L <= a_next - a_i - 1."""
+        most = a_next - a_i - 1
+        out = []
+        lead = 0
+        while lead <= most:
+            upper = min(max(EVICT_CLASS_RATIO * lead, 1), most + 1)
+            hi = a_i + upper - 1
+            if hi >= first_move:  # a move that ends before its earliest start is no option
+                var = self._var()
+                if lead > 0:
+                    occ_terms[o.index].append((var, nbytes, a_i + 1, a_i + lead))
+                floors = np.diff(self.floor_cum_s[first_move:hi + 2])
+                penalty_s = spread_penalty_s(nbytes / self.fastest_link_bytes_per_s[o.index],
+                                             floors)
+                windows.append(_Window(first_move, hi, o.index, [(var, nbytes)], penalty_s))
+                out.append(var)
             lead = upper
         return out
 

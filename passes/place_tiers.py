@@ -145,7 +145,7 @@ RESERVE_S = 0.05
 RESERVE_FRACTION = 0.05
 MIN_MIP_TIME_S = 0.1
 # The capacity LP's time limit (less when the planning deadline is near: a third of what is left).
-CAPACITY_LP_TIME_LIMIT_S = 20.0
+CAPACITY_LP_TIME_LIMIT_S = 60.0
 # Weight of time in the energy objective (O2), per time unit.
 ENERGY_TIME_WEIGHT = 1e-6
 # CP-SAT works on integers: time and bytes are scaled to this many units per reference amount.
