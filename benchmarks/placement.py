@@ -154,7 +154,7 @@ def quality(quick: bool, time_limit_s: float, starved_only: bool = False) -> lis
 
 def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     """Predicted time of greedy's placement after the MIP strategy's post-pass (each transfer
-    re-spread within its window, `respread_moves`), under the same fusion passes."""
+    re-spread within its gap, `respread_moves`), under the same fusion passes."""
     from tiermap.compiler.fusion import Fusion
     from tiermap.costmodel.evaluate import evaluate
     from tiermap.passes.base import PassManager, PipelineState

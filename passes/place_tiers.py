@@ -66,9 +66,11 @@ its gap measured against the program's lower bound (costmodel/bounds.py).
 A move's window (V4/V5) is how long the tensor is held for it; its link time is spread over
 the run of steps inside the window that hides it best under the estimated op times
 (`PlacementProblem.move_span`), the same run in this model, in greedy and in the plan, so the
-model stays exact. After the solve, `respread_moves` moves each transfer within its window to
+model stays exact. After the solve, `respread_moves` moves each transfer anywhere in its gap to
 where it costs least given all the others (a copy that rides on a long kernel another copy
-already fills goes to the next one), and keeps the result only if it is faster and fits.
+already fills goes to the next one; an eviction may run past its window onto a later kernel),
+where the tiers have the room for the longer hold, and keeps the result only if it is faster
+and fits.
 
 The plan the MIP finds is re-evaluated by the cost model; if it is worse than greedy (it should
 not be: the model is exact for segment-form plans) the greedy plan is returned and the notes
