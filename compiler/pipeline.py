@@ -118,7 +118,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         fusion: run the fusion passes (the "naive" strategy never fuses).
         passes: a custom pass list (default: `build_passes(...)`).
         capacity_bound: also solve the capacity LP for the plan's lower bound
-            (passes/capacity_bound.py): tighter where a tier binds; seconds on 4k-op programs,
+            (passes/capacity_bound.py): tighter where a tier binds; 15-50 s on 4k-op programs,
             taken out of the time limit.
         **kwargs: keyword arguments of the function.
 
