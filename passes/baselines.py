@@ -779,7 +779,7 @@ def _move_limits(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray],
             full = np.flatnonzero(occ[p_hi + 1:r_hi + 1] + nbytes > problem.capacity[src])
             if len(full):
                 r_hi = p_hi + int(full[0])
-    return r_lo, max(r_hi, hi)
+    return min(r_lo, lo), max(r_hi, hi)  # the move's own steps stay open to it
 
 
 def _hold(occupancy: Mapping[int, np.ndarray], tier: int, start: int, stop: int,
