@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -640,12 +640,12 @@ class PlacementProblem:
             respread_moves(self, layouts)
         return self._parts(layouts)
 
-    def _parts(self, layouts: Mapping[str, tuple[list[Piece], list[Move], Any]]
+    def _parts(self, layouts: Mapping[str, tuple[list[Piece], list[Move], list[MoveRoom]]]
                ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
         residency: dict[str, tuple[Residency, ...]] = {}
         transfers: list[Transfer] = []
         names = self.tier_names
-        for vid, (pieces, moves, _windows) in layouts.items():
+        for vid, (pieces, moves, _rooms) in layouts.items():
             nbytes = self.segments[vid].nbytes
             residency[vid] = tuple(Residency(names[k], lo, hi) for k, lo, hi in _merge(pieces))
             transfers.extend(Transfer(vid, names[a], names[b], lo, hi, nbytes)

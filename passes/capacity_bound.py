@@ -367,10 +367,11 @@ class _CapacityLp:
         single = free_tier is not None and not has_home and len(self.binding) == 1
         into_f: list[Any] = []
         lead_sums: list[list[Any]] = []
+        f_first = sorted(movable, key=lambda o: o.kind != "F")  # F's move first, for (C10)
         for i in range(num - 1):
             a_i, a_next = steps[i], steps[i + 1]
             n_f = None
-            for o in sorted(movable, key=lambda o: o.kind != "F"):  # F's move first, for (C10)
+            for o in f_first:
                 if o.kind == "F":  # (C3) for F: held since a_i or moved in since
                     n_f = self._var()
                     m.add_linear_constraint(ub=0.0, expr=v[i + 1][o] - v[i][o] - n_f)
