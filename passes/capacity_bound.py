@@ -16,6 +16,11 @@ Merging can only lower the optimum: every plan maps onto the merged tiers at no 
 Per tensor t with accesses (reads or the producer's write, one per step) at steps a_1 < ... < a_m
 (for a program input first read after its live range starts, a virtual access a_0 at the start):
 
+ (A) alias buffers: an alias op's result is written where its operand resides (compiler/plan.py);
+     when the operand dies at that op the two are one buffer, one tensor t here, with the
+     operand's accesses then the result's over the union of their live ranges (chains fold into
+     their first buffer). Left apart, the result's first access would be a free start in F.
+
 Variables (all in [0, 1] unless said)
  (V1) y[t,i,k]: the fraction of access i served from tier k in B ∪ {F} ∪ {R}.
  (V2) v[t,i,k]: t is usable in k at a_i (resident, not mid-transfer into k); k in B ∪ {F}.
@@ -54,9 +59,9 @@ Constraints
       (`costmodel.bounds.spread_penalty_s`; floor_s the step's least op time, bw the fastest
       link); per step max(floor, sum of loads) - floor is superadditive over the moves on one
       link, so over D: P[hi] - P[lo-1] >= sum_D floor_s + (bw / bandwidth_into(k)) * sum pen * p.
- (C10) leaving the binding tier needs a copy in F: usable there at a_i, or made by a move that
-      the binding tier feeds to its end (the source lasts to a transfer's end, compiler/plan.py):
-      v[t,i,k] - s[t,i,k] <= v[t,i,F] + sum_l e[t,i,l]; e[t,i,l] holds k over
+ (C10) after a_i, t stays in the binding tier or has a copy in F: usable there at a_i, or made by
+      a move that the binding tier feeds to its end (the source lasts to a transfer's end,
+      compiler/plan.py): s[t,i,k] + v[t,i,F] + sum_l e[t,i,l] >= 1; e[t,i,l] holds k over
       [a_i + 1, a_i + l] (C6) and moves within [first, a_i + u - 1] ((C8), (C9); first: the
       live range's start, a step later for a produced tensor, whose copies start after its
       write); and it is one of the gap's moves into F: sum_l e[t,i,l] <= n[t,i,F].
@@ -66,8 +71,11 @@ Objective
 Why it is a relaxation: take any valid plan and read y, v, s, p, n, e off it. (C1)-(C5) then hold
 by the plan semantics, (C6) counts only bytes the plan holds, (C7) is each kernel's roofline, in
 (C8) a step lasts at least each link's busy time, and (C9) holds per link (the factor spreads it
-over the links incident to k). In (C10), a tensor that leaves k with a next access ahead must be
-resident elsewhere the step after, so in F, by a move whose source (k) lasted to its end.
+over the links incident to k). In (C10), a tensor with a next access ahead resides in k or in
+F at every step of the gap: if it does not stay in k it is usable in F at a_i already, or its
+copy in F is made by a move whose source (k) lasts to its end. For (A), read the merged tensor
+off the operand up to the alias op and off the result after it: both reside in a common tier at
+the op's step, and counting their bytes once there only lowers occupancy.
 Dropped terms only weaken it: tensors of at most TINY_TENSOR_BYTES
 and tensors whose live range never meets a binding step are charged at their fastest tier with no
 occupancy or moves.
@@ -88,6 +96,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tiermap.compiler.plan import alias_pairs
 from tiermap.costmodel.bounds import spread_penalty_s
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
 from tiermap.passes.baselines import CONSTANT_KIND
@@ -204,6 +213,7 @@ class _CapacityLp:
                         acc.read_bytes += nbytes
                     else:
                         acc.write_bytes += nbytes
+        ranges = self._merge_alias_buffers(accesses, fusion)
         self.accesses = {vid: sorted(a.values(), key=lambda a: a.step)
                          for vid, a in accesses.items() if program.values[vid].nbytes > 0}
         inputs = set(program.inputs)
@@ -212,7 +222,7 @@ class _CapacityLp:
         # binding tiers: the live tensors that fit exceed the capacity at some step
         self.binding: list[int] = []  # indices into `writable`
         self.pressure: list[np.ndarray] = []
-        self.ranges = {vid: program.live_range(vid) for vid in self.accesses}
+        self.ranges = {vid: ranges.get(vid) or program.live_range(vid) for vid in self.accesses}
         for i, tier in enumerate(writable):
             diff = np.zeros(n + 1)
             for vid, (lo, hi) in self.ranges.items():
@@ -239,6 +249,36 @@ class _CapacityLp:
             bws = [target.link_bytes_per_s(q, k) for q in names if q != k] or [math.inf]
             self.link_bytes_per_s.append(sum(bws))
             self.fastest_link_bytes_per_s.append(max(bws))
+
+    def _merge_alias_buffers(self, accesses: dict[str, dict[int, _Access]],
+                             fusion: Fusion | None) -> dict[str, tuple[int, int]]:
+        """(A) an alias op's result whose operand dies at the op is the operand's buffer under
+        another name: fold the result's accesses into the operand's (transitively, into the first
+        buffer of the chain) and return the merged live ranges."""
+        program = self.program
+        internal = fusion.unmaterialized() if fusion is not None else frozenset()
+        root_of: dict[str, str] = {}
+        ranges: dict[str, tuple[int, int]] = {}
+        for op in program.ops:
+            for x, y in alias_pairs(op.kind, op.inputs, op.outputs):
+                if (x in internal or y in internal or x not in program.values
+                        or y not in program.values
+                        or program.values[x].nbytes != program.values[y].nbytes
+                        or program.last_use_step(x) != op.step):
+                    continue
+                root = root_of[y] = root_of.get(x, x)
+                lo, hi = ranges.get(root) or program.live_range(root)
+                ranges[root] = (lo, max(hi, program.live_range(y)[1]))
+                into = accesses.setdefault(root, {})
+                for step, acc in accesses.pop(y, {}).items():
+                    if step in into:
+                        into[step].read_bytes += acc.read_bytes
+                        into[step].write_bytes += acc.write_bytes
+                    else:
+                        into[step] = acc
+                if not into:
+                    del accesses[root]
+        return ranges
 
     # --- tiers of one tensor --------------------------------------------------------------------
 
@@ -391,8 +431,8 @@ class _CapacityLp:
                     first_move = lo + 1 if produced else lo
                     evicts = self._evict_options(o, nbytes, first_move, a_i, a_next, occ_terms,
                                                  windows)
-                    m.add_linear_constraint(ub=0.0, expr=v[i][o] - stay - v[i][free_tier]
-                                            - mo.fast_sum(evicts))
+                    m.add_linear_constraint(lb=1.0, expr=stay + v[i][free_tier]
+                                            + mo.fast_sum(evicts))
                     m.add_linear_constraint(ub=0.0, expr=mo.fast_sum(evicts) - n_f)
         if single and free_tier is not None:
             # (C5) a move into the binding tier needs a copy in F: written or given there, or

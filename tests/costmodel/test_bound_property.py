@@ -21,13 +21,14 @@ from hypothesis import strategies as st
 from tiermap.compiler.frontend import lower
 from tiermap.compiler.fusion import Fusion, FusionGroup
 from tiermap.compiler.ir import Op, Program, TensorType, Value
-from tiermap.compiler.plan import Residency, Transfer
+from tiermap.compiler.plan import Residency, Transfer, alias_pairs
 from tiermap.costmodel.bounds import program_lower_bound_s
 from tiermap.costmodel.evaluate import Evaluation, evaluate
 from tiermap.hwtargets.target import Link, Target, Tier
 
 KINDS = ("stablehlo.add", "stablehlo.exponential", "stablehlo.dot_general", "stablehlo.reduce",
-         "stablehlo.slice", "stablehlo.dynamic_update_slice", "stablehlo.convert")
+         "stablehlo.slice", "stablehlo.dynamic_update_slice", "stablehlo.convert",
+         "stablehlo.reshape")
 DTYPES = ("f32", "bf16", "f16", "i32")
 
 
@@ -70,6 +71,12 @@ def random_program(rng: random.Random) -> Program:
         n_in = 2 if kind in ("stablehlo.add", "stablehlo.dot_general",
                              "stablehlo.dynamic_update_slice") else 1
         ins = tuple(rng.choice(live) for _ in range(n_in))
+        if kind == "stablehlo.reshape":  # an alias op: its operand's buffer, free (frontend)
+            vid = f"t{len(values)}"
+            values[vid] = Value(vid, values[ins[0]].type, step)
+            ops.append(Op(f"op{step}", kind, step, ins, (vid,), bytes_read=0.0,
+                          bytes_written=0.0, attrs={"compute_dtype": values[ins[0]].dtype}))
+            continue
         outs = []
         for _ in range(2 if rng.random() < 0.1 else 1):
             vid = f"t{len(values)}"
@@ -120,12 +127,22 @@ def random_fusion(program: Program, rng: random.Random) -> Fusion | None:
 def random_placement(program: Program, target: Target, fusion: Fusion | None,
                      rng: random.Random) -> tuple[dict[str, list[Residency]], list[Transfer]]:
     """Each live range cut into segments in random tiers that can hold the tensor, joined by
-    transfers (dst resident from the start, src until the end); then capacities are enforced by
-    moving offenders wholly to the last (huge) tier."""
+    transfers (dst resident from the start, src until the end), an alias op's result starting
+    where its operand resides; then capacities are enforced by moving offenders, with the
+    tensors alias ops tie to them, wholly to the last (huge) tier."""
     tiers = list(target.residency_tiers)
     internal = fusion.unmaterialized() if fusion is not None else frozenset()
     residency: dict[str, list[Residency]] = {}
     transfers: dict[str, list[Transfer]] = {}
+    operand_of: dict[str, tuple[str, int]] = {}
+    tied: dict[str, set[str]] = {}
+    for op in program.ops:
+        for x, y in alias_pairs(op.kind, op.inputs, op.outputs):
+            if x not in internal and y not in internal:
+                operand_of[y] = (x, op.step)
+                group = tied.get(x, {x}) | tied.get(y, {y})
+                for v in group:
+                    tied[v] = group
     for vid, value in program.values.items():
         if vid in internal:
             continue
@@ -135,6 +152,10 @@ def random_placement(program: Program, target: Target, fusion: Fusion | None,
         starts = [lo, *cuts]
         ends = [c - 1 for c in cuts] + [hi]
         seg_tiers = [rng.choice(fits) for _ in starts]
+        if vid in operand_of:
+            x, at = operand_of[vid]
+            seg_tiers[0] = rng.choice(sorted({r.tier for r in residency[x]
+                                              if r.from_step <= at <= r.to_step}))
         res: list[Residency] = []
         moves: list[Transfer] = []
         seg_from, usable_from, tier = lo, lo, seg_tiers[0]
@@ -155,8 +176,9 @@ def random_placement(program: Program, target: Target, fusion: Fusion | None,
         over = _first_over_capacity(program, residency, cap)
         if over is None:
             break
-        residency[over] = [Residency(last, *program.live_range(over))]
-        transfers[over] = []
+        for vid in tied.get(over, {over}):
+            residency[vid] = [Residency(last, *program.live_range(vid))]
+            transfers[vid] = []
     return residency, [x for moves in transfers.values() for x in moves]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tiermap.compiler.pipeline import plan
@@ -60,6 +62,35 @@ def test_the_plan_reports_and_respects_the_capacity_bound() -> None:
     assert bounded.predicted_time_s == pytest.approx(best_s, rel=1e-9)
     assert bounded.predicted_time_s <= bounded.lower_bound_s * (1 + 2 * ROOM / S)
     assert any("capacity LP" in note for note in bounded.notes)
+
+
+def test_a_reshape_result_starts_where_its_operand_is() -> None:
+    """X is reshaped into Xr at step 1 and dies there; Xr is read at step 4, Y lives over steps
+    2-3 (the fast tier holds one of Xr, Y: S + 4 KiB). Xr is X's buffer (compiler/plan.py), so it
+    cannot appear in the slow tier for free at step 1: keeping Y fast means X is written to the
+    slow tier (the link is far too slow to move it) and Xr read from there, S slow bytes twice,
+    as for Y. Left apart, Xr's first residency would cost nothing and the bound would charge one
+    slow read only."""
+    sizes = {"a": 4, "X": S, "Xr": S, "Y": S, "r": 4, "out": 4}
+    base = program(sizes, ["a"], [
+        (["a"], ["X"], 0.0), (["X"], ["Xr"], 0.0), (["a"], ["Y"], 0.0), (["Y"], ["r"], 0.0),
+        (["Xr", "r"], ["out"], 0.0)], ["out"])
+    ops = list(base.ops)
+    ops[1] = dataclasses.replace(ops[1], kind="stablehlo.reshape", bytes_read=0.0,
+                                 bytes_written=0.0)
+    prog = dataclasses.replace(base, ops=tuple(ops))
+    target = two_tier(S + ROOM, link_bytes_per_s=1e4)
+    per_step_s = (4 * S + 20) / FAST_BPS
+    extra_s = 2 * (S - ROOM) * (1 / SLOW_BPS - 1 / FAST_BPS)
+    result = capacity_lower_bound(prog, target, time_limit_s=10.0)
+    assert result.status == "solved", result
+    assert result.bound_s == pytest.approx((per_step_s + extra_s) * (1 - LP_TOLERANCE_SLACK),
+                                           rel=1e-5)
+    best = plan(prog, target=target, strategy="mip", time_limit_s=5, fusion=False)
+    verify_plan(best, prog)
+    best_s = per_step_s + 2 * S * (1 / SLOW_BPS - 1 / FAST_BPS)
+    assert best.predicted_time_s == pytest.approx(best_s, rel=1e-9)
+    assert best.predicted_time_s >= result.bound_s
 
 
 def test_no_binding_tier_means_no_lp() -> None:
