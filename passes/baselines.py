@@ -631,14 +631,27 @@ class PlacementProblem:
 
         With `respread`, each transfer's steps are then moved within its gap to where its
         link time costs least given all the others (`respread_moves`)."""
+        if respread:
+            return self.respread_parts(assignment)[:2]
+        return self._parts(self._layouts(assignment))
+
+    def respread_parts(self, assignment: Mapping[str, Choice]
+                       ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer], float]:
+        """`to_plan_parts(assignment, respread=True)` and the predicted time of that plan
+        (`respread_moves` has evaluated it)."""
+        layouts = self._layouts(assignment)
+        time_s = respread_moves(self, layouts)
+        residency, transfers = self._parts(layouts)
+        return residency, transfers, time_s
+
+    def _layouts(self, assignment: Mapping[str, Choice]
+                 ) -> dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]]:
         layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]] = {}
         for vid, seg in self.segments.items():
             rooms: list[MoveRoom] = []
             pieces, moves = self.layout(seg, assignment[vid], rooms)
             layouts[vid] = (pieces, moves, rooms)
-        if respread:
-            respread_moves(self, layouts)
-        return self._parts(layouts)
+        return layouts
 
     def _parts(self, layouts: Mapping[str, tuple[list[Piece], list[Move], list[MoveRoom]]]
                ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
@@ -655,7 +668,7 @@ class PlacementProblem:
 
 def respread_moves(problem: PlacementProblem,
                    layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
-                   sweeps: int = RESPREAD_SWEEPS) -> None:
+                   sweeps: int = RESPREAD_SWEEPS) -> float:
     """Move each transfer's steps within its gap (largest first, `sweeps` times) to the run of
     steps where its evenly spread link time adds least to the step times, given the op times
     and every other transfer: a step lasts max(op, each link's load), so the cost of a run I
@@ -664,7 +677,7 @@ def respread_moves(problem: PlacementProblem,
     and an eviction's source to its last, so only runs where both tiers have the room at every
     step they add are weighed; an eviction ends before the prefetch of the same gap starts.
     Kept only if the plan's predicted time falls and no tier overflows; `layouts` is updated in
-    place."""
+    place. Returns the predicted time of the plan `layouts` then give."""
     from tiermap.costmodel.evaluate import evaluate
 
     n = problem.num_steps
@@ -685,7 +698,7 @@ def respread_moves(problem: PlacementProblem,
             arr[lo:hi + 1] += transfer_s / (hi - lo + 1)
             entries.append((transfer_s, vid, i, key))
     if not entries:
-        return
+        return ev.predicted_time_s
     saved = {vid: (list(p), list(m), list(r)) for vid, (p, m, r) in layouts.items()}
     entries.sort(key=lambda e: (-e[0], e[1], e[2]))
     for _sweep in range(sweeps):
@@ -740,6 +753,8 @@ def respread_moves(problem: PlacementProblem,
                for t in problem.target.tiers)
     if not fits or ev_after.predicted_time_s >= ev.predicted_time_s:
         layouts.update(saved)
+        return ev.predicted_time_s
+    return ev_after.predicted_time_s
 
 
 def _move_limits(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray],

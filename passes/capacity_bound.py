@@ -269,15 +269,14 @@ class _CapacityLp:
                 root = root_of[y] = root_of.get(x, x)
                 lo, hi = ranges.get(root) or program.live_range(root)
                 ranges[root] = (lo, max(hi, program.live_range(y)[1]))
-                into = accesses.setdefault(root, {})
-                for step, acc in accesses.pop(y, {}).items():
+                moved = accesses.pop(y, {})
+                into = accesses.setdefault(root, {}) if moved else {}
+                for step, acc in moved.items():
                     if step in into:
                         into[step].read_bytes += acc.read_bytes
                         into[step].write_bytes += acc.write_bytes
                     else:
                         into[step] = acc
-                if not into:
-                    del accesses[root]
         return ranges
 
     # --- tiers of one tensor --------------------------------------------------------------------

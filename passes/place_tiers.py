@@ -1047,9 +1047,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
 def _respread_time_s(problem: PlacementProblem, assignment: Assignment) -> float:
     """Predicted time of `assignment`'s plan with its transfers re-spread (what the pass
     returns)."""
-    residency, transfers = problem.to_plan_parts(assignment, respread=True)
-    return evaluate(problem.program, problem.target, residency, transfers,
-                    problem.fusion).predicted_time_s
+    return problem.respread_parts(assignment)[2]
 
 
 def _argmax(table: Mapping[int, int], values: np.ndarray) -> int:
@@ -1212,10 +1210,10 @@ class PlaceTiersPass:
         left_s = state.seconds_left()
         # greedy's placement with its transfers re-spread: the MIP's sweeps must beat it, and
         # it is returned when the MIP finds nothing or something slower (below)
-        spread_parts = (problem.to_plan_parts(greedy, respread=True)
-                        if greedy_plan.transfers and (left_s is None or left_s > 0.0) else None)
-        spread_s = greedy_plan.predicted_time_s if spread_parts is None else evaluate(
-            program, target, spread_parts[0], spread_parts[1], state.fusion).predicted_time_s
+        respread = (problem.respread_parts(greedy)
+                    if greedy_plan.transfers and (left_s is None or left_s > 0.0) else None)
+        spread_parts = None if respread is None else respread[:2]
+        spread_s = greedy_plan.predicted_time_s if respread is None else respread[2]
         t0 = time.perf_counter()
         limit_s = self.mip_time_limit_s(state, plan_build_s)
         if limit_s >= MIN_MIP_TIME_S:
