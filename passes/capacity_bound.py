@@ -14,7 +14,9 @@ read-only tiers into one home tier R (program inputs and constants only, always 
 Merging can only lower the optimum: every plan maps onto the merged tiers at no greater cost.
 
 Per tensor t with accesses (reads or the producer's write, one per step) at steps a_1 < ... < a_m
-(for a program input first read after its live range starts, a virtual access a_0 at the start):
+(for a program input first read after its live range starts, a virtual access a_0 at the start),
+and first[t], the earliest step a move of t may start: its live range's start, a step later for a
+produced tensor, whose copies start after its write (compiler/plan.py):
 
  (A) alias buffers: an alias op's result is written where its operand resides (compiler/plan.py);
      when the operand dies at that op the two are one buffer, one tensor t here, with the
@@ -26,9 +28,8 @@ Variables (all in [0, 1] unless said)
  (V2) v[t,i,k]: t is usable in k at a_i (resident, not mid-transfer into k); k in B ∪ {F}.
  (V3) s[t,i,k]: t is usable in k at a_i and stays there through a_{i+1}; k in B.
  (V4) p[t,i,k,l]: t becomes usable in k at a_{i+1} by a move that starts L steps before a_{i+1},
-      l <= L < u (lead classes l = 1, 2, 4, ...; the last reaches back to the live range's
-      start); n[t,i,F]: a move into F ends between a_i and a_{i+1} (o[t]: after the last
-      access).
+      l <= L < u (lead classes l = 1, 2, 4, ...; the last reaches back to first[t]);
+      n[t,i,F]: a move into F ends between a_i and a_{i+1} (o[t]: after the last access).
  (V5) T[s] >= 0: the time of step s; P[s] = T[0] + ... + T[s].
  (V6) e[t,i,l]: with one binding tier k and no home, t leaves k in the gap after a_i and its
       copy in F is made by a move that ends L steps after a_i, l <= L < u (classes [0, 1), then
@@ -51,9 +52,9 @@ Constraints
       step's flop share of the kernel; a multi-step kernel's time is one variable m[j]).
  (C8) link rate: over any range of steps D, the moves whose steps lie in D fit the links incident
       to k: (P[hi(D)] - P[lo(D)-1]) * bandwidth_into(k) >= sum bytes_t * p (with one binding
-      tier, also the moves into F: n within [live start, a_{i+1} - 1], o within the live range);
-      D runs over each move's own window and two dyadic families of ranges (offsets 0 and half
-      a range).
+      tier, also the moves into F: n within [first, a_{i+1} - 1], o within [first, the live
+      range's end]); D runs over each move's own window and two dyadic families of ranges
+      (offsets 0 and half a range).
  (C9) link spreading: a move spread evenly over L steps adds at least
       pen = min over runs I of sum_{s in I} max(0, (bytes / bw) / L - floor_s) to the steps
       (`costmodel.bounds.spread_penalty_s`; floor_s the step's least op time, bw the fastest
@@ -62,9 +63,8 @@ Constraints
  (C10) after a_i, t stays in the binding tier or has a copy in F: usable there at a_i, or made by
       a move that the binding tier feeds to its end (the source lasts to a transfer's end,
       compiler/plan.py): s[t,i,k] + v[t,i,F] + sum_l e[t,i,l] >= 1; e[t,i,l] holds k over
-      [a_i + 1, a_i + l] (C6) and moves within [first, a_i + u - 1] ((C8), (C9); first: the
-      live range's start, a step later for a produced tensor, whose copies start after its
-      write); and it is one of the gap's moves into F: sum_l e[t,i,l] <= n[t,i,F].
+      [a_i + 1, a_i + l] (C6) and moves within [first, a_i + u - 1] ((C8), (C9)); and it
+      is one of the gap's moves into F: sum_l e[t,i,l] <= n[t,i,F].
 Objective
  (O1) minimise P[n-1] = sum_s T[s].
 
@@ -376,6 +376,7 @@ class _CapacityLp:
         has_home = any(o.kind == "R" for o in opts)
         movable = [o for o in opts if o.kind != "R"]  # tiers with v variables
         free_tier = next((o for o in movable if o.kind == "F"), None)
+        first_move = lo + 1 if produced else lo  # copies start after the write (plan.py)
         steps = [a.step for a in accs]
         virtual = not produced and lo < steps[0]
         if virtual:
@@ -412,22 +413,22 @@ class _CapacityLp:
             n_f = None
             for o in f_first:
                 if o.kind == "F":  # (C3) for F: held since a_i or moved in since
-                    n_f = self._var()
+                    # it ends before a_next and starts after the write
+                    n_f = m.add_variable(lb=0.0, ub=1.0 if first_move < a_next else 0.0)
                     m.add_linear_constraint(ub=0.0, expr=v[i + 1][o] - v[i][o] - n_f)
                     into_f.append(n_f)
-                    if single:  # it ends before a_next and starts in the live range
-                        windows.append(_Window(lo, a_next - 1, 0, [(n_f, nbytes)]))
+                    if single and first_move < a_next:
+                        windows.append(_Window(first_move, a_next - 1, 0, [(n_f, nbytes)]))
                     continue
                 stay = self._var()  # (V3), (C4)
                 m.add_linear_constraint(ub=0.0, expr=stay - v[i][o])
                 if a_next > a_i + 1:
                     occ_terms[o.index].append((stay, nbytes, a_i + 1, a_next - 1))
-                leads = self._lead_options(vid, o, nbytes, lo, a_i, a_next, occ_terms, windows)
+                leads = self._lead_options(o, nbytes, first_move, a_next, occ_terms, windows)
                 m.add_linear_constraint(  # (C3)
                     ub=0.0, expr=v[i + 1][o] - stay - mo.fast_sum(leads))
                 lead_sums.append(leads)
                 if single and free_tier is not None and n_f is not None:  # (C10)
-                    first_move = lo + 1 if produced else lo
                     evicts = self._evict_options(o, nbytes, first_move, a_i, a_next, occ_terms,
                                                  windows)
                     m.add_linear_constraint(lb=1.0, expr=stay + v[i][free_tier]
@@ -436,21 +437,24 @@ class _CapacityLp:
         if single and free_tier is not None:
             # (C5) a move into the binding tier needs a copy in F: written or given there, or
             # moved there (ending in some gap, or later: `tail`)
-            tail = self._var()
-            windows.append(_Window(lo, self.ranges[vid][1], 0, [(tail, nbytes)]))
+            last = self.ranges[vid][1]
+            tail = m.add_variable(lb=0.0, ub=1.0 if first_move <= last else 0.0)
+            if first_move <= last:
+                windows.append(_Window(first_move, last, 0, [(tail, nbytes)]))
             for leads in lead_sums:
                 m.add_linear_constraint(ub=0.0, expr=mo.fast_sum(leads) - tail
                                         - mo.fast_sum(into_f) - v[0][free_tier])
 
-    def _lead_options(self, vid: str, o: _Option, nbytes: float, live_lo: int, a_i: int,
-                      a_next: int, occ_terms: list[list[tuple[Any, float, int, int]]],
+    def _lead_options(self, o: _Option, nbytes: float, first_move: int, a_next: int,
+                      occ_terms: list[list[tuple[Any, float, int, int]]],
                       windows: list[_Window]) -> list[Any]:
         """(V4) the move into binding tier o that makes t usable at a_next, by its lead L (steps
         from the move's start r to a_next): option [l, u) for l = 1, 2, 4, ... holds o over
         [a_next - l, a_next - 1] and moves within [a_next - u + 1, a_next - 1]. A lead of the
         whole gap or more means the move was under way at a_i (had it ended, t would have been
-        usable at a_i and stayed); it may have started as early as the live range."""
-        most = a_next - live_lo
+        usable at a_i and stayed); it may have started as early as `first_move` (the live
+        range's start, a step later for a produced tensor)."""
+        most = a_next - first_move
         out = []
         lead = 1
         while lead <= most:

@@ -93,6 +93,28 @@ def test_a_reshape_result_starts_where_its_operand_is() -> None:
     assert best.predicted_time_s >= result.bound_s
 
 
+def test_a_tensor_that_leaves_the_fast_tier_holds_it_until_its_copy_is_made() -> None:
+    """(C10) X and Y of `_two_big_tensors`, but with a link 10x faster than the fast tier: a move
+    costs next to nothing, yet X cannot leave the fast tier before step 1 (its copy starts after
+    its write at step 0, and the fast tier holds X until the copy ends), where Y is written. So
+    the optimum is still one of X, Y wholly in the slow tier, and the bound is the slow-link
+    one. Without (C10) the LP would write X fast, copy it out over steps 1-2 without holding the
+    fast tier and charge one slow read only."""
+    prog, _slow_link = _two_big_tensors()
+    target = two_tier(S + ROOM, link_bytes_per_s=10 * FAST_BPS)
+    per_step_s = (4 * S + 20) / FAST_BPS
+    extra_s = 2 * (S - ROOM) * (1 / SLOW_BPS - 1 / FAST_BPS)
+    result = capacity_lower_bound(prog, target, time_limit_s=10.0)
+    assert result.status == "solved", result
+    assert result.bound_s == pytest.approx((per_step_s + extra_s) * (1 - LP_TOLERANCE_SLACK),
+                                           rel=1e-5)
+    best = plan(prog, target=target, strategy="mip", time_limit_s=5, fusion=False)
+    verify_plan(best, prog)
+    best_s = per_step_s + 2 * S * (1 / SLOW_BPS - 1 / FAST_BPS)
+    assert best.predicted_time_s == pytest.approx(best_s, rel=1e-9)
+    assert best.predicted_time_s >= result.bound_s
+
+
 def test_no_binding_tier_means_no_lp() -> None:
     prog, _target = _two_big_tensors()
     result = capacity_lower_bound(prog, two_tier(4 * S))
