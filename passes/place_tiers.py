@@ -840,6 +840,7 @@ class _WindowResult:
     gap: float | None  # within the window, the rest fixed
     bound_s: float | None  # the whole program's time bound, valid only with the rest fixed
     solved: bool
+    time_capped: bool = False  # stopped by its wall-clock limit (the result depends on timing)
 
 
 def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
@@ -917,7 +918,9 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
                 modelled = np.array(sorted(model.T), dtype=np.int64)
                 rest_s = state.total_time_s() - float(state.step_times(modelled).sum())
                 bound_s = bounds.dual_bound * model.time_unit_s + rest_s
-    return _WindowResult(status, gap, bound_s, solved)
+    capped = (reason != mathopt.TerminationReason.OPTIMAL
+              and result.termination.limit == mathopt.Limit.TIME)
+    return _WindowResult(status, gap, bound_s, solved, capped)
 
 
 def _chosen_window(model: _WindowModel, vid: str, g: int, evict: bool, pair: tuple[int, int],
@@ -960,7 +963,9 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
 
     A window gets its share (by binaries) of the time left, at most WINDOW_S_PER_BINARY per
     binary. Model building counts against `time_limit_s`; a solve may overrun its limit by the
-    solver's own overhead, and one of at least 0.05 s is always made.
+    solver's own overhead, and one of at least 0.05 s is always made. Solves stopped by their
+    time limit, and windows or sweeps left out for lack of time, make the plan depend on the
+    machine's speed and load: the outcome's detail counts them.
     """
     t_start = time.perf_counter()
     p = problem
@@ -983,6 +988,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     sweep = 0
     spread_s = incumbent_spread_s
     stopped = ""
+    capped = 0  # window solves whose outcome depended on the wall clock
     sweep_windows = windows
     while True:
         weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in sweep_windows]
@@ -995,10 +1001,11 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
                 continue
             left_s = time_limit_s - (time.perf_counter() - t_start)
             gained = before - state.objective_value()
-            if (left_s <= 0.0 and results) or (sweep > 0 and i > 0 and gained < (
+            out_of_time = left_s <= 0.0 and bool(results)
+            if out_of_time or (sweep > 0 and i > 0 and gained < (
                     SWEEP_MIN_GAIN * abs(before) * sum(weights[:i]) / sum(weights))):
                 # out of time, or this sweep no longer pays: the rest keep the incumbent
-                results.append(_WindowResult("skipped", None, None, False))
+                results.append(_WindowResult("skipped", None, None, False, out_of_time))
                 continue
             limit_s = max(min(left_s * weights[i] / max(sum(weights[i:]), 1.0),
                               WINDOW_S_PER_BINARY * weights[i]), 0.05)
@@ -1009,10 +1016,13 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
             solved_any = solved_any or res.solved
             results.append(res)
         sweep += 1
+        capped += sum(r.time_capped for r in results)
         left_s = time_limit_s - (time.perf_counter() - t_start)
         improved = state.objective_value() < before * (1 - SWEEP_MIN_GAIN)
-        if len(windows) == 1 or sweep >= max_sweeps or left_s < 0.1 * time_limit_s or (
-                not improved):
+        if len(windows) == 1 or sweep >= max_sweeps or not improved:
+            break
+        if left_s < 0.1 * time_limit_s:
+            capped += 1  # another sweep would have run with more time
             break
         if p.objective == "time":
             # the plan is the placement re-spread: a sweep that did not pay there ends it
@@ -1029,17 +1039,21 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
         return MipOutcome(None, "greedy_fallback", None, None, None, len(windows),
                           "no solve returned a solution (" + ", ".join(
                               r.status for r in results) + ")")
+    timing = (f"; {capped} window solve(s) or sweep(s) cut short by the wall clock, so the "
+              "plan can differ on a slower or busier machine (a longer time limit avoids it)"
+              if capped else "")
     if len(windows) == 1:
         res = results[0]
         return MipOutcome(assignment, res.status, res.gap, res.bound_s,
-                          state.objective_value(), 1, f"one window; solver status {res.status}")
+                          state.objective_value(), 1,
+                          f"one window; solver status {res.status}" + timing)
     gaps = ",".join("?" if r.gap is None else f"{100 * r.gap:.2g}%" for r in results)
     detail = (f"{len(windows)} windows, {sweep} sweep(s) of fix-and-optimise; gaps of the last "
               f"sweep's windows, each with the rest fixed: {gaps}")
     skipped = sum(r.status == "skipped" for r in results)
     if skipped:
         detail += (f" ({skipped} of them skipped: the sweep no longer paid, or time ran out)")
-    detail += stopped
+    detail += stopped + timing
     return MipOutcome(assignment, "feasible", None, None, state.objective_value(), len(windows),
                       detail)
 

@@ -10,9 +10,10 @@ from tiermap.compiler.fusion import Fusion
 from tiermap.compiler.ir import Program
 from tiermap.compiler.pipeline import plan
 from tiermap.passes.base import PassManager, PipelineState
+from tiermap.passes.baselines import PlacementProblem, greedy_assignment
 from tiermap.passes.fusion import FusePass
 from tiermap.passes.liveness import LivenessPass
-from tiermap.passes.place_tiers import PlaceTiersPass
+from tiermap.passes.place_tiers import PlaceTiersPass, solve_mip
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import verify_plan
 
@@ -104,3 +105,20 @@ def test_fusion_limit_fits_the_deadline() -> None:
     assert fuse.solver_time_limit_s(state) == 10.0
     assert fuse.solver_time_limit_s(replace(state, deadline_s=time.perf_counter() + 2.0)) <= 1.0
     assert fuse.solver_time_limit_s(replace(state, deadline_s=time.perf_counter() - 5.0)) > 0.0
+
+
+def test_a_mip_cut_short_by_the_wall_clock_says_its_plan_depends_on_timing() -> None:
+    """Windows skipped for lack of time (or solves stopped by their time limit) make the plan
+    depend on the machine's speed: the outcome's detail says so. One that finishes does not."""
+    prog = _forward_backward(40)
+    problem = PlacementProblem(prog, two_tier(4 * MIB), pin=False)
+    greedy = greedy_assignment(problem)
+    # the first window is always solved; with no time left after it, the others are skipped
+    cut = solve_mip(problem, greedy, 1e-6, seed=0, backend="highs", workers=1,
+                    max_window_binaries=60)
+    assert cut.status == "feasible"
+    assert "cut short by the wall clock" in cut.detail
+    done = solve_mip(problem, greedy, 60.0, seed=0, backend="highs", workers=1,
+                     max_window_binaries=60)
+    assert done.status == "feasible"  # decomposed: never "optimal"
+    assert "wall clock" not in done.detail
