@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 
+from tiermap.compiler.ir import Program
 from tiermap.compiler.pipeline import plan
 from tiermap.costmodel.bounds import program_lower_bound_s
+from tiermap.hwtargets.target import Target
 from tiermap.passes.capacity_bound import LP_TOLERANCE_SLACK, capacity_lower_bound
 from tiermap.passes.place_tiers import PlaceTiersPass
 from tiermap.passes.verify import verify_plan
@@ -27,6 +29,23 @@ def _two_big_tensors() -> tuple[object, object]:
         (["a"], ["X"], 0.0), (["a"], ["Y"], 0.0), (["Y"], ["r"], 0.0),
         (["X", "r"], ["out"], 0.0)], ["out"])
     return prog, two_tier(S + ROOM, link_bytes_per_s=1e4)
+
+
+def _bound_and_optimum_keep_one_wholly_slow(prog: Program, target: Target) -> None:
+    """Four steps of 4 S + 20 bytes at the fast tier, and two S-byte tensors of which the fast
+    tier holds one (S + 4 KiB) where they meet: the optimal plan writes and reads one of them
+    wholly at the slow tier; the LP may split them, so it charges (S - 4 KiB) of it."""
+    per_step_s = (4 * S + 20) / FAST_BPS
+    extra_s = 2 * (S - ROOM) * (1 / SLOW_BPS - 1 / FAST_BPS)
+    result = capacity_lower_bound(prog, target, time_limit_s=10.0)
+    assert result.status == "solved", result
+    assert result.bound_s == pytest.approx((per_step_s + extra_s) * (1 - LP_TOLERANCE_SLACK),
+                                           rel=1e-5)
+    best = plan(prog, target=target, strategy="mip", time_limit_s=5, fusion=False)
+    verify_plan(best, prog)
+    best_s = per_step_s + 2 * S * (1 / SLOW_BPS - 1 / FAST_BPS)
+    assert best.predicted_time_s == pytest.approx(best_s, rel=1e-9)
+    assert best.predicted_time_s >= result.bound_s
 
 
 def test_the_lp_charges_the_tensor_that_cannot_stay() -> None:
@@ -79,18 +98,7 @@ def test_a_reshape_result_starts_where_its_operand_is() -> None:
     ops[1] = dataclasses.replace(ops[1], kind="stablehlo.reshape", bytes_read=0.0,
                                  bytes_written=0.0)
     prog = dataclasses.replace(base, ops=tuple(ops))
-    target = two_tier(S + ROOM, link_bytes_per_s=1e4)
-    per_step_s = (4 * S + 20) / FAST_BPS
-    extra_s = 2 * (S - ROOM) * (1 / SLOW_BPS - 1 / FAST_BPS)
-    result = capacity_lower_bound(prog, target, time_limit_s=10.0)
-    assert result.status == "solved", result
-    assert result.bound_s == pytest.approx((per_step_s + extra_s) * (1 - LP_TOLERANCE_SLACK),
-                                           rel=1e-5)
-    best = plan(prog, target=target, strategy="mip", time_limit_s=5, fusion=False)
-    verify_plan(best, prog)
-    best_s = per_step_s + 2 * S * (1 / SLOW_BPS - 1 / FAST_BPS)
-    assert best.predicted_time_s == pytest.approx(best_s, rel=1e-9)
-    assert best.predicted_time_s >= result.bound_s
+    _bound_and_optimum_keep_one_wholly_slow(prog, two_tier(S + ROOM, link_bytes_per_s=1e4))
 
 
 def test_a_tensor_that_leaves_the_fast_tier_holds_it_until_its_copy_is_made() -> None:
@@ -101,18 +109,8 @@ def test_a_tensor_that_leaves_the_fast_tier_holds_it_until_its_copy_is_made() ->
     one. Without (C10) the LP would write X fast, copy it out over steps 1-2 without holding the
     fast tier and charge one slow read only."""
     prog, _slow_link = _two_big_tensors()
-    target = two_tier(S + ROOM, link_bytes_per_s=10 * FAST_BPS)
-    per_step_s = (4 * S + 20) / FAST_BPS
-    extra_s = 2 * (S - ROOM) * (1 / SLOW_BPS - 1 / FAST_BPS)
-    result = capacity_lower_bound(prog, target, time_limit_s=10.0)
-    assert result.status == "solved", result
-    assert result.bound_s == pytest.approx((per_step_s + extra_s) * (1 - LP_TOLERANCE_SLACK),
-                                           rel=1e-5)
-    best = plan(prog, target=target, strategy="mip", time_limit_s=5, fusion=False)
-    verify_plan(best, prog)
-    best_s = per_step_s + 2 * S * (1 / SLOW_BPS - 1 / FAST_BPS)
-    assert best.predicted_time_s == pytest.approx(best_s, rel=1e-9)
-    assert best.predicted_time_s >= result.bound_s
+    _bound_and_optimum_keep_one_wholly_slow(
+        prog, two_tier(S + ROOM, link_bytes_per_s=10 * FAST_BPS))
 
 
 def test_no_binding_tier_means_no_lp() -> None:
