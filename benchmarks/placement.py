@@ -156,7 +156,6 @@ def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     """Predicted time of greedy's placement after the MIP strategy's post-pass (each transfer
     re-spread within its gap, `respread_moves`), under the same fusion passes."""
     from tiermap.compiler.fusion import Fusion
-    from tiermap.costmodel.evaluate import evaluate
     from tiermap.passes.base import PassManager, PipelineState
     from tiermap.passes.baselines import PlacementProblem, greedy_assignment
 
@@ -166,9 +165,7 @@ def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     state = PassManager(before).run(PipelineState(row.program, target, Fusion(), "time"))
     problem = PlacementProblem(state.program, target, state.fusion, state.liveness, "time",
                                pin=True)
-    residency, transfers = problem.to_plan_parts(greedy_assignment(problem), respread=True)
-    return evaluate(state.program, target, residency, transfers,
-                    state.fusion).predicted_time_s
+    return problem.respread_parts(greedy_assignment(problem))[2]
 
 
 def respread_table(rows: list[Row], time_limit_s: float) -> None:

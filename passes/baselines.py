@@ -245,6 +245,9 @@ class PlacementProblem:
         self._check_feasible()
         self._estimate_op_times()
         self._window_cache: dict[tuple[str, int, int, int, bool], tuple[int, ...]] = {}
+        # the last `respread_parts` call: its assignment (a choice per segment) and result
+        self._respread_last: tuple[tuple[Choice, ...], tuple[
+            dict[str, tuple[Residency, ...]], list[Transfer], float]] | None = None
         self._span_cache: dict[tuple[str, int, int, int, bool, int], tuple[int, int]] = {}
         self.pinned: Assignment = {}
         if pin:
@@ -638,10 +641,16 @@ class PlacementProblem:
     def respread_parts(self, assignment: Mapping[str, Choice]
                        ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer], float]:
         """`to_plan_parts(assignment, respread=True)` and the predicted time of that plan
-        (`respread_moves` has evaluated it)."""
+        (`respread_moves` has evaluated it). The last call's result is kept: the MIP's sweep
+        check and the pass both re-spread the final assignment."""
+        key = tuple(assignment[vid] for vid in self.segments)
+        if self._respread_last is not None and self._respread_last[0] == key:
+            residency, transfers, time_s = self._respread_last[1]
+            return dict(residency), list(transfers), time_s
         layouts = self._layouts(assignment)
         time_s = respread_moves(self, layouts)
         residency, transfers = self._parts(layouts)
+        self._respread_last = (key, (dict(residency), list(transfers), time_s))
         return residency, transfers, time_s
 
     def _layouts(self, assignment: Mapping[str, Choice]
