@@ -74,6 +74,11 @@ WINDOW_STRETCH = 4
 CONSTANT_KIND = "stablehlo.constant"
 # Sweeps of `respread_moves` over the transfers.
 RESPREAD_SWEEPS = 2
+# `_chunk_moves`: a move is made in at most this many one-step chunks, each at least this
+# fraction of it, and only where that saves at least this fraction of its evenly spread cost.
+MAX_CHUNKS = 8
+CHUNK_MIN_FRACTION = 1e-3
+CHUNK_MIN_GAIN = 1e-3
 # Eviction candidates the greedy strategy scores at each overflowing step.
 RELIEVE_CANDIDATES = 8
 # Relative improvement below which a greedy move is not worth making (float noise).
@@ -154,6 +159,8 @@ class Choice:
 Assignment = dict[str, Choice]
 Piece = tuple[int, int, int]  # (tier, from_step, to_step)
 Move = tuple[int, int, int, int]  # (src tier, dst tier, start_step, end_step)
+# A move made in chunks (`respread_moves`): (tensor, move index) -> [(step, bytes)], in step order.
+Chunks = dict[tuple[str, int], list[tuple[int, int]]]
 
 
 class MoveRoom(NamedTuple):
@@ -648,8 +655,9 @@ class PlacementProblem:
             residency, transfers, time_s = self._respread_last[1]
             return dict(residency), list(transfers), time_s
         layouts = self._layouts(assignment)
-        time_s = respread_moves(self, layouts)
-        residency, transfers = self._parts(layouts)
+        chunks: Chunks = {}
+        time_s = respread_moves(self, layouts, chunks=chunks)
+        residency, transfers = self._parts(layouts, chunks)
         self._respread_last = (key, (dict(residency), list(transfers), time_s))
         return residency, transfers, time_s
 
@@ -662,22 +670,29 @@ class PlacementProblem:
             layouts[vid] = (pieces, moves, rooms)
         return layouts
 
-    def _parts(self, layouts: Mapping[str, tuple[list[Piece], list[Move], list[MoveRoom]]]
+    def _parts(self, layouts: Mapping[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
+               chunks: Chunks | None = None
                ) -> tuple[dict[str, tuple[Residency, ...]], list[Transfer]]:
+        """Residency and transfers of `layouts`; a move in `chunks` is one transfer per chunk."""
         residency: dict[str, tuple[Residency, ...]] = {}
         transfers: list[Transfer] = []
         names = self.tier_names
         for vid, (pieces, moves, _rooms) in layouts.items():
             nbytes = self.segments[vid].nbytes
             residency[vid] = tuple(Residency(names[k], lo, hi) for k, lo, hi in _merge(pieces))
-            transfers.extend(Transfer(vid, names[a], names[b], lo, hi, nbytes)
-                             for a, b, lo, hi in moves)
+            for i, (a, b, lo, hi) in enumerate(moves):
+                parts = chunks.get((vid, i)) if chunks else None
+                if parts:
+                    transfers.extend(Transfer(vid, names[a], names[b], step, step, part_bytes)
+                                     for step, part_bytes in parts)
+                else:
+                    transfers.append(Transfer(vid, names[a], names[b], lo, hi, nbytes))
         return residency, transfers
 
 
 def respread_moves(problem: PlacementProblem,
                    layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
-                   sweeps: int = RESPREAD_SWEEPS) -> float:
+                   sweeps: int = RESPREAD_SWEEPS, chunks: Chunks | None = None) -> float:
     """Move each transfer's steps within its gap (largest first, `sweeps` times) to the run of
     steps where its evenly spread link time adds least to the step times, given the op times
     and every other transfer: a step lasts max(op, each link's load), so the cost of a run I
@@ -756,14 +771,77 @@ def respread_moves(problem: PlacementProblem,
                 k, _old_lo, p_hi = pieces[room.dst_piece]
                 pieces[room.dst_piece] = (k, lo, p_hi)
             own[lo:hi + 1] += transfer_s / (hi - lo + 1)
-    after = problem._parts(layouts)
+    if chunks is not None:
+        _chunk_moves(problem, layouts, entries, loads, op_s, occupancy, chunks)
+    after = problem._parts(layouts, chunks)
     ev_after = evaluate(problem.program, problem.target, after[0], after[1], problem.fusion)
     fits = all(max(ev_after.occupancy_bytes.get(t.name, (0,)), default=0) <= t.capacity_bytes
                for t in problem.target.tiers)
     if not fits or ev_after.predicted_time_s >= ev.predicted_time_s:
         layouts.update(saved)
+        if chunks is not None:
+            chunks.clear()
         return ev.predicted_time_s
     return ev_after.predicted_time_s
+
+
+def _chunk_moves(problem: PlacementProblem,
+                 layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
+                 entries: Sequence[tuple[float, str, int, tuple[int, int]]],
+                 loads: dict[tuple[int, int], np.ndarray], op_s: np.ndarray,
+                 occupancy: Mapping[int, np.ndarray], chunks: Chunks) -> None:
+    """Make each move (largest first) in up to MAX_CHUNKS one-step chunks where that costs less
+    than its evenly spread run: a step with free link time f_s = max(0, base_s - load_s) takes
+    a chunk of up to f_s at no cost, so the chunks go to the steps of the move's room
+    (`_move_limits`) with the most free time, and what they cannot hide, t - sum f_s, is the
+    chunked move's cost. The destination holds the tensor from the first chunk, an eviction's
+    source to the last. Updates `layouts`, `loads` and `occupancy`, and records the chunks."""
+    for transfer_s, vid, i, key in entries:
+        pieces, moves, rooms = layouts[vid]
+        a, b, lo, hi = moves[i]
+        nbytes = problem.segments[vid].nbytes
+        r_lo, r_hi = _move_limits(problem, occupancy, pieces, moves, rooms, i, lo, hi, nbytes)
+        own = loads[key]
+        own[lo:hi + 1] -= transfer_s / (hi - lo + 1)
+        base = op_s[r_lo:r_hi + 1].copy()
+        for other, arr in loads.items():
+            if other != key:
+                base = np.maximum(base, arr[r_lo:r_hi + 1])
+        here = own[r_lo:r_hi + 1]
+        now = np.maximum(base, here)
+        window = slice(lo - r_lo, hi - r_lo + 1)
+        current = float(np.sum(np.maximum(base[window], here[window]
+                                          + transfer_s / (hi - lo + 1)) - now[window]))
+        free = np.maximum(base - here, 0.0)
+        order = np.argsort(-free, kind="stable")[:MAX_CHUNKS]
+        order = order[free[order] >= CHUNK_MIN_FRACTION * transfer_s]
+        total_free = float(free[order].sum())
+        cost = max(transfer_s - total_free, 0.0)
+        if len(order) < 2 or cost >= current * (1 - CHUNK_MIN_GAIN) - 1e-15:
+            own[lo:hi + 1] += transfer_s / (hi - lo + 1)
+            continue
+        order = np.sort(order)
+        share = free[order] + cost / len(order) if cost > 0 else (
+            free[order] * (transfer_s / total_free))
+        # whole bytes per chunk, in proportion to its share, adding up to the tensor
+        cum = np.round(np.cumsum(share) / float(share.sum()) * nbytes).astype(np.int64)
+        parts = np.diff(np.concatenate([[0], cum]))
+        steps = [r_lo + int(j) for j, part in zip(order, parts, strict=True) if part > 0]
+        part_bytes = [int(part) for part in parts if part > 0]
+        new_lo, new_hi = steps[0], steps[-1]
+        _hold(occupancy, b, new_lo, lo, nbytes)  # the destination holds from the first chunk
+        room = rooms[i]
+        if room.src_piece >= 0:  # an eviction's source holds to the last
+            k, p_lo, p_hi = pieces[room.src_piece]
+            _hold(occupancy, a, p_hi + 1, new_hi + 1, nbytes)
+            pieces[room.src_piece] = (k, p_lo, new_hi)
+        moves[i] = (a, b, new_lo, new_hi)
+        k, _old_lo, p_hi = pieces[room.dst_piece]
+        pieces[room.dst_piece] = (k, new_lo, p_hi)
+        chunks[(vid, i)] = list(zip(steps, part_bytes, strict=True))
+        bw = problem.link_bw(a, b)
+        for step, part in zip(steps, part_bytes, strict=True):
+            own[step] += part / bw
 
 
 def _move_limits(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray],

@@ -9,11 +9,12 @@ when given, the Program) and checks the semantics fixed in compiler/plan.py:
 3. each op's materialized inputs are usable at its step (resident there, not mid-transfer into
    that tier) and its outputs reside somewhere at its step; an alias op's (a reshape's) result
    resides then in a tier where its operand resides (it is the same buffer);
-4. every change of tier has its transfer: an interval that starts after the live range starts is
-   the destination of exactly one transfer starting there, whose source holds the tensor over the
-   transfer's steps (a program input may also be copied from step 0; a produced tensor is written,
-   not moved, at its producer step, into one writable tier); bytes = nbytes; nothing is written
-   into a read-only tier;
+4. every change of tier has its move: an interval that starts after the live range starts is
+   the destination of exactly one move starting there: one transfer, or chunks (transfers from
+   one source, one after another) whose bytes add up to nbytes, the source holding the tensor
+   from the first's start to the last's end (a program input may also be copied from step 0; a
+   produced tensor is written, not moved, at its producer step, into one writable tier); nothing
+   is written into a read-only tier;
 5. at every step every tier's resident bytes fit its capacity;
 6. read-only tiers hold only program inputs and constants; scratch tiers (per-unit, not
    persistent) hold nothing;
@@ -28,6 +29,7 @@ Every failure raises `PassError("verify", ...)` naming the tensor, op, step, tie
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -126,9 +128,49 @@ def _first_gap(t: TensorPlan, tier: str, first: int, last: int) -> int | None:
     return step
 
 
-def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
-    """(4) a transfer for every change of tier, consistent with residency."""
+def _moves(plan: Plan, by_id: dict[str, TensorPlan]) -> dict[tuple[str, str, int], list[Transfer]]:
+    """The transfers into each residency interval, (tensor, tier, from_step) -> in step order:
+    a transfer belongs to the destination interval that holds its start step."""
     into: dict[tuple[str, str, int], list[Transfer]] = defaultdict(list)
+    for x in plan.transfers:
+        t = by_id.get(x.tensor)
+        if t is None:
+            continue
+        held = [r for r in t.residency if r.tier == x.dst and r.from_step <= x.start_step
+                <= r.to_step]
+        from_step = max(r.from_step for r in held) if held else x.start_step
+        into[(x.tensor, x.dst, from_step)].append(x)
+    for xs in into.values():
+        xs.sort(key=lambda x: (x.start_step, x.end_step))
+    return into
+
+
+def _check_move(t: TensorPlan, tier: str, from_step: int, xs: Sequence[Transfer]) -> None:
+    """(4) the transfers into `t`'s interval in `tier` from `from_step` make one move."""
+    where = f"tensor {t.id}: the move into {tier} at step {from_step}"
+    if xs[0].start_step != from_step:
+        _fail(f"{where} starts at step {xs[0].start_step}; it must start where the residency "
+              "in that tier starts")
+    sources = sorted({x.src for x in xs})
+    if len(sources) > 1:
+        _fail(f"{where} comes from {', '.join(sources)}; its chunks come from one tier")
+    for prev, nxt in zip(xs, xs[1:], strict=False):
+        if nxt.start_step <= prev.end_step:
+            _fail(f"{where}: chunks at steps [{prev.start_step}, {prev.end_step}] and "
+                  f"[{nxt.start_step}, {nxt.end_step}] overlap; they run one after another")
+    moved = sum(x.bytes for x in xs)
+    if moved != t.nbytes:
+        _fail(f"{where} moves {moved} bytes in {len(xs)} transfer(s); the tensor has "
+              f"{t.nbytes}")
+    last = max(x.end_step for x in xs)
+    gap = _first_gap(t, sources[0], from_step, last)
+    if gap is not None:
+        _fail(f"{where}: source tier {sources[0]} does not hold the tensor at step {gap}, "
+              f"within the move's steps [{from_step}, {last}]")
+
+
+def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
+    """(4) a move for every change of tier, consistent with residency."""
     for x in plan.transfers:
         t = by_id.get(x.tensor)
         if t is None:
@@ -139,7 +181,7 @@ def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
             _fail(f"{where}: the tensor is fused and never reaches memory")
         if x.src == x.dst:
             _fail(f"{where}: source and destination are the same tier")
-        if x.bytes != t.nbytes:
+        if not 0 < x.bytes <= t.nbytes:
             _fail(f"{where}: moves {x.bytes} bytes, the tensor has {t.nbytes}")
         if x.start_step > x.end_step:
             _fail(f"{where}: starts after it ends")
@@ -151,7 +193,7 @@ def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
             gap = _first_gap(t, tier, x.start_step, x.end_step)
             if gap is not None:
                 _fail(f"{where}: {role} tier {tier} does not hold the tensor at step {gap}")
-        into[(x.tensor, x.dst, x.start_step)].append(x)
+    into = _moves(plan, by_id)
     read_only = {tier.name for tier in plan.target.tiers if tier.read_only}
     for t in plan.tensors:
         if t.producer_step >= 0:
@@ -170,43 +212,43 @@ def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
                     _fail(f"tensor {t.id}: transfer into {r.tier} at step {r.from_step}, where "
                           f"op at step {t.producer_step} writes it (it is written there, not "
                           "moved)")
-                if len(found) > 1:
-                    _fail(f"tensor {t.id}: {len(found)} transfers into {r.tier} at step "
-                          f"{r.from_step}")
+                if found:
+                    _check_move(t, r.tier, r.from_step, found)
                 continue
-            if len(found) != 1:
-                _fail(f"tensor {t.id}: residency in {r.tier} from step {r.from_step} needs exactly "
-                      f"one transfer into {r.tier} starting at step {r.from_step}; "
-                      f"found {len(found)}")
+            if not found:
+                _fail(f"tensor {t.id}: residency in {r.tier} from step {r.from_step} needs a "
+                      f"transfer into {r.tier} starting at step {r.from_step} (or chunks, the "
+                      "first starting there); found none")
+            _check_move(t, r.tier, r.from_step, found)
     if into:
         (tid, dst, start), xs = next(iter(into.items()))
-        _fail(f"transfer of {tid} into {dst} at step {start} matches no residency interval "
-              f"starting there ({len(xs)} such transfers)")
+        _fail(f"transfer of {tid} into {dst} at step {xs[0].start_step} matches no residency "
+              f"interval in {dst} ({len(xs)} such transfers)")
 
 
-def _usable(t: TensorPlan, step: int, in_flight: dict[str, list[Transfer]]) -> list[str]:
+def _usable(t: TensorPlan, step: int, into: dict[tuple[str, str, int], list[Transfer]]
+            ) -> list[str]:
+    """Tiers where `t` is resident at `step` and not mid-move into (a move's chunks count from
+    the first's start to the last's end)."""
     tiers = []
     for r in t.residency:
         if r.from_step <= step <= r.to_step:
-            busy = any(x.dst == r.tier and x.start_step <= step <= x.end_step
-                       for x in in_flight.get(t.id, ()))
-            if not busy:
+            xs = into.get((t.id, r.tier, r.from_step), ())
+            if not (xs and xs[0].start_step <= step <= max(x.end_step for x in xs)):
                 tiers.append(r.tier)
     return tiers
 
 
 def _check_ops(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
     """(3) inputs usable, outputs resident, at each op's step."""
-    in_flight: dict[str, list[Transfer]] = defaultdict(list)
-    for x in plan.transfers:
-        in_flight[x.tensor].append(x)
+    into = _moves(plan, by_id)
     for o in plan.ops:
         for vid in o.inputs:
             t = by_id.get(vid)
             if t is None:
                 _fail(f"op {o.id} (step {o.step}) reads {vid}, which the plan does not list")
                 return
-            if t.materialized and not _usable(t, o.step, in_flight):
+            if t.materialized and not _usable(t, o.step, into):
                 held = [(r.tier, r.from_step, r.to_step) for r in t.residency]
                 _fail(f"op {o.id} ({o.kind}) at step {o.step} reads {vid}, which is not usable "
                       f"in any tier then (residency {held}; a transfer's destination is usable "
