@@ -201,47 +201,8 @@ def reduction_traffic_bytes(in_elements: int, out_elements: int, elem_bytes: flo
 # --- transfers spread over steps ---------------------------------------------------------------
 
 
-# spread_penalty_s: windows up to this many steps get the exact value, longer ones length classes
-# growing by SPREAD_CLASS_RATIO; best_spread_span tries lengths growing by that ratio.
-EXACT_SPREAD_STEPS = 32
+# best_spread_span tries run lengths 1, 2, ... growing by this ratio, and the whole window.
 SPREAD_CLASS_RATIO = 1.25
-
-
-def _spread_excess(transfer_s: float, op_s: np.ndarray, length: int, share_s: float
-                   ) -> np.ndarray:
-    """Σ max(0, share_s − op_s) over every run of `length` consecutive steps (by start)."""
-    extra = np.maximum(share_s - op_s, 0.0)
-    cum = np.concatenate([[0.0], np.cumsum(extra)])
-    return cum[length:] - cum[:-length]
-
-
-def spread_penalty_s(transfer_s: float, op_s: np.ndarray) -> float:
-    """The least time a transfer of `transfer_s` link seconds adds to steps that take at least
-    `op_s`, when it is spread evenly (the cost model's rule) over some run of L consecutive steps
-    of the window: min over runs I of Σ_{s in I} max(0, transfer_s / L − op_s), L = |I|.
-
-    Exact for windows of up to EXACT_SPREAD_STEPS steps. Longer windows take lengths in classes
-    [a, b) and count, per class, a run of a steps at the share transfer_s / (b − 1): never more
-    than the exact value, so it stays a lower bound.
-    """
-    m = len(op_s)
-    if m == 0 or transfer_s <= 0.0 or float(op_s.max()) >= transfer_s:
-        return 0.0  # one step that already takes transfer_s hides it
-    if m <= EXACT_SPREAD_STEPS:
-        classes = [(length, length + 1) for length in range(1, m + 1)]
-    else:
-        classes = []
-        a = 1
-        while a <= m:
-            b = min(max(a + 1, int(a * SPREAD_CLASS_RATIO)), m + 1)
-            classes.append((a, b))
-            a = b
-    best = math.inf
-    for a, b in classes:
-        best = min(best, float(_spread_excess(transfer_s, op_s, a, transfer_s / (b - 1)).min()))
-        if best <= 0.0:
-            return 0.0
-    return best
 
 
 def best_spread_span(transfer_s: float, op_s: np.ndarray) -> tuple[int, int, float]:

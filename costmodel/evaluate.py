@@ -8,7 +8,8 @@ Semantics are those of compiler/plan.py's module docstring:
   to the fastest tier it resides in at its producer step (one that is not a transfer destination,
   if there is one). A fused group's time is split over its ops in proportion to their flops
   (evenly if they have none), so the group's steps add up to its time.
-- A transfer takes bytes / link bandwidth, spread evenly over its steps. Step time is the max of
+- A transfer (a whole move, or one chunk of one) takes bytes / link bandwidth, spread evenly over
+  its steps; a chunked move's copy is usable after its last chunk. Step time is the max of
   the op's time and, for each link, the sum of the shares of the transfers on it at that step.
   `predicted_time_s` = Σ step times.
 - A tensor that a plan leaves nowhere usable at a step where it is needed is charged to the slowest

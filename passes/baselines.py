@@ -640,7 +640,8 @@ class PlacementProblem:
         """Residency intervals per tensor and the transfers, as compiler/plan.py defines them.
 
         With `respread`, each transfer's steps are then moved within its gap to where its
-        link time costs least given all the others (`respread_moves`)."""
+        link time costs least given all the others, or the move is made in chunks where that
+        costs less (`respread_moves`)."""
         if respread:
             return self.respread_parts(assignment)[:2]
         return self._parts(self._layouts(assignment))
@@ -700,8 +701,10 @@ def respread_moves(problem: PlacementProblem,
     the op and the other links. The destination then holds the tensor from the run's first step
     and an eviction's source to its last, so only runs where both tiers have the room at every
     step they add are weighed; an eviction ends before the prefetch of the same gap starts.
-    Kept only if the plan's predicted time falls and no tier overflows; `layouts` is updated in
-    place. Returns the predicted time of the plan `layouts` then give."""
+    Then, with `chunks`, each move may be made in one-step chunks (`_chunk_moves`), recorded
+    there. Kept only if the plan's predicted time falls and no tier overflows; `layouts` is
+    updated in place. Returns the predicted time of the plan `layouts` (and `chunks`) then
+    give."""
     from tiermap.costmodel.evaluate import evaluate
 
     n = problem.num_steps

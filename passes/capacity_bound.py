@@ -55,25 +55,21 @@ Constraints
       tier, also the moves into F: n within [first, a_{i+1} - 1], o within [first, the live
       range's end]); D runs over each move's own window and two dyadic families of ranges
       (offsets 0 and half a range).
- (C9) link spreading: a move spread evenly over L steps adds at least
-      pen = min over runs I of sum_{s in I} max(0, (bytes / bw) / L - floor_s) to the steps
-      (`costmodel.bounds.spread_penalty_s`; floor_s the step's least op time, bw the fastest
-      link); per step max(floor, sum of loads) - floor is superadditive over the moves on one
-      link, so over D: P[hi] - P[lo-1] >= sum_D floor_s + (bw / bandwidth_into(k)) * sum pen * p.
- (C10) after a_i, t stays in the binding tier or has a copy in F: usable there at a_i, or made by
+ (C9) after a_i, t stays in the binding tier or has a copy in F: usable there at a_i, or made by
       a move that the binding tier feeds to its end (the source lasts to a transfer's end,
       compiler/plan.py): s[t,i,k] + v[t,i,F] + sum_l e[t,i,l] >= 1; e[t,i,l] holds k over
-      [a_i + 1, a_i + l] (C6) and moves within [first, a_i + u - 1] ((C8), (C9)); and it
+      [a_i + 1, a_i + l] (C6) and moves within [first, a_i + u - 1] (C8); and it
       is one of the gap's moves into F: sum_l e[t,i,l] <= n[t,i,F].
 Objective
  (O1) minimise P[n-1] = sum_s T[s].
 
 Why it is a relaxation: take any valid plan and read y, v, s, p, n, e off it. (C1)-(C5) then hold
 by the plan semantics, (C6) counts only bytes the plan holds, (C7) is each kernel's roofline, in
-(C8) a step lasts at least each link's busy time, and (C9) holds per link (the factor spreads it
-over the links incident to k). In (C10), a tensor with a next access ahead resides in k or in
-F at every step of the gap: if it does not stay in k it is usable in F at a_i already, or its
-copy in F is made by a move whose source (k) lasts to its end. For (A), read the merged tensor
+(C8) a step lasts at least each link's busy time, whether a move is made as one transfer or in
+chunks (the link rows are fluid: they charge no spreading rule). In (C9), a tensor with a next
+access ahead resides in k or in F at every step of the gap: if it does not stay in k it is
+usable in F at a_i already, or its copy in F is made by a move whose source (k) lasts to its
+end. For (A), read the merged tensor
 off the operand up to the alias op and off the result after it: both reside in a common tier at
 the op's step, and counting their bytes once there only lowers occupancy.
 Dropped terms only weaken it: tensors of at most TINY_TENSOR_BYTES
@@ -89,7 +85,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -97,7 +93,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tiermap.compiler.plan import alias_pairs
-from tiermap.costmodel.bounds import spread_penalty_s
 from tiermap.costmodel.roofline import compute_time_s, program_kernels
 from tiermap.passes.baselines import CONSTANT_KIND
 
@@ -149,7 +144,6 @@ class _Window:
     hi: int
     tier: int
     terms: list[tuple[Any, float]]
-    penalty_s: float = 0.0  # (C9) the least step time a move in [lo, hi] adds, spread evenly
 
 
 @dataclass(frozen=True)
@@ -240,15 +234,13 @@ class _CapacityLp:
         others = [t for i, t in enumerate(writable) if i not in self.binding]
         self.others, self.res = others, res
         self.num_free = 0
-        # links incident to each binding tier: their total and their fastest bandwidth
+        # links incident to each binding tier: their total bandwidth
         names = [t.name for t in res]
         self.link_bytes_per_s: list[float] = []
-        self.fastest_link_bytes_per_s: list[float] = []
         for i in self.binding:
             k = writable[i].name
             bws = [target.link_bytes_per_s(q, k) for q in names if q != k] or [math.inf]
             self.link_bytes_per_s.append(sum(bws))
-            self.fastest_link_bytes_per_s.append(max(bws))
 
     def _merge_alias_buffers(self, accesses: dict[str, dict[int, _Access]],
                              fusion: Fusion | None) -> dict[str, tuple[int, int]]:
@@ -315,7 +307,6 @@ class _CapacityLp:
         const_occ = [np.zeros(n + 1) for _ in self.binding]
         windows: list[_Window] = []
         opts_of = {vid: self.options(vid) for vid in self.accesses}
-        self.floor_cum_s = np.concatenate([[0.0], np.cumsum(self._floors(opts_of))])
         for vid, accs in self.accesses.items():
             opts = opts_of[vid]
             nbytes = float(self.program.values[vid].nbytes)
@@ -343,25 +334,6 @@ class _CapacityLp:
         P = self._prefix(T)
         self._links(P, windows)  # (C8)
         m.minimize(P[n - 1])  # (O1)
-
-    def _floors(self, opts_of: Mapping[str, Sequence[_Option]]) -> np.ndarray:
-        """The least time of each step under any placement: its kernel's roofline with every
-        access at the fastest tier that may hold the tensor, split by flop share."""
-        mem_s = [0.0] * len(self.kernel_steps)
-        for vid, accs in self.accesses.items():
-            opts = opts_of[vid]
-            if not opts:
-                continue
-            rd = max(o.read_bytes_per_s for o in opts)
-            wr = max(o.write_bytes_per_s for o in opts)
-            for a in accs:
-                mem_s[a.kernel] += a.read_bytes / rd + a.write_bytes / wr
-        out = np.zeros(self.num_steps)
-        for j, steps in enumerate(self.kernel_steps):
-            kernel_s = max(self.kernel_compute_s[j], mem_s[j]) + self.overhead_s
-            for st in steps:
-                out[st] = self.weight[st] * kernel_s
-        return out
 
     def _var(self) -> Any:
         return self.model.add_variable(lb=0.0, ub=1.0)
@@ -407,7 +379,7 @@ class _CapacityLp:
         single = free_tier is not None and not has_home and len(self.binding) == 1
         into_f: list[Any] = []
         lead_sums: list[list[Any]] = []
-        f_first = sorted(movable, key=lambda o: o.kind != "F")  # F's move first, for (C10)
+        f_first = sorted(movable, key=lambda o: o.kind != "F")  # F's move first, for (C9)
         for i in range(num - 1):
             a_i, a_next = steps[i], steps[i + 1]
             n_f = None
@@ -428,7 +400,7 @@ class _CapacityLp:
                 m.add_linear_constraint(  # (C3)
                     ub=0.0, expr=v[i + 1][o] - stay - mo.fast_sum(leads))
                 lead_sums.append(leads)
-                if single and free_tier is not None and n_f is not None:  # (C10)
+                if single and free_tier is not None and n_f is not None:  # (C9)
                     evicts = self._evict_options(o, nbytes, first_move, a_i, a_next, occ_terms,
                                                  windows)
                     m.add_linear_constraint(lb=1.0, expr=stay + v[i][free_tier]
@@ -461,10 +433,7 @@ class _CapacityLp:
             upper = min(2 * lead, most + 1)
             var = self._var()
             occ_terms[o.index].append((var, nbytes, a_next - lead, a_next - 1))
-            lo = a_next - upper + 1
-            floors = np.diff(self.floor_cum_s[lo:a_next])
-            penalty_s = spread_penalty_s(nbytes / self.fastest_link_bytes_per_s[o.index], floors)
-            windows.append(_Window(lo, a_next - 1, o.index, [(var, nbytes)], penalty_s))
+            windows.append(_Window(a_next - upper + 1, a_next - 1, o.index, [(var, nbytes)]))
             out.append(var)
             lead = upper
         return out
@@ -487,10 +456,7 @@ class _CapacityLp:
                 var = self._var()
                 if lead > 0:
                     occ_terms[o.index].append((var, nbytes, a_i + 1, a_i + lead))
-                floors = np.diff(self.floor_cum_s[first_move:hi + 2])
-                penalty_s = spread_penalty_s(nbytes / self.fastest_link_bytes_per_s[o.index],
-                                             floors)
-                windows.append(_Window(first_move, hi, o.index, [(var, nbytes)], penalty_s))
+                windows.append(_Window(first_move, hi, o.index, [(var, nbytes)]))
                 out.append(var)
             lead = upper
         return out
@@ -559,7 +525,8 @@ class _CapacityLp:
             prev, pending = cur, []
 
     def _links(self, P: Sequence[Any], windows: Sequence[_Window]) -> None:
-        """(C8) and (C9) over two dyadic families of step ranges (offset 0 and half a range)."""
+        """(C8) over each move's own window and two dyadic families of step ranges (offset 0 and
+        half a range)."""
         m, tu, n = self.model, self.tu_s, self.num_steps
         rows: dict[tuple[int, int, int, int], list[_Window]] = {}
         for w in windows:
@@ -576,30 +543,19 @@ class _CapacityLp:
                 if size >= n:
                     break
                 size *= 2
-        for w in windows:  # each move alone within its own window, (C8) and (C9)
+        for w in windows:  # each move alone within its own window
             lo, hi = w.lo, w.hi
             span = P[hi] - (P[lo - 1] if lo > 0 else 0.0)
             bw = self.link_bytes_per_s[w.tier]
             m.add_linear_constraint(lb=0.0, expr=span - self.mo.fast_sum(
                 nb / bw / tu * var for var, nb in w.terms))
-            if w.penalty_s > 0:
-                floor_s = float(self.floor_cum_s[hi + 1] - self.floor_cum_s[lo])
-                share = self.fastest_link_bytes_per_s[w.tier] / bw
-                m.add_linear_constraint(lb=floor_s / tu, expr=span - self.mo.fast_sum(
-                    share * w.penalty_s / tu * var for var, _nb in w.terms))
         for (size, off, idx, b), ws in sorted(rows.items(), key=lambda kv: kv[0]):
             lo = idx * size + off
             hi = min(lo + size - 1, n - 1)
             span = P[hi] - (P[lo - 1] if lo > 0 else 0.0)
             bw = self.link_bytes_per_s[b]
-            m.add_linear_constraint(lb=0.0, expr=span - self.mo.fast_sum(  # (C8)
+            m.add_linear_constraint(lb=0.0, expr=span - self.mo.fast_sum(
                 nb / bw / tu * var for w in ws for var, nb in w.terms))
-            spread = [(var, w.penalty_s) for w in ws if w.penalty_s > 0 for var, _nb in w.terms]
-            if spread:  # (C9)
-                floor_s = float(self.floor_cum_s[hi + 1] - self.floor_cum_s[lo])
-                share = self.fastest_link_bytes_per_s[b] / bw
-                m.add_linear_constraint(lb=floor_s / tu, expr=span - self.mo.fast_sum(
-                    share * pen / tu * var for var, pen in spread))
 
     # --- solve ----------------------------------------------------------------------------------
 

@@ -69,8 +69,9 @@ the run of steps inside the window that hides it best under the estimated op tim
 model stays exact. After the solve, `respread_moves` moves each transfer anywhere in its gap to
 where it costs least given all the others (a copy that rides on a long kernel another copy
 already fills goes to the next one; an eviction may run past its window onto a later kernel),
-where the tiers have the room for the longer hold, and keeps the result only if it is faster
-and fits.
+where the tiers have the room for the longer hold, then makes a move in one-step chunks on the
+kernels with free link time where no single run hides it as well (compiler/plan.py: a move may
+be made in chunks), and keeps the result only if it is faster and fits.
 
 The plan the MIP finds is re-evaluated by the cost model; if it is worse than greedy (it should
 not be: the model is exact for segment-form plans) the greedy plan is returned and the notes

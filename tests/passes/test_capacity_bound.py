@@ -102,11 +102,11 @@ def test_a_reshape_result_starts_where_its_operand_is() -> None:
 
 
 def test_a_tensor_that_leaves_the_fast_tier_holds_it_until_its_copy_is_made() -> None:
-    """(C10) X and Y of `_two_big_tensors`, but with a link 10x faster than the fast tier: a move
+    """(C9) X and Y of `_two_big_tensors`, but with a link 10x faster than the fast tier: a move
     costs next to nothing, yet X cannot leave the fast tier before step 1 (its copy starts after
     its write at step 0, and the fast tier holds X until the copy ends), where Y is written. So
     the optimum is still one of X, Y wholly in the slow tier, and the bound is the slow-link
-    one. Without (C10) the LP would write X fast, copy it out over steps 1-2 without holding the
+    one. Without (C9) the LP would write X fast, copy it out over steps 1-2 without holding the
     fast tier and charge one slow read only."""
     prog, _slow_link = _two_big_tensors()
     _bound_and_optimum_keep_one_wholly_slow(

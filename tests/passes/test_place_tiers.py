@@ -298,3 +298,38 @@ def test_respread_keeps_an_eviction_where_the_source_has_no_room_past_it() -> No
     before_s, after_s, steps = _evict_and_prefetch(with_y=True)
     assert 2 <= steps["fast->slow"][0] <= steps["fast->slow"][1] <= 4
     assert after_s < before_s
+
+
+def test_a_copy_too_big_for_one_kernel_is_made_in_chunks_under_two() -> None:
+    """X (1 MiB, 1.048576e-4 s over the link) waits in the slow tier until its read at step 4;
+    kernels of 6e-5 s at steps 1 and 3 sit around a scalar op at step 2 (8e-12 s). Spread
+    evenly, the copy either stretches one kernel by 4.48576e-5 s or, over steps 1..3, puts a
+    third of it (3.4952533e-5 s) on the scalar op. In two chunks, one per kernel, half the copy
+    hides under each: the plan takes its op times, a third of the copy less the scalar op
+    faster than the even spread over 1..3."""
+    from tiermap.costmodel.evaluate import evaluate
+    from tiermap.passes.baselines import Choice, PlacementProblem
+
+    sizes = {"X": MIB, "c": 4, "d": 4, "e": 4, "f": 4, "g": 4, "out": 4}
+    prog = program(sizes, ["X", "c"], [
+        (["c"], ["d"], 0.0), (["d"], ["e"], 0.6e8), (["e"], ["f"], 0.0), (["f"], ["g"], 0.6e8),
+        (["X", "g"], ["out"], 0.0)], ["out"])
+    target = two_tier(4 * MIB)
+    problem = PlacementProblem(prog, target, pin=False)
+    fast, slow = 0, 1
+    assignment = {vid: Choice.whole(seg, fast) for vid, seg in problem.segments.items()}
+    assignment["X"] = Choice((fast,), (slow,))
+    times = []
+    for respread in (False, True):
+        residency, transfers = problem.to_plan_parts(assignment, respread=respread)
+        ev = evaluate(prog, target, residency, transfers)
+        times.append(ev.predicted_time_s)
+        moves = [(x.start_step, x.end_step, x.bytes) for x in transfers]
+        if respread:
+            assert moves == [(1, 1, MIB // 2), (3, 3, MIB // 2)]
+            assert ev.step_time_s == ev.op_time_s  # every chunk hidden
+            assert residency["X"][-1].from_step == 1  # held from the first chunk
+        else:
+            assert moves == [(1, 3, MIB)]
+    scalar_s = 8 / FAST_BPS  # step 2 reads and writes 4 bytes
+    assert times[0] - times[1] == pytest.approx(MIB / SLOW_BPS / 3 - scalar_s, rel=1e-9)

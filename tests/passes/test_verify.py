@@ -10,6 +10,7 @@ from tiermap.compiler.pipeline import plan
 from tiermap.compiler.plan import Plan, Residency, TensorPlan
 from tiermap.errors import PassError
 from tiermap.passes.verify import verify_plan
+from tiermap.report import step_times_s
 
 from .helpers import MIB, program, sram_flash, two_tier
 
@@ -66,7 +67,7 @@ def test_overlapping_intervals_in_one_tier_are_caught(good: Plan) -> None:
 
 def test_a_change_of_tier_without_its_transfer_is_caught(good: Plan) -> None:
     _fails(replace(good, transfers=good.transfers[:1]),
-           "tensor X", "exactly one transfer into fast starting at step 4")
+           "tensor X", "needs a transfer into fast starting at step 4")
 
 
 def test_an_output_is_written_into_one_tier(good: Plan) -> None:
@@ -78,6 +79,54 @@ def test_an_output_is_written_into_one_tier(good: Plan) -> None:
 def test_transfer_bytes_must_be_the_tensor_size(good: Plan) -> None:
     broken = (replace(good.transfers[0], bytes=123),) + good.transfers[1:]
     _fails(replace(good, transfers=broken), "moves 123 bytes", f"has {S}")
+
+
+def _chunked(good: Plan, first_bytes: int, second_step: int = 2) -> Plan:
+    """`good` with X's eviction made in two chunks, at step 1 and `second_step` (the fast tier
+    holds X to then, and has the room for it beside Y)."""
+    evict, prefetch = good.transfers
+    chunks = (replace(evict, bytes=first_bytes),
+              replace(evict, start_step=second_step, end_step=second_step,
+                      bytes=S - first_bytes), prefetch)
+    roomy = replace(good.target, tiers=(replace(good.target.tiers[0], capacity_bytes=3 * S),
+                                        good.target.tiers[1]))
+    x = good.tensor("X")
+    held = (Residency("fast", 0, second_step),) + x.residency[1:]
+    p = replace(_with_tensor(good, "X", residency=held), transfers=chunks, target=roomy,
+                program=None)
+    return replace(p, predicted_time_s=sum(step_times_s(p)), baselines={})
+
+
+def test_a_move_may_be_made_in_chunks(good: Plan) -> None:
+    p = _chunked(good, S // 4)
+    verify_plan(p)
+    verify_plan(Plan.from_json(p.to_json()))
+
+
+def test_chunks_must_add_up_to_the_tensor(good: Plan) -> None:
+    p = _chunked(good, S // 4)
+    short = (p.transfers[0], replace(p.transfers[1], bytes=S // 2), p.transfers[2])
+    _fails(replace(p, transfers=short), "tensor X", "moves 786432 bytes in 2 transfer(s)",
+           f"has {S}")
+
+
+def test_chunks_run_one_after_another(good: Plan) -> None:
+    p = _chunked(good, S // 4)
+    late = (replace(p.transfers[0], end_step=2), p.transfers[1], p.transfers[2])
+    _fails(replace(p, transfers=late), "tensor X", "overlap")
+
+
+def test_chunks_come_from_one_source(good: Plan) -> None:
+    p = _chunked(good, S // 4)
+    x = p.tensor("X")
+    # a third tier gets a copy of X at step 1, and the second chunk is taken from it
+    third = replace(p.target.tiers[1], name="other")
+    target = replace(p.target, tiers=p.target.tiers + (third,))
+    held = x.residency + (Residency("other", 1, 2),)
+    mixed = (p.transfers[0], replace(p.transfers[1], src="other"), p.transfers[2],
+             replace(p.transfers[0], dst="other", bytes=S))
+    _fails(replace(_with_tensor(p, "X", residency=held), target=target, transfers=mixed),
+           "tensor X", "comes from fast, other")
 
 
 def test_an_input_must_be_usable_when_read(good: Plan) -> None:
