@@ -98,15 +98,22 @@ def tier_at_step(tensor: TensorPlan, step: int) -> str | None:
 
 def usable_tier(plan: Plan, tensor: TensorPlan, step: int,
                 transfers: Sequence[Transfer] | None = None) -> str | None:
-    """The fastest tier where `tensor` is usable at `step` (a copy counts once its transfer ends).
+    """The fastest tier where `tensor` is usable at `step` (a copy counts once its transfer, or
+    the last chunk of its move, ends).
 
     `transfers` may pass the tensor's own transfers when calling this in a loop.
     """
     if transfers is None:
         transfers = [x for x in plan.transfers if x.tensor == tensor.id]
-    arriving = {x.dst for x in transfers if x.start_step <= step <= x.end_step}
-    tiers = [r.tier for r in tensor.residency
-             if r.from_step <= step <= r.to_step and r.tier not in arriving]
+    tiers = []
+    for r in tensor.residency:
+        if not r.from_step <= step <= r.to_step:
+            continue
+        into = [x for x in transfers if x.dst == r.tier and r.from_step <= x.start_step
+                <= r.to_step]
+        if not (into and min(x.start_step for x in into) <= step
+                <= max(x.end_step for x in into)):
+            tiers.append(r.tier)
     if not tiers:
         return tier_at_step(tensor, step)
     order = {t.name: i for i, t in enumerate(plan.target.tiers)}
