@@ -13,18 +13,19 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   to the tensor's `nbytes`; the move then spans the first chunk's `start_step` to the last's
   `end_step`. During a move the tensor occupies both tiers: the `dst` residency starts at
   `start_step`, the `src` residency lasts at least to `end_step`. The `dst` copy is usable by
-  ops from `end_step + 1`; an op at step s reads its inputs from a tier where the tensor is usable at s
-  (the fastest one if several). An op's outputs are written where they reside at the op's step,
-  which is one writable tier (a copy elsewhere is a transfer that starts after that step; a
-  constant may also have its read-only home).
+  ops from `end_step + 1`; an op at step s reads its inputs from a tier where the tensor is
+  usable at s (the fastest one if several). An op's outputs are written where they reside at
+  the op's step, which is one writable tier (a copy elsewhere is a transfer that starts after
+  that step; a constant may also have its read-only home).
 - An alias op (`ALIAS_KINDS`: a reshape, an optimization barrier) returns its operands under
   another shape; XLA makes it a bitcast of the same buffer and the cost model counts it free. So
   its result i is written, at the op's step, in a tier where its operand i resides then (a copy
   into another tier would be a transfer the op does not pay for).
 - A transfer's (or chunk's) time, bytes / link bandwidth, is spread evenly over its steps and
-  overlaps the ops there (prefetch before a use, eviction after the last write). Step time = max(op time, for each
-  link the sum of the shares of the transfers on it at that step). Op time = max(compute time,
-  Σ_tier bytes_tier / bandwidth_tier) + per-op overhead (roofline). `predicted_time_s` = Σ steps.
+  overlaps the ops there (prefetch before a use, eviction after the last write). Step time =
+  max(op time, for each link the sum of the shares of the transfers on it at that step). Op
+  time = max(compute time, Σ_tier bytes_tier / bandwidth_tier) + per-op overhead (roofline).
+  `predicted_time_s` = Σ steps.
 - Capacity: at every step, the bytes resident in a tier fit its `capacity_bytes` (whole chip).
   Read-only tiers hold program inputs only. Tiers that are `per_unit` and not `persistent` are
   scratchpads for fused tiles, never residency.

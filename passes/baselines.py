@@ -730,18 +730,11 @@ def respread_moves(problem: PlacementProblem,
     entries.sort(key=lambda e: (-e[0], e[1], e[2]))
     for _sweep in range(sweeps):
         for transfer_s, vid, i, key in entries:
-            pieces, moves, rooms = layouts[vid]
-            a, b, lo, hi = moves[i]
-            nbytes = problem.segments[vid].nbytes
-            r_lo, r_hi = _move_limits(problem, occupancy, pieces, moves, rooms, i, lo, hi,
-                                      nbytes)
+            _pieces, moves, _rooms = layouts[vid]
+            _a, _b, lo, hi = moves[i]
+            r_lo, r_hi, base, here = _lift_move(problem, layouts, occupancy, loads, op_s,
+                                                transfer_s, vid, i, key)
             own = loads[key]
-            own[lo:hi + 1] -= transfer_s / (hi - lo + 1)
-            base = op_s[r_lo:r_hi + 1].copy()
-            for other, arr in loads.items():
-                if other != key:
-                    base = np.maximum(base, arr[r_lo:r_hi + 1])
-            here = own[r_lo:r_hi + 1]
             now = np.maximum(base, here)
             best = (math.inf, 0, 0)
             m = r_hi - r_lo + 1
@@ -762,17 +755,8 @@ def respread_moves(problem: PlacementProblem,
                                               + transfer_s / (hi - lo + 1))
                                    - now[lo - r_lo:hi - r_lo + 1]))
             if best[0] < current - 1e-15:
-                new_lo, new_hi = r_lo + best[1], r_lo + best[1] + best[2] - 1
-                _hold(occupancy, b, new_lo, lo, nbytes)  # the destination holds from new_lo
-                room = rooms[i]
-                if room.src_piece >= 0:  # an eviction's source holds to new_hi
-                    k, p_lo, p_hi = pieces[room.src_piece]
-                    _hold(occupancy, a, p_hi + 1, new_hi + 1, nbytes)
-                    pieces[room.src_piece] = (k, p_lo, new_hi)
-                lo, hi = new_lo, new_hi
-                moves[i] = (a, b, lo, hi)
-                k, _old_lo, p_hi = pieces[room.dst_piece]
-                pieces[room.dst_piece] = (k, lo, p_hi)
+                lo, hi = r_lo + best[1], r_lo + best[1] + best[2] - 1
+                _rerun_move(problem, layouts, occupancy, vid, i, lo, hi)
             own[lo:hi + 1] += transfer_s / (hi - lo + 1)
     if chunks is not None:
         _chunk_moves(problem, layouts, entries, loads, op_s, occupancy, chunks)
@@ -800,17 +784,12 @@ def _chunk_moves(problem: PlacementProblem,
     chunked move's cost. The destination holds the tensor from the first chunk, an eviction's
     source to the last. Updates `layouts`, `loads` and `occupancy`, and records the chunks."""
     for transfer_s, vid, i, key in entries:
-        pieces, moves, rooms = layouts[vid]
+        _pieces, moves, _rooms = layouts[vid]
         a, b, lo, hi = moves[i]
         nbytes = problem.segments[vid].nbytes
-        r_lo, r_hi = _move_limits(problem, occupancy, pieces, moves, rooms, i, lo, hi, nbytes)
+        r_lo, r_hi, base, here = _lift_move(problem, layouts, occupancy, loads, op_s,
+                                            transfer_s, vid, i, key)
         own = loads[key]
-        own[lo:hi + 1] -= transfer_s / (hi - lo + 1)
-        base = op_s[r_lo:r_hi + 1].copy()
-        for other, arr in loads.items():
-            if other != key:
-                base = np.maximum(base, arr[r_lo:r_hi + 1])
-        here = own[r_lo:r_hi + 1]
         now = np.maximum(base, here)
         window = slice(lo - r_lo, hi - r_lo + 1)
         current = float(np.sum(np.maximum(base[window], here[window]
@@ -831,20 +810,53 @@ def _chunk_moves(problem: PlacementProblem,
         parts = np.diff(np.concatenate([[0], cum]))
         steps = [r_lo + int(j) for j, part in zip(order, parts, strict=True) if part > 0]
         part_bytes = [int(part) for part in parts if part > 0]
-        new_lo, new_hi = steps[0], steps[-1]
-        _hold(occupancy, b, new_lo, lo, nbytes)  # the destination holds from the first chunk
-        room = rooms[i]
-        if room.src_piece >= 0:  # an eviction's source holds to the last
-            k, p_lo, p_hi = pieces[room.src_piece]
-            _hold(occupancy, a, p_hi + 1, new_hi + 1, nbytes)
-            pieces[room.src_piece] = (k, p_lo, new_hi)
-        moves[i] = (a, b, new_lo, new_hi)
-        k, _old_lo, p_hi = pieces[room.dst_piece]
-        pieces[room.dst_piece] = (k, new_lo, p_hi)
+        _rerun_move(problem, layouts, occupancy, vid, i, steps[0], steps[-1])
         chunks[(vid, i)] = list(zip(steps, part_bytes, strict=True))
         bw = problem.link_bw(a, b)
         for step, part in zip(steps, part_bytes, strict=True):
             own[step] += part / bw
+
+
+def _lift_move(problem: PlacementProblem,
+               layouts: Mapping[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
+               occupancy: Mapping[int, np.ndarray], loads: Mapping[tuple[int, int], np.ndarray],
+               op_s: np.ndarray, transfer_s: float, vid: str, i: int, key: tuple[int, int]
+               ) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Take move i of `vid` (evenly spread) off its link's load, for `respread_moves` or
+    `_chunk_moves` to put it back: the steps [r_lo, r_hi] it may run in (`_move_limits`), what
+    a step there lasts without it (op and the other links) and its link's load there (a view
+    of `loads[key]`)."""
+    pieces, moves, rooms = layouts[vid]
+    _a, _b, lo, hi = moves[i]
+    r_lo, r_hi = _move_limits(problem, occupancy, pieces, moves, rooms, i, lo, hi,
+                              problem.segments[vid].nbytes)
+    own = loads[key]
+    own[lo:hi + 1] -= transfer_s / (hi - lo + 1)
+    base = op_s[r_lo:r_hi + 1].copy()
+    for other, arr in loads.items():
+        if other != key:
+            base = np.maximum(base, arr[r_lo:r_hi + 1])
+    return r_lo, r_hi, base, own[r_lo:r_hi + 1]
+
+
+def _rerun_move(problem: PlacementProblem,
+                layouts: dict[str, tuple[list[Piece], list[Move], list[MoveRoom]]],
+                occupancy: Mapping[int, np.ndarray], vid: str, i: int, new_lo: int,
+                new_hi: int) -> None:
+    """Move i of `vid` now runs over steps [new_lo, new_hi]: the destination holds the tensor
+    from new_lo, an eviction's source to new_hi (pieces and occupancy follow)."""
+    pieces, moves, rooms = layouts[vid]
+    a, b, lo, _hi = moves[i]
+    nbytes = problem.segments[vid].nbytes
+    _hold(occupancy, b, new_lo, lo, nbytes)
+    room = rooms[i]
+    if room.src_piece >= 0:
+        k, p_lo, p_hi = pieces[room.src_piece]
+        _hold(occupancy, a, p_hi + 1, new_hi + 1, nbytes)
+        pieces[room.src_piece] = (k, p_lo, new_hi)
+    moves[i] = (a, b, new_lo, new_hi)
+    k, _old_lo, p_hi = pieces[room.dst_piece]
+    pieces[room.dst_piece] = (k, new_lo, p_hi)
 
 
 def _move_limits(problem: PlacementProblem, occupancy: Mapping[int, np.ndarray],
