@@ -69,10 +69,9 @@ by the plan semantics, (C6) counts only bytes the plan holds, (C7) is each kerne
 chunks (the link rows are fluid: they charge no spreading rule). In (C9), a tensor with a next
 access ahead resides in k or in F at every step of the gap: if it does not stay in k it is
 usable in F at a_i already, or its copy in F is made by a move whose source (k) lasts to its
-end. For (A), read the merged tensor
-off the operand up to the alias op and off the result after it: both reside in a common tier at
-the op's step, and counting their bytes once there only lowers occupancy.
-Dropped terms only weaken it: tensors of at most TINY_TENSOR_BYTES
+end. For (A), read the merged tensor off the operand up to the alias op and off the result after
+it: both reside in a common tier at the op's step, and counting their bytes once there only
+lowers occupancy. Dropped terms only weaken it: tensors of at most TINY_TENSOR_BYTES
 and tensors whose live range never meets a binding step are charged at their fastest tier with no
 occupancy or moves.
 

@@ -169,8 +169,9 @@ def _check_move(t: TensorPlan, tier: str, from_step: int, xs: Sequence[Transfer]
               f"within the move's steps [{from_step}, {last}]")
 
 
-def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
-    """(4) a move for every change of tier, consistent with residency."""
+def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan],
+                     moves: dict[tuple[str, str, int], list[Transfer]]) -> None:
+    """(4) a move for every change of tier, consistent with residency (`moves`: `_moves`)."""
     for x in plan.transfers:
         t = by_id.get(x.tensor)
         if t is None:
@@ -193,7 +194,7 @@ def _check_transfers(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
             gap = _first_gap(t, tier, x.start_step, x.end_step)
             if gap is not None:
                 _fail(f"{where}: {role} tier {tier} does not hold the tensor at step {gap}")
-    into = _moves(plan, by_id)
+    into = dict(moves)  # each interval's move is taken out as it is checked
     read_only = {tier.name for tier in plan.target.tiers if tier.read_only}
     for t in plan.tensors:
         if t.producer_step >= 0:
@@ -239,9 +240,9 @@ def _usable(t: TensorPlan, step: int, into: dict[tuple[str, str, int], list[Tran
     return tiers
 
 
-def _check_ops(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
-    """(3) inputs usable, outputs resident, at each op's step."""
-    into = _moves(plan, by_id)
+def _check_ops(plan: Plan, by_id: dict[str, TensorPlan],
+               into: dict[tuple[str, str, int], list[Transfer]]) -> None:
+    """(3) inputs usable, outputs resident, at each op's step (`into`: `_moves`)."""
     for o in plan.ops:
         for vid in o.inputs:
             t = by_id.get(vid)
@@ -386,8 +387,9 @@ def verify_plan(plan: Plan, program: Program | None = None) -> None:
     if len(by_id) != len(plan.tensors):
         _fail("a tensor is listed twice in the plan")
     _check_residency(plan)
-    _check_transfers(plan, by_id)
-    _check_ops(plan, by_id)
+    moves = _moves(plan, by_id)
+    _check_transfers(plan, by_id, moves)
+    _check_ops(plan, by_id, moves)
     _check_capacity_and_kinds(plan)
     _check_times(plan, program)
     _check_round_trip(plan)
