@@ -18,16 +18,16 @@ $(VENV)/.installed-test: $(BIN)/activate pyproject.toml
 	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
-	$(BIN)/tiermap compile examples/transformer_train.py:build --target sn40l --time-limit-s 60 --out-dir out
+	$(BIN)/tiermap compile tiermap/examples/transformer_train.py:build --target sn40l --time-limit-s 60 --out-dir out
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/mypy tiermap compiler passes costmodel hwtargets
+	$(BIN)/mypy tiermap
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/mypy tiermap compiler passes costmodel hwtargets
+	$(BIN)/mypy tiermap
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

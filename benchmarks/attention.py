@@ -20,17 +20,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tiermap.compiler.apply import apply_plan
-from tiermap.compiler.pipeline import build_passes, plan
-from tiermap.costmodel import bounds
-from tiermap.hwtargets.loader import load_target
-from tiermap.passes.fusion import FusePass
-from tiermap.passes.tiling import (
+from tiermap.apply.rewrite import apply_plan
+from tiermap.bounds import knapsack as bounds
+from tiermap.fusion.fuse import FusePass
+from tiermap.fusion.tiling import (
     TilePass,
     fa1_forward_traffic_bytes,
     search_forward_tiles,
     tile_budget_bytes,
 )
+from tiermap.hardware.loader import load_target
+from tiermap.pipeline import build_passes, plan
 
 PAPER_STANDARD_HBM_BYTES = 40.3e9  # Dao et al. 2022, Fig. 2 (left): standard attention
 PAPER_FLASH_HBM_BYTES = 4.4e9  # the same figure: FlashAttention

@@ -6,7 +6,7 @@ Run: `python benchmarks/costmodel_cpu.py [--target FILE.toml] [--quick] [--markd
    cache and DRAM bandwidth, per-op overhead), unless `--target` names a target file.
 2. Each case of an operator suite (matmuls small to large and tall-skinny, elementwise ops from
    L1- to DRAM-sized, softmax, reductions, convolutions, attention at several lengths) is lowered
-   with `tiermap.compiler.frontend.lower` and predicted:
+   with `tiermap.frontend.stablehlo.lower` and predicted:
    - kernels as XLA's CPU backend forms them (`xla_like_fusion`): each contraction alone; each
      maximal run of other ops one loop fusion, cut after a reduce (its result is materialized);
    - each kernel's external tensors in the fastest tier whose capacity holds the kernel's working
@@ -40,9 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tiermap.compiler.frontend import lower
-from tiermap.compiler.fusion import Fusion, FusionGroup
-from tiermap.compiler.ir import Program
 from tiermap.costmodel.roofline import (
     CONTRACTIONS,
     compute_time_s,
@@ -52,7 +49,10 @@ from tiermap.costmodel.roofline import (
     op_cost,
     op_io,
 )
-from tiermap.hwtargets.target import Target
+from tiermap.frontend.stablehlo import lower
+from tiermap.hardware.target import Target
+from tiermap.ir.fusion import Fusion, FusionGroup
+from tiermap.ir.program import Program
 
 F32 = jnp.float32
 
@@ -363,7 +363,7 @@ def summary(rows: Sequence[Row]) -> tuple[float, float]:
 
 def _load_target(path: str | None, quick: bool) -> Target:
     if path is not None:
-        from tiermap.hwtargets import load_target
+        from tiermap.hardware import load_target
 
         return load_target(path)
     from tiermap.costmodel.calibration import calibrate

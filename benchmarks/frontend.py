@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import jax  # noqa: E402
-import zoo  # noqa: E402
 
-from examples import models  # noqa: E402
-from tiermap.compiler import frontend  # noqa: E402
+from tests import zoo  # noqa: E402
+from tiermap.examples import models  # noqa: E402
+from tiermap.frontend import stablehlo as frontend  # noqa: E402
 
 Builder = Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]
 PROGRAMS: dict[str, Builder] = {

@@ -32,24 +32,24 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tiermap  # noqa: E402
-from tiermap.compiler.frontend import lower  # noqa: E402
-from tiermap.compiler.ir import Program  # noqa: E402
-from tiermap.compiler.pipeline import build_passes, plan  # noqa: E402
-from tiermap.compiler.plan import Plan  # noqa: E402
-from tiermap.passes.place_tiers import PlaceTiersPass  # noqa: E402
+from tiermap.frontend.stablehlo import lower  # noqa: E402
+from tiermap.ir.plan import Plan  # noqa: E402
+from tiermap.ir.program import Program  # noqa: E402
+from tiermap.pipeline import build_passes, plan  # noqa: E402
+from tiermap.placement.place_tiers import PlaceTiersPass  # noqa: E402
 
 STARVED_TARGET = str(ROOT / "benchmarks" / "targets" / "a100-256m.toml")
 TARGETS = ("sn40l", "h100", "a100", "tpu-v5e", STARVED_TARGET)
 
 
 def _models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]]:
-    from examples import models
+    from tiermap.examples import models
 
     out: dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]] = {
         "transformer_train_12l": models.transformer_train,
@@ -58,7 +58,7 @@ def _models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any], tup
         "attention": models.attention,
     }
     if not quick:
-        import zoo
+        from tests import zoo
 
         out["resnet50_forward"] = zoo.haiku_resnet50_forward
         out["resnet50_train"] = zoo.haiku_resnet50_train
@@ -68,14 +68,14 @@ def _models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any], tup
 def _starved_models(quick: bool) -> dict[str, Callable[[], tuple[Callable[..., Any],
                                                                   tuple[Any, ...]]]]:
     """Larger batches, run on the memory-starved target only (more starved rows)."""
-    from examples import models
+    from tiermap.examples import models
 
     out: dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]] = {
         "transformer_train_6l_b16": lambda: models.transformer_train(layers=6, batch=16),
         "mlp_b4096": lambda: models.mlp(batch=4096, sizes=(2048, 4096, 4096, 4096, 10)),
     }
     if not quick:
-        import zoo
+        from tests import zoo
 
         out["resnet50_train_b16_128px"] = lambda: zoo.haiku_resnet50_train(batch=16,
                                                                           image_px=128)
@@ -155,9 +155,9 @@ def quality(quick: bool, time_limit_s: float, starved_only: bool = False) -> lis
 def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     """Predicted time of greedy's placement after the MIP strategy's post-pass (each transfer
     re-spread within its gap, `respread_moves`), under the same fusion passes."""
-    from tiermap.compiler.fusion import Fusion
+    from tiermap.ir.fusion import Fusion
     from tiermap.passes.base import PassManager, PipelineState
-    from tiermap.passes.baselines import PlacementProblem, greedy_assignment
+    from tiermap.placement.problem import PlacementProblem, greedy_assignment
 
     target = row.plan.target
     passes = build_passes("mip", time_limit_s)
@@ -207,7 +207,7 @@ def goals(rows: list[Row]) -> None:
 
 
 def speed(time_limit_s: float, repeat: int) -> None:
-    from examples.models import transformer_train
+    from tiermap.examples.models import transformer_train
 
     print("\n### Planning speed: 12-layer transformer training step\n")
     fn, args = transformer_train()
@@ -243,7 +243,7 @@ def speed(time_limit_s: float, repeat: int) -> None:
 
 
 def big(layers: int, time_limit_s: float) -> None:
-    from examples.models import transformer_train
+    from tiermap.examples.models import transformer_train
 
     print(f"\n### A long program: the training step with {layers} layers\n")
     fn, args = transformer_train(layers=layers)

@@ -6,7 +6,7 @@
 The default plan decomposes the program into fix-and-optimise windows. Here the whole program
 is also solved as one model, warm-started from the windowed plan, for each time limit given:
 its dual bound is a lower bound on every plan *in the segment form* (not on every plan: the
-segment form is a restriction; `costmodel.bounds` and the capacity LP bound those). The LP
+segment form is a restriction; `bounds.knapsack` and the capacity LP bound those). The LP
 relaxation of that one model is printed too, with fixed windows and with window options.
 Prints a markdown table for docs/benchmarks.md ("Placement").
 """
@@ -20,20 +20,20 @@ from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import numpy as np  # noqa: E402
 
-from tiermap.compiler.frontend import lower  # noqa: E402
-from tiermap.compiler.fusion import Fusion  # noqa: E402
-from tiermap.compiler.pipeline import fusion_passes  # noqa: E402
 from tiermap.costmodel.evaluate import evaluate  # noqa: E402
-from tiermap.hwtargets.loader import load_target  # noqa: E402
+from tiermap.frontend.stablehlo import lower  # noqa: E402
+from tiermap.hardware.loader import load_target  # noqa: E402
+from tiermap.ir.fusion import Fusion  # noqa: E402
 from tiermap.passes import place_tiers  # noqa: E402
 from tiermap.passes.base import PassManager, PipelineState  # noqa: E402
-from tiermap.passes.baselines import CostState, PlacementProblem, greedy_assignment  # noqa: E402
 from tiermap.passes.liveness import LivenessPass  # noqa: E402
 from tiermap.passes.schedule import SchedulePass  # noqa: E402
+from tiermap.pipeline import fusion_passes  # noqa: E402
+from tiermap.placement.problem import CostState, PlacementProblem, greedy_assignment  # noqa: E402
 
 
 def _lp_relaxation_s(problem: PlacementProblem, incumbent: dict, window_options: bool,
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--whole-s", type=float, nargs="*", default=[20.0],
                         help="time limits of the whole-program solves")
     args = parser.parse_args()
-    from examples.models import transformer_train
+    from tiermap.examples.models import transformer_train
 
     fn, fn_args = transformer_train(layers=args.layers)
     target = load_target(args.target)

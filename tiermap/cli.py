@@ -32,13 +32,14 @@ from tiermap.errors import (
     UnsupportedProgramError,
     UserCodeError,
 )
+from tiermap.options import OBJECTIVES, STRATEGIES
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from tiermap.compiler.ir import Program
-    from tiermap.compiler.plan import Plan
-    from tiermap.hwtargets.target import Target
+    from tiermap.hardware.target import Target
+    from tiermap.ir.plan import Plan
+    from tiermap.ir.program import Program
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="one positional array argument, e.g. f32[1024,64] (repeat)")
     p_compile.add_argument("--target", "-t", required=True, metavar="T",
                            help="built-in target name or a .toml target file")
-    p_compile.add_argument("--strategy", choices=("mip", "greedy", "naive"), default="mip")
+    p_compile.add_argument("--strategy", choices=STRATEGIES, default="mip")
     p_compile.add_argument("--time-limit-s", type=_positive_float, default=30.0, metavar="S",
                            help="solver time limit in seconds (default 30)")
     p_compile.add_argument("--seed", type=int, default=0)
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also solve the capacity LP for a lower bound that holds tier "
                                 "capacities over time (tighter where a tier binds; 15-50 s on "
                                 "4k-op programs, taken out of the time limit)")
-    p_compile.add_argument("--objective", choices=("time", "energy"), default="time")
+    p_compile.add_argument("--objective", choices=OBJECTIVES, default="time")
     p_compile.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan JSON")
     p_compile.add_argument("--mlir", metavar="OUT.mlir", help="write the annotated StableHLO")
     p_compile.add_argument("--trace", metavar="TRACE.json",

@@ -9,8 +9,8 @@
 
 A call looks up its cache key (the pytree structure, shapes, dtypes and weak types of the dynamic
 arguments, and the values of the static ones). On a miss it plans the program on
-`jax.ShapeDtypeStruct`s of the arguments with `tiermap.compiler.pipeline.plan`, turns the plan into
-a runnable function with `tiermap.compiler.apply.apply_plan`, and keeps both. Calls inside an outer
+`jax.ShapeDtypeStruct`s of the arguments with `tiermap.pipeline.plan`, turns the plan into
+a runnable function with `tiermap.apply.rewrite.apply_plan`, and keeps both. Calls inside an outer
 JAX transformation (`jax.grad`, `jax.vmap`, an enclosing `jax.jit`) plan on the abstract values
 seen there and run the applied function under the outer trace, so the transformations compose.
 """
@@ -25,15 +25,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tiermap.errors import TiermapError
+from tiermap.options import check_plan_options
 
 if TYPE_CHECKING:
     import jax
 
-    from tiermap.compiler.plan import Plan
-    from tiermap.hwtargets.target import Target
+    from tiermap.hardware.target import Target
+    from tiermap.ir.plan import Plan
 
-STRATEGIES = ("mip", "greedy", "naive")
-OBJECTIVES = ("time", "energy")
 
 
 class CacheInfo(NamedTuple):
@@ -109,7 +108,7 @@ class Lowered:
     @property
     def notes(self) -> tuple[str, ...]:
         """What applying the plan changed (kernels chosen for attention, host placement), as
-        `tiermap.compiler.apply` reports it; filled once the program has been traced."""
+        `tiermap.apply.rewrite` reports it; filled once the program has been traced."""
         return tuple(getattr(self._entry.applied, "notes", ()))
 
     def as_text(self) -> str:
@@ -133,14 +132,8 @@ class TiermapJitted:
 
         if not callable(fn):
             raise TypeError(f"tiermap.jit: expected a function, got {type(fn).__name__}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"tiermap.jit: strategy={strategy!r}; expected one of "
-                             f"{', '.join(STRATEGIES)}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"tiermap.jit: objective={objective!r}; expected one of "
-                             f"{', '.join(OBJECTIVES)}")
-        if not time_limit_s > 0:
-            raise ValueError(f"tiermap.jit: time_limit_s={time_limit_s!r}; expected seconds > 0")
+        check_plan_options(strategy=strategy, objective=objective, time_limit_s=time_limit_s,
+                           seed=seed)
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.target: Target = tiermap.target(target)
@@ -232,7 +225,7 @@ class TiermapJitted:
                spec_args: tuple[Any, ...], spec_kw: dict[str, Any]) -> _Entry:
         import jax
 
-        from tiermap.compiler import pipeline
+        from tiermap import pipeline
 
         fn = self.fn
 
@@ -262,8 +255,8 @@ class TiermapJitted:
 
 def _apply(fn: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
     """The planned program as a JAX function: tiled attention kernels with the plan's block
-    sizes, host-tier inputs in host memory (see `tiermap.compiler.apply`)."""
-    from tiermap.compiler.apply import apply_plan
+    sizes, host-tier inputs in host memory (see `tiermap.apply.rewrite`)."""
+    from tiermap.apply.rewrite import apply_plan
 
     return apply_plan(fn, plan)
 

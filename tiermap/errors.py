@@ -33,6 +33,11 @@ class PassError(TiermapError):
         super().__init__(f"pass '{pass_name}' failed: {message}")
 
 
+class ChoiceError(TiermapError, ValueError):
+    """An option (of `plan`, `jit`, the CLI or a pass) is not one of its choices; names the option,
+    the value given and what is accepted."""
+
+
 class UserCodeError(TiermapError):
     """The user's own function raised while tiermap traced it; wraps the original exception."""
 

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from tiermap.compiler.ir import Program
-    from tiermap.compiler.plan import Plan
-    from tiermap.hwtargets.target import Target
+    from tiermap.hardware.target import Target
+    from tiermap.ir.plan import Plan
+    from tiermap.ir.program import Program
 
 # Fastest tier first: warm to cool.
 _TIER_COLOURS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#7f7f7f")
@@ -128,8 +128,8 @@ def roofline(plan: Plan, ax: Axes | None = None) -> Figure:
         moved = sum(op.bytes_by_tier.values())
         if op.flops <= 0 or moved <= 0 or op.predicted_time_s <= 0:
             continue
-        tier = max(op.bytes_by_tier, key=lambda k: op.bytes_by_tier[k])
-        xs, ys = points.setdefault(tier, ([], []))
+        tier_name = max(op.bytes_by_tier, key=lambda k: op.bytes_by_tier[k])
+        xs, ys = points.setdefault(tier_name, ([], []))
         xs.append(op.flops / moved)
         ys.append(op.flops / op.predicted_time_s)
     all_x = [x for xs, _ in points.values() for x in xs]
@@ -145,9 +145,9 @@ def roofline(plan: Plan, ax: Axes | None = None) -> Figure:
             ax.axhline(value, color="0.6", ls="--", lw=0.8)
             ax.annotate(f"{name} peak", (grid[1], value), fontsize=7, color="0.4",
                         va="bottom")
-    for tier, (xs, ys) in points.items():
-        ax.scatter(xs, ys, s=12, alpha=0.7, color=colours.get(tier, "k"), edgecolors="none",
-                   label=f"ops, most bytes in {tier} ({len(xs)})")
+    for tier_name, (xs, ys) in points.items():
+        ax.scatter(xs, ys, s=12, alpha=0.7, color=colours.get(tier_name, "k"), edgecolors="none",
+                   label=f"ops, most bytes in {tier_name} ({len(xs)})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("operational intensity (FLOP / byte moved)")
@@ -348,7 +348,7 @@ def attention_traffic(n: int = 1024, d: int = 64, elem_bytes: int = 2,
     `targets` marked.
     """
     import tiermap
-    from tiermap.costmodel import bounds
+    from tiermap.bounds import knapsack as bounds
 
     fig = new_figure(11.0, 4.2)
     ax_b, ax_m = fig.subplots(1, 2)

@@ -1,6 +1,6 @@
 """Plan summaries: per-tier tables, costliest tensors, markdown reports and notebook HTML.
 
-Everything here reads a `Plan` (see `tiermap.compiler.plan` for its semantics) and returns data or
+Everything here reads a `Plan` (see `tiermap.ir.plan` for its semantics) and returns data or
 text; nothing is printed. The CLI prints `rich_summary(plan)`; notebooks show `plan_html(plan)`.
 """
 
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from tiermap.compiler.plan import Plan, TensorPlan, Transfer
-    from tiermap.hwtargets.target import Target
+    from tiermap.hardware.target import Target
+    from tiermap.ir.plan import Plan, TensorPlan, Transfer
 
 # --- units ---------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tiermap.report import occupancy_bytes, step_times_s, transfer_time_s
 
 if TYPE_CHECKING:
-    from tiermap.compiler.plan import Plan
+    from tiermap.ir.plan import Plan
 
 _US_PER_S = 1e6
 _PID = 1

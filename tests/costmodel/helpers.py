@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tiermap.compiler.ir import Op, Program, TensorType, Value
-from tiermap.compiler.plan import Residency
-from tiermap.hwtargets.target import Link, Target, Tier
+from tiermap.hardware.target import Link, Target, Tier
+from tiermap.ir.plan import Residency
+from tiermap.ir.program import Op, Program, TensorType, Value
 
 # Two tiers with round numbers, so that every expected time in the tests is worked out by hand.
 FAST_READ_BPS = 1e12

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tiermap.compiler.frontend import lower
-from tiermap.hwtargets.target import Target, Tier
+from tiermap.frontend.stablehlo import lower
+from tiermap.hardware.target import Target, Tier
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "costmodel_cpu.py"
 

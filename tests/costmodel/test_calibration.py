@@ -15,7 +15,7 @@ from tiermap.costmodel.calibration import (
     read_cache_levels,
     target_to_toml,
 )
-from tiermap.hwtargets import Target, load_target
+from tiermap.hardware import Target, load_target
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from tiermap.compiler.fusion import Fusion, FusionGroup
-from tiermap.compiler.ir import Op, Program, TensorType, Value
-from tiermap.compiler.plan import Plan, Residency, SolverInfo, Transfer
+from tests.costmodel.helpers import OVERHEAD_S, chain_program, everywhere, two_tier_target
+from tiermap.bounds.knapsack import program_lower_bound_s
 from tiermap.costmodel import build_plan, evaluate
-from tiermap.costmodel.bounds import program_lower_bound_s
 from tiermap.errors import TiermapError
-
-from .helpers import OVERHEAD_S, chain_program, everywhere, two_tier_target
+from tiermap.ir.fusion import Fusion, FusionGroup
+from tiermap.ir.plan import Plan, Residency, SolverInfo, Transfer
+from tiermap.ir.program import Op, Program, TensorType, Value
 
 
 def _prefetch_program(c_bytes: int, op0_flops: float) -> Program:

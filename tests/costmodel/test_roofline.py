@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from tiermap.compiler.frontend import lower
-from tiermap.compiler.fusion import FusionGroup
+from tests.costmodel.helpers import OVERHEAD_S, cpu_like, two_tier_target
 from tiermap.costmodel import (
     Cost,
     compute_time_s,
@@ -24,9 +23,9 @@ from tiermap.costmodel import (
 )
 from tiermap.costmodel.roofline import CPU_MEASURED, peak_flops_per_s, units_used
 from tiermap.errors import TiermapError
-from tiermap.hwtargets import Target
-
-from .helpers import OVERHEAD_S, cpu_like, two_tier_target
+from tiermap.frontend.stablehlo import lower
+from tiermap.hardware import Target
+from tiermap.ir.fusion import FusionGroup
 
 S = jax.ShapeDtypeStruct
 F32 = jnp.float32
@@ -228,7 +227,7 @@ def test_small_ops_do_not_keep_every_unit_busy() -> None:
 
 def test_compute_figures_come_from_the_target_not_the_lowering_platform() -> None:
     # sn40l lowers for "cpu" but has no CPU loop-code penalty: an exp costs one flop at peak.
-    from tiermap.hwtargets import load_target
+    from tiermap.hardware import load_target
 
     sn40l = load_target("sn40l")
     assert sn40l.platform == "cpu" and sn40l.vector_peak_fraction == 1.0

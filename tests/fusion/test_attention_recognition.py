@@ -1,4 +1,4 @@
-"""passes/attention.py: attention in every form is found with its facts; look-alikes are not."""
+"""tiermap.fusion.attention: attention in every form is found with its facts, look-alikes not."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from tests.fusion.helpers import (
     jax_attention,
     sds,
 )
-from tiermap.compiler.frontend import lower
-from tiermap.passes.attention import find_attention, pattern_summary
+from tiermap.frontend.stablehlo import lower
+from tiermap.fusion.attention import find_attention, pattern_summary
 
 B, N, H, D = 2, 128, 4, 64
 BNHD = sds((B, N, H, D))

@@ -1,4 +1,4 @@
-"""passes/fusion.py: the MIP's choices, group invariants and the plans built on them."""
+"""tiermap/fusion/fuse.py: the MIP's choices, group invariants and the plans built on them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fusion.helpers import hand_attention, jax_attention, sds
-from tiermap.compiler.frontend import lower
-from tiermap.compiler.fusion import Fusion
-from tiermap.compiler.pipeline import plan
-from tiermap.hwtargets.loader import load_target
-from tiermap.passes.fusion import Candidate, FusePass, _Index, fuse, select
-from tiermap.passes.tiling import tile_budget_bytes
+from tiermap.frontend.stablehlo import lower
+from tiermap.fusion.fuse import Candidate, FusePass, _Index, fuse, select
+from tiermap.fusion.tiling import tile_budget_bytes
+from tiermap.hardware.loader import load_target
+from tiermap.ir.fusion import Fusion
+from tiermap.pipeline import plan
 
 A100 = load_target("a100")
 

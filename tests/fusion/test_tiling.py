@@ -1,4 +1,4 @@
-"""passes/tiling.py: traffic formulas by hand, the search against brute force and FA-1's rule."""
+"""tiermap.fusion.tiling: traffic by hand, the search against brute force and FA-1's rule."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from tiermap.costmodel import bounds
+from tiermap.bounds import knapsack as bounds
 from tiermap.errors import TiermapError
-from tiermap.hwtargets.loader import load_target
-from tiermap.passes.tiling import (
+from tiermap.fusion.tiling import (
     fa1_forward_traffic_bytes,
     forward_traffic_bytes,
     forward_working_set_words,
@@ -21,6 +20,7 @@ from tiermap.passes.tiling import (
     search_matmul_tiles,
     tile_budget_bytes,
 )
+from tiermap.hardware.loader import load_target
 
 
 def test_legal_sizes() -> None:

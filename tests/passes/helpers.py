@@ -7,8 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from tiermap.compiler.ir import Op, Program, TensorType, Value
-from tiermap.hwtargets.target import Link, Target, Tier
+from tiermap.hardware.target import Link, Target, Tier
+from tiermap.ir.program import Op, Program, TensorType, Value
 
 MIB = 1 << 20
 FAST_BPS = 1e12

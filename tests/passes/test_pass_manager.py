@@ -7,15 +7,14 @@ from typing import ClassVar
 
 import pytest
 
-from tiermap.compiler.ir import Op, Program
+from tests.passes.helpers import MIB, program, two_tier
 from tiermap.errors import InfeasiblePlacementError, PassError
+from tiermap.ir.program import Op, Program
 from tiermap.passes.base import Pass, PassManager, PipelineState
 from tiermap.passes.liveness import Liveness, LivenessPass, compute_liveness
-from tiermap.passes.place_tiers import PlaceTiersPass
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import VerifyPass
-
-from .helpers import MIB, program, two_tier
+from tiermap.placement.place_tiers import PlaceTiersPass
 
 
 def _chain() -> Program:

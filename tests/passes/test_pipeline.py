@@ -8,12 +8,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tiermap.compiler.pipeline import build_passes, plan
-from tiermap.compiler.plan import Plan
-from tiermap.errors import TiermapError
-from tiermap.passes.place_tiers import ChoiceError
-
-from .helpers import MIB, program, strip_wall, two_tier
+from tests.passes.helpers import MIB, program, strip_wall, two_tier
+from tiermap.errors import ChoiceError, TiermapError
+from tiermap.ir.plan import Plan
+from tiermap.pipeline import build_passes, plan
 
 
 def _fn(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -88,7 +86,7 @@ def test_pass_list_is_schedule_liveness_fusion_place_verify() -> None:
 
 
 def test_max_sweeps_must_be_a_positive_integer() -> None:
-    from tiermap.passes.place_tiers import PlaceTiersPass
+    from tiermap.placement.place_tiers import PlaceTiersPass
 
     with pytest.raises(ChoiceError, match="max_sweeps=0: expected a positive integer"):
         PlaceTiersPass(max_sweeps=0)

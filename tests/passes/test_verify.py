@@ -6,13 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from tiermap.compiler.pipeline import plan
-from tiermap.compiler.plan import Plan, Residency, TensorPlan
+from tests.passes.helpers import MIB, program, sram_flash, two_tier
 from tiermap.errors import PassError
+from tiermap.ir.plan import Plan, Residency, TensorPlan
 from tiermap.passes.verify import verify_plan
+from tiermap.pipeline import plan
 from tiermap.report import step_times_s
-
-from .helpers import MIB, program, sram_flash, two_tier
 
 S = MIB
 

@@ -247,7 +247,7 @@ def test_targets_json() -> None:
 
 
 def test_targets_checks_a_target_file(tmp_path: Path) -> None:
-    from tiermap.hwtargets import dumps_target
+    from tiermap.hardware import dumps_target
 
     good = tmp_path / "mine.toml"
     good.write_text(dumps_target(tiermap.target("a100")))

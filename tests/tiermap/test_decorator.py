@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import tiermap
-from tiermap.compiler import pipeline
-from tiermap.compiler.plan import Plan
+from tiermap import pipeline
+from tiermap.ir.plan import Plan
 
 # Small programs and short limits keep each plan well under a second.
 FAST = {"time_limit_s": 2.0}
@@ -169,7 +169,7 @@ def test_vmap_around_a_tiermap_function(plan_calls: list[str]) -> None:
 
 
 def test_outputs_and_grads_equal_jax_on_attention_with_the_planned_kernel() -> None:
-    from examples.models import attention
+    from tiermap.examples.models import attention
 
     fn, specs = attention(n=64, d=16, heads=2)
     key = jax.random.key(0)

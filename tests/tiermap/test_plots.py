@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiermap_fakes import fake_plan
 
+from tests.tiermap.tiermap_fakes import fake_plan
 from tiermap import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

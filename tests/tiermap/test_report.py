@@ -8,10 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from tiermap_fakes import MIB, fake_plan
 
+from tests.tiermap.tiermap_fakes import MIB, fake_plan
 from tiermap import report
-from tiermap.compiler.plan import Plan
+from tiermap.ir.plan import Plan
 
 
 def test_step_times_follow_the_plan_semantics() -> None:

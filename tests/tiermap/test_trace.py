@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiermap_fakes import fake_plan
 
+from tests.tiermap.tiermap_fakes import fake_plan
 from tiermap import report
 from tiermap.trace import trace_events, trace_json
 

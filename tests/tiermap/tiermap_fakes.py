@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tiermap.compiler.plan import (
+from tiermap.hardware import load_target
+from tiermap.ir.plan import (
     OpPlan,
     Plan,
     Residency,
@@ -11,7 +12,6 @@ from tiermap.compiler.plan import (
     TileChoice,
     Transfer,
 )
-from tiermap.hwtargets import load_target
 
 MIB = 1 << 20
 

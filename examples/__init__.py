@@ -1,1 +1,0 @@
-"""Bundled pure-JAX example models (see `examples.models`); not part of the installed package."""

@@ -1,0 +1,375 @@
+"""The Plan: where every tensor lives at every step, what moves when, and what it costs.
+
+Semantics (shared by the cost model, every strategy and the verifier; keep them in step):
+
+- Steps are the ops of the schedule, run in order. A fusion group's ops keep their own steps;
+  a fused intermediate (`materialized == False`) never reaches memory and has no residency.
+- `TensorPlan.residency` lists intervals `[from_step, to_step]` (inclusive) in tiers. Program
+  inputs are live from step 0 (`producer_step == -1`); every materialized tensor is resident
+  somewhere at every step of `[max(producer_step, 0), last_use_step]`, and nowhere outside it.
+- A change of tier is a `Transfer` `[start_step, end_step]` (inclusive) from `src` to `dst`,
+  or a move made in chunks: transfers of the tensor from one `src` into one `dst` residency
+  interval, one after another (each starts after the previous one ends), whose `bytes` add up
+  to the tensor's `nbytes`; the move then spans the first chunk's `start_step` to the last's
+  `end_step`. During a move the tensor occupies both tiers: the `dst` residency starts at
+  `start_step`, the `src` residency lasts at least to `end_step`. The `dst` copy is usable by
+  ops from `end_step + 1`; an op at step s reads its inputs from a tier where the tensor is
+  usable at s (the fastest one if several). An op's outputs are written where they reside at
+  the op's step, which is one writable tier (a copy elsewhere is a transfer that starts after
+  that step; a constant may also have its read-only home).
+- An alias op (`ALIAS_KINDS`: a reshape, an optimization barrier) returns its operands under
+  another shape; XLA makes it a bitcast of the same buffer and the cost model counts it free. So
+  its result i is written, at the op's step, in a tier where its operand i resides then (a copy
+  into another tier would be a transfer the op does not pay for).
+- A transfer's (or chunk's) time, bytes / link bandwidth, is spread evenly over its steps and
+  overlaps the ops there (prefetch before a use, eviction after the last write). Step time =
+  max(op time, for each link the sum of the shares of the transfers on it at that step). Op
+  time = max(compute time, Σ_tier bytes_tier / bandwidth_tier) + per-op overhead (roofline).
+  `predicted_time_s` = Σ steps.
+- Capacity: at every step, the bytes resident in a tier fit its `capacity_bytes` (whole chip).
+  Read-only tiers hold program inputs only. Tiers that are `per_unit` and not `persistent` are
+  scratchpads for fused tiles, never residency.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tiermap.errors import TiermapError
+
+if TYPE_CHECKING:
+    from tiermap.hardware.target import Target
+    from tiermap.ir.program import Program
+
+SCHEMA = "tiermap.plan/v1"
+# Ops whose result i is their operand i under another shape (see the module docstring).
+ALIAS_KINDS = frozenset({"stablehlo.reshape", "stablehlo.optimization_barrier"})
+
+
+def alias_pairs(kind: str, inputs: Sequence[str], outputs: Sequence[str]
+                ) -> list[tuple[str, str]]:
+    """(operand, result) pairs that must share a tier at an op of `kind`: none unless it is
+    an alias op with as many results as operands."""
+    if kind not in ALIAS_KINDS or len(inputs) != len(outputs):
+        return []
+    return list(zip(inputs, outputs, strict=True))
+
+
+@dataclass(frozen=True)
+class Residency:
+    """A tensor resident in `tier` for steps `from_step..to_step` inclusive."""
+
+    tier: str
+    from_step: int
+    to_step: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A copy of `tensor` from `src` to `dst` running alongside steps `start_step..end_step`."""
+
+    tensor: str
+    src: str
+    dst: str
+    start_step: int
+    end_step: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    """One op's plan: its fusion group, predicted time and bytes moved per tier."""
+
+    id: str
+    kind: str
+    step: int
+    flops: float
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    fusion_group: str | None
+    predicted_time_s: float
+    bytes_by_tier: Mapping[str, float]
+    compute_time_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor's plan: its live range and where it resides over it."""
+
+    id: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    producer_step: int
+    last_use_step: int
+    materialized: bool
+    residency: tuple[Residency, ...]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """How the plan was found. `status`: optimal | feasible | greedy_fallback | heuristic."""
+
+    backend: str
+    status: str
+    gap: float | None
+    wall_s: float
+    time_limit_s: float | None
+    seed: int | None = None
+    workers: int | None = None
+    bound_s: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """A tiled fusion group (attention or matmul): block sizes and traffic against bounds."""
+
+    group: str
+    kind: str
+    params: Mapping[str, int]
+    traffic_bytes: float
+    lower_bound_bytes: float
+    reference_bytes: float | None = None
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A verified placement of a program on a target. See the module docstring for semantics."""
+
+    program_name: str
+    num_steps: int
+    target: Target
+    strategy: str
+    ops: tuple[OpPlan, ...]
+    tensors: tuple[TensorPlan, ...]
+    transfers: tuple[Transfer, ...]
+    predicted_time_s: float
+    lower_bound_s: float
+    traffic_bytes: Mapping[str, float]
+    baselines: Mapping[str, float]
+    solver: SolverInfo
+    tiles: tuple[TileChoice, ...] = ()
+    notes: tuple[str, ...] = ()
+    program: Program | None = field(default=None, compare=False, repr=False)
+    pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
+
+    # --- checks and views ----------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Re-check the plan independently of the solver; raises PassError naming the fault."""
+        from tiermap.passes.verify import verify_plan
+
+        verify_plan(self)
+
+    def tensor(self, tid: str) -> TensorPlan:
+        for t in self.tensors:
+            if t.id == tid:
+                return t
+        raise KeyError(tid)
+
+    def annotated_mlir(self) -> str:
+        """The program's StableHLO with `tiermap.*` attributes on every op."""
+        if self.program is None:
+            raise TiermapError(
+                "this plan has no program attached (it was read from JSON); "
+                "fix: plan the program again with tiermap.plan(...)"
+            )
+        return self.program.annotate(annotations_for(self))
+
+    def report(self) -> str:
+        """A text table: per-tier peak occupancy, traffic and time; the costliest tensors."""
+        from tiermap.report import plan_report
+
+        return plan_report(self)
+
+    def _repr_html_(self) -> str:
+        from tiermap.report import plan_html
+
+        return plan_html(self)
+
+    # --- JSON ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        tgt = self.target
+        return {
+            "schema": SCHEMA,
+            "program": {"name": self.program_name, "num_steps": self.num_steps},
+            "target": {
+                "name": tgt.name,
+                "description": tgt.description,
+                "platform": tgt.platform,
+                "units": tgt.units,
+                "op_overhead_s": tgt.op_overhead_s,
+                "vector_peak_fraction": tgt.vector_peak_fraction,
+                "transcendental_flops": tgt.transcendental_flops,
+                "parallel_grain_elements": tgt.parallel_grain_elements,
+                "peak_flops_per_s": dict(tgt.peak_flops_per_s),
+                "tiers": [_tier_dict(t) for t in tgt.tiers],
+                "links": [{"src": lk.src, "dst": lk.dst, "bytes_per_s": lk.bytes_per_s}
+                          for lk in tgt.links],
+            },
+            "strategy": self.strategy,
+            "ops": [
+                {"id": o.id, "kind": o.kind, "step": o.step, "flops": o.flops,
+                 "inputs": list(o.inputs), "outputs": list(o.outputs),
+                 "fusion_group": o.fusion_group, "predicted_time_s": o.predicted_time_s,
+                 "compute_time_s": o.compute_time_s,
+                 "bytes_by_tier": dict(o.bytes_by_tier)}
+                for o in self.ops
+            ],
+            "tensors": [
+                {"id": t.id, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes,
+                 "producer_step": t.producer_step, "last_use_step": t.last_use_step,
+                 "materialized": t.materialized,
+                 "residency": [{"tier": r.tier, "from_step": r.from_step, "to_step": r.to_step}
+                               for r in t.residency]}
+                for t in self.tensors
+            ],
+            "transfers": [
+                {"tensor": x.tensor, "src": x.src, "dst": x.dst, "start_step": x.start_step,
+                 "end_step": x.end_step, "bytes": x.bytes}
+                for x in self.transfers
+            ],
+            "tiles": [
+                {"group": c.group, "kind": c.kind, "params": dict(c.params),
+                 "traffic_bytes": c.traffic_bytes, "lower_bound_bytes": c.lower_bound_bytes,
+                 "reference_bytes": c.reference_bytes, "reference": c.reference}
+                for c in self.tiles
+            ],
+            "predicted_time_s": self.predicted_time_s,
+            "lower_bound_s": self.lower_bound_s,
+            "traffic_bytes": dict(self.traffic_bytes),
+            "baselines": dict(self.baselines),
+            "solver": {
+                "backend": self.solver.backend, "status": self.solver.status,
+                "gap": self.solver.gap, "wall_s": self.solver.wall_s,
+                "time_limit_s": self.solver.time_limit_s, "seed": self.solver.seed,
+                "workers": self.solver.workers, "bound_s": self.solver.bound_s,
+                "detail": self.solver.detail,
+            },
+            "notes": list(self.notes),
+            "pass_wall_s": dict(self.pass_wall_s),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """The plan as schema "tiermap.plan/v1" JSON; deterministic apart from "wall" keys."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Read a plan written by `to_json`; raises TiermapError on another schema."""
+        from tiermap.hardware.target import Link, Target, Tier
+
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TiermapError(f"plan JSON does not parse: {exc}") from None
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            found = d.get("schema") if isinstance(d, dict) else type(d).__name__
+            raise TiermapError(f"plan JSON has schema {found!r}; expected {SCHEMA!r}")
+        t = d["target"]
+        target = Target(
+            name=t["name"], description=t.get("description", ""),
+            platform=t.get("platform", "cpu"),
+            peak_flops_per_s=dict(t["peak_flops_per_s"]), units=int(t["units"]),
+            tiers=tuple(
+                Tier(name=x["name"], capacity_bytes=int(x["capacity_bytes"]),
+                     read_bytes_per_s=float(x["read_bytes_per_s"]),
+                     write_bytes_per_s=float(x["write_bytes_per_s"]),
+                     per_unit=bool(x.get("per_unit", False)),
+                     latency_s=float(x.get("latency_s", 0.0)),
+                     energy_pj_per_byte=x.get("energy_pj_per_byte"),
+                     read_only=bool(x.get("read_only", False)),
+                     persistent=x.get("persistent"))
+                for x in t["tiers"]),
+            links=tuple(Link(lk["src"], lk["dst"], float(lk["bytes_per_s"]))
+                        for lk in t.get("links", [])),
+            op_overhead_s=float(t.get("op_overhead_s", 0.0)),
+            vector_peak_fraction=float(t.get("vector_peak_fraction", 1.0)),
+            transcendental_flops=float(t.get("transcendental_flops", 1.0)),
+            parallel_grain_elements=float(t.get("parallel_grain_elements", 0.0)),
+        )
+        s = d["solver"]
+        return cls(
+            program_name=d["program"]["name"], num_steps=int(d["program"]["num_steps"]),
+            target=target, strategy=d["strategy"],
+            ops=tuple(OpPlan(
+                id=o["id"], kind=o["kind"], step=int(o["step"]), flops=float(o["flops"]),
+                inputs=tuple(o["inputs"]), outputs=tuple(o["outputs"]),
+                fusion_group=o.get("fusion_group"),
+                predicted_time_s=float(o["predicted_time_s"]),
+                bytes_by_tier=dict(o["bytes_by_tier"]),
+                compute_time_s=float(o.get("compute_time_s", 0.0)),
+            ) for o in d["ops"]),
+            tensors=tuple(TensorPlan(
+                id=x["id"], shape=tuple(x["shape"]), dtype=x["dtype"], nbytes=int(x["nbytes"]),
+                producer_step=int(x["producer_step"]), last_use_step=int(x["last_use_step"]),
+                materialized=bool(x["materialized"]),
+                residency=tuple(Residency(r["tier"], int(r["from_step"]), int(r["to_step"]))
+                                for r in x["residency"]),
+            ) for x in d["tensors"]),
+            transfers=tuple(Transfer(
+                tensor=x["tensor"], src=x["src"], dst=x["dst"], start_step=int(x["start_step"]),
+                end_step=int(x["end_step"]), bytes=int(x["bytes"])) for x in d["transfers"]),
+            predicted_time_s=float(d["predicted_time_s"]),
+            lower_bound_s=float(d["lower_bound_s"]),
+            traffic_bytes=dict(d["traffic_bytes"]), baselines=dict(d["baselines"]),
+            solver=SolverInfo(
+                backend=s["backend"], status=s["status"], gap=s.get("gap"),
+                wall_s=float(s.get("wall_s", 0.0)), time_limit_s=s.get("time_limit_s"),
+                seed=s.get("seed"), workers=s.get("workers"), bound_s=s.get("bound_s"),
+                detail=s.get("detail", "")),
+            tiles=tuple(TileChoice(
+                group=c["group"], kind=c["kind"], params=dict(c["params"]),
+                traffic_bytes=float(c["traffic_bytes"]),
+                lower_bound_bytes=float(c["lower_bound_bytes"]),
+                reference_bytes=c.get("reference_bytes"), reference=c.get("reference", ""))
+                for c in d.get("tiles", [])),
+            notes=tuple(d.get("notes", [])),
+            pass_wall_s=dict(d.get("pass_wall_s", {})),
+        )
+
+
+def _tier_dict(t: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": t.name, "capacity_bytes": t.capacity_bytes, "per_unit": t.per_unit,
+        "read_bytes_per_s": t.read_bytes_per_s, "write_bytes_per_s": t.write_bytes_per_s,
+    }
+    if t.latency_s:
+        out["latency_s"] = t.latency_s
+    if t.energy_pj_per_byte is not None:
+        out["energy_pj_per_byte"] = t.energy_pj_per_byte
+    if t.read_only:
+        out["read_only"] = True
+    if t.persistent is not None:
+        out["persistent"] = t.persistent
+    return out
+
+
+def annotations_for(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Per-op `tiermap.*` attributes: fusion group, predicted time, tier of each operand/result."""
+    by_id = {t.id: t for t in plan.tensors}
+
+    def tier_at(tid: str, step: int) -> str:
+        tp = by_id.get(tid)
+        if tp is None or not tp.materialized:
+            return "fused"
+        for r in tp.residency:
+            if r.from_step <= step <= r.to_step:
+                return r.tier
+        return "?"
+
+    out: dict[str, dict[str, Any]] = {}
+    for o in plan.ops:
+        out[o.id] = {
+            "predicted_time_s": o.predicted_time_s,
+            "fusion_group": o.fusion_group or "",
+            "operand_tiers": ",".join(tier_at(v, o.step) for v in o.inputs),
+            "result_tiers": ",".join(tier_at(v, o.step) for v in o.outputs),
+        }
+    return out

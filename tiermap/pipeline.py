@@ -1,0 +1,135 @@
+"""The driver: a JAX function (or a Program) and a target in, a verified Plan out.
+
+`plan(...)` loads the target, lowers the function for the target's platform, runs the passes
+
+    schedule -> liveness -> [fusion passes] -> place-tiers -> verify
+
+with the PassManager (state re-checked after every pass, per-pass wall time recorded in
+`Plan.pass_wall_s`) and returns the plan with the program attached. The plan carries the predicted
+times of the baselines ("naive" and "greedy" for a "mip" plan, "naive" for a "greedy" plan) and
+the program's lower bound. For the same input the plan's JSON is byte-identical apart from the
+keys that contain "wall" (and, when a solver stops at its time limit, from what it found).
+
+`time_limit_s` is a deadline for planning: the passes run after lowering get
+`PipelineState.deadline_s` = the time lowering ended + `time_limit_s`. The fusion MIP takes at
+most a share of what is left, and the placement MIP what is left after that less a reserve for
+building and verifying its plan (see `PlaceTiersPass.mip_time_limit_s`), so the plan comes back
+about `time_limit_s` after lowering ends. Passes that do not search (schedule, liveness, tiling,
+greedy placement, verification) are not cut short: a program too large for them to finish in
+time still gets its plan, late, with the MIP skipped (solver status "greedy_fallback").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tiermap.errors import ChoiceError
+from tiermap.hardware.target import Target
+from tiermap.ir.fusion import Fusion
+from tiermap.ir.plan import Plan
+from tiermap.ir.program import Program
+from tiermap.options import check_plan_options
+from tiermap.passes.base import Pass, PassManager, PipelineState
+from tiermap.passes.liveness import LivenessPass
+from tiermap.passes.schedule import SchedulePass
+from tiermap.passes.verify import VerifyPass
+from tiermap.placement.place_tiers import PlaceTiersPass
+
+
+def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None = None
+                  ) -> list[Pass]:
+    """The fusion and tiling passes, in order: `fuse` (MIP over fusion groups) and `tile`.
+
+    `time_limit_s` is the whole planning time: the fusion MIP gets `DEADLINE_SHARE` of it, at
+    most 10 s (placement needs the rest)."""
+    from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
+    from tiermap.fusion.tiling import TilePass
+
+    return [FusePass(time_limit_s=min(DEADLINE_SHARE * time_limit_s, 10.0), seed=seed,
+                     workers=workers or 1),
+            TilePass()]
+
+
+def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+                 backend: str = "highs", workers: int | None = None,
+                 fusion: bool = True, capacity_bound: bool = False) -> list[Pass]:
+    """The pass list of `plan`: schedule, liveness, fusion (unless off or naive), placement,
+    verification."""
+    passes: list[Pass] = [SchedulePass(), LivenessPass()]
+    if fusion and strategy != "naive":
+        passes.extend(fusion_passes(time_limit_s, seed, workers))
+    passes.append(PlaceTiersPass(strategy=strategy, time_limit_s=time_limit_s, seed=seed,
+                                 backend=backend, workers=workers,
+                                 capacity_bound=capacity_bound))
+    passes.append(VerifyPass())
+    return passes
+
+
+def _load_target(target: str | Target) -> Target:
+    if isinstance(target, Target):
+        return target
+    from tiermap.hardware.loader import load_target
+
+    return load_target(target)
+
+
+def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target = "cpu",
+         strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+         objective: str = "time", backend: str = "highs", workers: int | None = None,
+         fusion: bool = True, passes: Sequence[Pass] | None = None,
+         capacity_bound: bool = False, **kwargs: Any) -> Plan:
+    """Plan where every tensor of a JAX function (or Program) lives on `target`.
+
+    Args:
+        fn_or_program: a JAX function (traced on `args`) or a tiermap Program.
+        *args: example arguments: arrays or `jax.ShapeDtypeStruct` pytrees.
+        target: a built-in target name, a .toml path or a Target.
+        strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
+        time_limit_s: the planning deadline in seconds after lowering (module docstring): the
+            fusion and placement MIPs fit their time limits into it.
+        seed: the solver's random seed.
+        objective: "time" (predicted seconds) or "energy" (needs energy figures on the tiers).
+        backend: the MIP solver: "highs", "scip" or "cpsat".
+        workers: solver threads (None: the machine's cores, at most 8).
+        fusion: run the fusion passes (the "naive" strategy never fuses).
+        passes: a custom pass list (default: `build_passes(...)`).
+        capacity_bound: also solve the capacity LP for the plan's lower bound
+            (tiermap/bounds/capacity_lp.py): tighter where a tier binds; 15-50 s on 4k-op programs,
+            taken out of the time limit.
+        **kwargs: keyword arguments of the function.
+
+    Raises:
+        ChoiceError: an option is not one of its choices (the message lists them).
+        HardwareSpecError: the target is unknown or its file is wrong.
+        InfeasiblePlacementError: the program does not fit the target.
+        PassError: a pass failed (names the pass).
+    """
+    check_plan_options(strategy, objective, backend, time_limit_s, seed, workers)
+    tgt = _load_target(target)
+    if isinstance(fn_or_program, Program):
+        if args or kwargs:
+            raise ChoiceError("a Program takes no example arguments; pass a function to trace "
+                              "instead, or drop the arguments")
+        program = fn_or_program
+    elif callable(fn_or_program):
+        from tiermap.frontend.stablehlo import lower
+
+        program = lower(fn_or_program, *args, platform=tgt.platform, **kwargs)
+    else:
+        raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
+                          f"{type(fn_or_program).__name__}")
+    pass_list = list(passes) if passes is not None else build_passes(
+        strategy, time_limit_s, seed, backend, workers, fusion, capacity_bound)
+    deadline_s = time.perf_counter() + time_limit_s
+    state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective,
+                                                     deadline_s=deadline_s))
+    if state.plan is None:
+        raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
+    if state.fusion.notes:
+        # What fusion and tiling decided (and left unfused, and why) belongs in the plan too.
+        from dataclasses import replace as _replace
+
+        return _replace(state.plan, notes=tuple(state.fusion.notes) + tuple(state.plan.notes))
+    return state.plan
