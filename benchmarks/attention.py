@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tiermap.apply.rewrite import apply_plan
-from tiermap.bounds import knapsack as bounds
+from tiermap.costmodel import io_bounds as bounds
 from tiermap.fusion.fuse import FusePass
 from tiermap.fusion.tiling import (
     TilePass,

@@ -348,7 +348,7 @@ def attention_traffic(n: int = 1024, d: int = 64, elem_bytes: int = 2,
     `targets` marked.
     """
     import tiermap
-    from tiermap.bounds import knapsack as bounds
+    from tiermap.costmodel import io_bounds as bounds
 
     fig = new_figure(11.0, 4.2)
     ax_b, ax_m = fig.subplots(1, 2)

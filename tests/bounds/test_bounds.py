@@ -10,25 +10,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.costmodel.helpers import OVERHEAD_S, chain_program, everywhere, two_tier_target
-from tiermap.bounds.knapsack import (
-    SPREAD_CLASS_RATIO,
+from tiermap.bounds.knapsack import SPREAD_CLASS_RATIO, best_spread_span, program_lower_bound_s
+from tiermap.costmodel.evaluate import evaluate
+from tiermap.costmodel.io_bounds import (
     attention_compulsory_bytes,
     attention_io_lower_bound_bytes,
-    best_spread_span,
     elementwise_traffic_bytes,
     flash_attention_blocks,
     flash_attention_traffic_bytes,
     flash_attention_working_set_words,
     matmul_compulsory_bytes,
     matmul_io_lower_bound_bytes,
-    program_lower_bound_s,
     reduction_traffic_bytes,
     softmax_passes,
     softmax_traffic_bytes,
     tiled_matmul_traffic_bytes,
     unfused_attention_traffic_bytes,
 )
-from tiermap.costmodel.evaluate import evaluate
 from tiermap.errors import TiermapError
 from tiermap.ir.plan import Residency
 

@@ -8,11 +8,12 @@ import pytest
 
 from tests.costmodel.helpers import OVERHEAD_S, chain_program, everywhere, two_tier_target
 from tiermap.bounds.knapsack import program_lower_bound_s
-from tiermap.costmodel import build_plan, evaluate
+from tiermap.costmodel import evaluate
 from tiermap.errors import TiermapError
 from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.plan import Plan, Residency, SolverInfo, Transfer
 from tiermap.ir.program import Op, Program, TensorType, Value
+from tiermap.placement.build import build_plan
 
 
 def _prefetch_program(c_bytes: int, op0_flops: float) -> Program:

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tiermap.bounds import knapsack as bounds
+from tiermap.costmodel import io_bounds as bounds
 from tiermap.errors import TiermapError
 from tiermap.fusion.tiling import (
     fa1_forward_traffic_bytes,

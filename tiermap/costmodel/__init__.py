@@ -1,16 +1,15 @@
 """tiermap.costmodel: op costs (flops, bytes), roofline, IO lower bounds and plan evaluation."""
 
-from tiermap.bounds.knapsack import (
+from tiermap.costmodel.cost import Cost
+from tiermap.costmodel.evaluate import Evaluation, evaluate
+from tiermap.costmodel.io_bounds import (
     attention_io_lower_bound_bytes,
     flash_attention_blocks,
     flash_attention_traffic_bytes,
     matmul_io_lower_bound_bytes,
-    program_lower_bound_s,
     softmax_passes,
     tiled_matmul_traffic_bytes,
 )
-from tiermap.costmodel.cost import Cost
-from tiermap.costmodel.evaluate import Evaluation, build_plan, evaluate
 from tiermap.costmodel.roofline import (
     compute_time_s,
     group_cost,
@@ -24,7 +23,6 @@ __all__ = [
     "Cost",
     "Evaluation",
     "attention_io_lower_bound_bytes",
-    "build_plan",
     "compute_time_s",
     "evaluate",
     "flash_attention_blocks",
@@ -33,7 +31,6 @@ __all__ = [
     "matmul_io_lower_bound_bytes",
     "op_cost",
     "operand_read_bytes",
-    "program_lower_bound_s",
     "result_write_bytes",
     "softmax_passes",
     "tiled_matmul_traffic_bytes",

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from tiermap.bounds import knapsack as bounds
+from tiermap.costmodel import io_bounds as bounds
 from tiermap.errors import TiermapError
 from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.plan import TileChoice

@@ -92,7 +92,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tiermap.costmodel.evaluate import build_plan, evaluate
+from tiermap.costmodel.evaluate import evaluate
 from tiermap.errors import ChoiceError, InfeasiblePlacementError, PassError
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.plan import Plan, SolverInfo
@@ -107,6 +107,7 @@ from tiermap.options import (
     check_workers,
 )
 from tiermap.passes.base import PipelineState
+from tiermap.placement.build import build_plan
 from tiermap.placement.problem import (
     Assignment,
     Choice,
