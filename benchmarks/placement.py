@@ -156,7 +156,8 @@ def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     """Predicted time of greedy's placement after the MIP strategy's post-pass (each transfer
     re-spread within its gap, `respread_moves`), under the same fusion passes."""
     from tiermap.ir.fusion import Fusion
-    from tiermap.passes.base import PassManager, PipelineState
+    from tiermap.passes.base import PipelineState
+    from tiermap.passes.manager import PassManager
     from tiermap.placement.problem import PlacementProblem, greedy_assignment
 
     target = row.plan.target

@@ -29,7 +29,8 @@ from tiermap.frontend.stablehlo import lower  # noqa: E402
 from tiermap.hardware.loader import load_target  # noqa: E402
 from tiermap.ir.fusion import Fusion  # noqa: E402
 from tiermap.passes import place_tiers  # noqa: E402
-from tiermap.passes.base import PassManager, PipelineState  # noqa: E402
+from tiermap.passes.base import PipelineState  # noqa: E402
+from tiermap.passes.manager import PassManager  # noqa: E402
 from tiermap.passes.liveness import LivenessPass  # noqa: E402
 from tiermap.passes.schedule import SchedulePass  # noqa: E402
 from tiermap.pipeline import fusion_passes  # noqa: E402

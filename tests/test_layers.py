@@ -1,9 +1,11 @@
 """The package's import graph: no cycle, and no layer importing a layer above it.
 
-Every import statement counts, wherever it stands: at module level, inside a function, or under
-`if TYPE_CHECKING:`. The layers, lowest first, are written below; docs/architecture.md states the
-same order in words. A module of the top layer (a file directly under tiermap/) may import any
-layer; a folder's modules may import their own folder and the layers below it.
+Every import statement counts, wherever it stands: at module level or inside a function. Imports
+under `if TYPE_CHECKING:` never run, so two modules may name each other's types there without a
+cycle; they still count for the layers, so a type-only import may not reach upwards either. The
+layers, lowest first, are written below; docs/architecture.md states the same order in words. A
+module of the top layer (a file directly under tiermap/) may import any layer; a folder's modules
+may import their own folder and the layers below it.
 """
 
 from __future__ import annotations
@@ -40,11 +42,25 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _imports(path: Path) -> Iterator[tuple[str, int]]:
-    """(first-party module imported, line) for every import in the file."""
+def _type_only_lines(tree: ast.Module) -> set[int]:
+    """Lines inside `if TYPE_CHECKING:` blocks."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for inner in node.body:
+                lines.update(range(inner.lineno, (inner.end_lineno or inner.lineno) + 1))
+    return lines
+
+
+def _imports(path: Path, runtime_only: bool = False) -> Iterator[tuple[str, int]]:
+    """(first-party module imported, line) for every import in the file; with `runtime_only`,
+    leaving out those under `if TYPE_CHECKING:`."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path.parent)
+    skip = _type_only_lines(tree) if runtime_only else set()
     for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "tiermap":
@@ -76,7 +92,7 @@ def _layer(module: str) -> int:
 def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     for module, path in MODULES.items():
-        for target, _line in _imports(path):
+        for target, _line in _imports(path, runtime_only=True):
             if target != module and target in MODULES:
                 graph[module].add(target)
     return graph

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+import tiermap
+from tiermap import __version__
+from tiermap.costmodel.calibration import calibrate, target_to_toml
 from tiermap.errors import (
     HardwareSpecError,
     InfeasiblePlacementError,
@@ -32,7 +35,10 @@ from tiermap.errors import (
     UnsupportedProgramError,
     UserCodeError,
 )
+from tiermap.formatting import fmt_bytes, fmt_flops_per_s, fmt_rate_bytes_per_s, write_atomic
 from tiermap.options import OBJECTIVES, STRATEGIES
+from tiermap.report import plan_summary, rich_summary
+from tiermap.trace import trace_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -78,8 +84,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the `tiermap` command."""
-    from tiermap import __version__
-
     parser = _Parser(prog="tiermap", description=(
         "Map a JAX program's tensors to memory tiers (SRAM, HBM, DDR, flash) for a hardware "
         "target."), epilog="Exit codes: 0 ok, 2 bad input, 3 does not fit the target.")
@@ -382,9 +386,6 @@ def _target_dict(t: Target) -> dict[str, Any]:
 
 def cmd_targets(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """`tiermap targets`: a table (or JSON) of targets with tiers, capacities and bandwidths."""
-    import tiermap
-    from tiermap.report import fmt_bytes, fmt_flops_per_s, fmt_rate_bytes_per_s
-
     names = ns.names or tiermap.targets()
     loaded = [tiermap.target(n) for n in names]
     if ns.json:
@@ -431,9 +432,6 @@ def _output_paths(ns: argparse.Namespace) -> dict[str, Path]:
 
 def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """`tiermap compile`: plan a program; print the summary; write the requested outputs."""
-    import tiermap
-    from tiermap.report import plan_summary, rich_summary, write_atomic
-
     if ns.program.endswith((".mlir", ".stablehlo")) and ns.arg:
         raise UsageError("--arg applies to FILE.py:NAME; a .mlir module has its own types")
     paths = _output_paths(ns)
@@ -492,16 +490,11 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 
 def _trace_json(plan: Plan) -> str:
-    from tiermap.trace import trace_json
-
     return trace_json(plan)
 
 
 def cmd_calibrate(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """`tiermap calibrate`: measure this CPU into a schema-v1 target file."""
-    from tiermap.costmodel.calibration import calibrate, target_to_toml
-    from tiermap.report import fmt_bytes, fmt_rate_bytes_per_s, write_atomic
-
     if _is_tty(err):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -24,14 +24,17 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from tiermap import pipeline
+from tiermap.apply.rewrite import apply_plan
 from tiermap.errors import TiermapError
+from tiermap.hardware.loader import load_target
 from tiermap.options import check_plan_options
 
 if TYPE_CHECKING:
     import jax
 
     from tiermap.hardware.target import Target
-    from tiermap.ir.plan import Plan
+    from tiermap.plan_views import Plan
 
 
 
@@ -128,15 +131,13 @@ class TiermapJitted:
                  strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
                  objective: str = "time", static_argnums: int | Sequence[int] = (),
                  static_argnames: str | Sequence[str] = ()) -> None:
-        import tiermap
-
         if not callable(fn):
             raise TypeError(f"tiermap.jit: expected a function, got {type(fn).__name__}")
         check_plan_options(strategy=strategy, objective=objective, time_limit_s=time_limit_s,
                            seed=seed)
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.target: Target = tiermap.target(target)
+        self.target: Target = load_target(target)
         self.strategy = strategy
         self.time_limit_s = float(time_limit_s)
         self.seed = int(seed)
@@ -225,8 +226,6 @@ class TiermapJitted:
                spec_args: tuple[Any, ...], spec_kw: dict[str, Any]) -> _Entry:
         import jax
 
-        from tiermap import pipeline
-
         fn = self.fn
 
         def merged(dyn_args: tuple[Any, ...], dyn_kw: dict[str, Any]) -> Any:
@@ -256,8 +255,6 @@ class TiermapJitted:
 def _apply(fn: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
     """The planned program as a JAX function: tiled attention kernels with the plan's block
     sizes, host-tier inputs in host memory (see `tiermap.apply.rewrite`)."""
-    from tiermap.apply.rewrite import apply_plan
-
     return apply_plan(fn, plan)
 
 

@@ -23,19 +23,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tiermap.errors import ChoiceError
+from tiermap.frontend.stablehlo import lower
+from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
+from tiermap.fusion.tiling import TilePass
+from tiermap.hardware.loader import load_target
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
-from tiermap.ir.plan import Plan
 from tiermap.ir.program import Program
 from tiermap.options import check_plan_options
-from tiermap.passes.base import Pass, PassManager, PipelineState
+from tiermap.passes.base import Pass, PipelineState
 from tiermap.passes.liveness import LivenessPass
+from tiermap.passes.manager import PassManager
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import VerifyPass
 from tiermap.placement.place_tiers import PlaceTiersPass
+from tiermap.plan_views import Plan
 
 
 def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None = None
@@ -44,9 +50,6 @@ def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None
 
     `time_limit_s` is the whole planning time: the fusion MIP gets `DEADLINE_SHARE` of it, at
     most 10 s (placement needs the rest)."""
-    from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
-    from tiermap.fusion.tiling import TilePass
-
     return [FusePass(time_limit_s=min(DEADLINE_SHARE * time_limit_s, 10.0), seed=seed,
                      workers=workers or 1),
             TilePass()]
@@ -70,8 +73,6 @@ def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 
 def _load_target(target: str | Target) -> Target:
     if isinstance(target, Target):
         return target
-    from tiermap.hardware.loader import load_target
-
     return load_target(target)
 
 
@@ -114,8 +115,6 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
                               "instead, or drop the arguments")
         program = fn_or_program
     elif callable(fn_or_program):
-        from tiermap.frontend.stablehlo import lower
-
         program = lower(fn_or_program, *args, platform=tgt.platform, **kwargs)
     else:
         raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
@@ -129,7 +128,6 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
     if state.fusion.notes:
         # What fusion and tiling decided (and left unfused, and why) belongs in the plan too.
-        from dataclasses import replace as _replace
-
-        return _replace(state.plan, notes=tuple(state.fusion.notes) + tuple(state.plan.notes))
-    return state.plan
+        return Plan.of(replace(state.plan,
+                               notes=tuple(state.fusion.notes) + tuple(state.plan.notes)))
+    return Plan.of(state.plan)

@@ -1,5 +1,5 @@
-"""Charts of a plan (matplotlib): roofline, tier occupancy, placement timeline, traffic by strategy,
-and capacity sweeps.
+"""Charts of a plan (matplotlib): roofline, tier occupancy, placement timeline, traffic by strategy
+(capacity sweeps, which re-plan, are in sweep.py).
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot, so nothing depends on a
 display or a global backend (figures render with Agg); notebooks show the returned figure.
@@ -8,20 +8,16 @@ display or a global backend (figures render with Agg); notebooks show the return
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiermap.report import (
-    fmt_bytes,
-    fmt_time_s,
-    occupancy_bytes,
-    write_atomic,
-)
+from tiermap.costmodel import io_bounds as bounds
+from tiermap.formatting import fmt_bytes, fmt_rate_bytes_per_s, fmt_time_s, write_atomic
+from tiermap.hardware.loader import load_target
+from tiermap.ir.plan import occupancy_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -29,7 +25,6 @@ if TYPE_CHECKING:
 
     from tiermap.hardware.target import Target
     from tiermap.ir.plan import Plan
-    from tiermap.ir.program import Program
 
 # Fastest tier first: warm to cool.
 _TIER_COLOURS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#7f7f7f")
@@ -163,8 +158,6 @@ def roofline(plan: Plan, ax: Axes | None = None) -> Figure:
 
 
 def _rate(rate_bytes_per_s: float) -> str:
-    from tiermap.report import fmt_rate_bytes_per_s
-
     return fmt_rate_bytes_per_s(rate_bytes_per_s)
 
 
@@ -347,9 +340,6 @@ def attention_traffic(n: int = 1024, d: int = 64, elem_bytes: int = 2,
     FlashAttention's own block rule for each capacity, with the per-unit tile budget of
     `targets` marked.
     """
-    import tiermap
-    from tiermap.costmodel import io_bounds as bounds
-
     fig = new_figure(11.0, 4.2)
     ax_b, ax_m = fig.subplots(1, 2)
     fast_words = fast_bytes // elem_bytes
@@ -395,10 +385,10 @@ def attention_traffic(n: int = 1024, d: int = 64, elem_bytes: int = 2,
     ax_m.axhline(compulsory, ls=":", color="0.4", label="compulsory 4Nd")
     ax_m.axvline(d * d * elem_bytes, color="C2", lw=0.8, label="M = d² (bound changes regime)")
     for name in targets:
-        scratch = tiermap.target(name).scratch_tier
+        scratch = load_target(name).scratch_tier
         if scratch is None:
             continue
-        per_unit = scratch.capacity_bytes // max(tiermap.target(name).units, 1)
+        per_unit = scratch.capacity_bytes // max(load_target(name).units, 1)
         ax_m.axvline(per_unit, color="0.7", lw=0.8)
         ax_m.annotate(name, (per_unit, compulsory), rotation=90, fontsize=7, va="bottom")
     ax_m.set_xscale("log", base=2)
@@ -436,142 +426,8 @@ def save_plots(plan: Plan, out_dir: str | os.PathLike[str],
     return {name: save_figure(make(), folder / name) for name, make in makers.items()}
 
 
-# --- capacity sweep ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    """One capacity of the swept tier and the plan found for it (None if nothing fits)."""
-
-    capacity_bytes: int
-    plan: Plan | None
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """Plans of one program for a range of capacities of one tier of a target."""
-
-    target_name: str
-    tier: str
-    points: tuple[SweepPoint, ...]
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per capacity: predicted, naive and greedy times, bound, traffic by tier."""
-        out = []
-        for pt in self.points:
-            row: dict[str, Any] = {"capacity_bytes": pt.capacity_bytes}
-            if pt.plan is None:
-                row["error"] = pt.error
-            else:
-                row.update(predicted_time_s=pt.plan.predicted_time_s,
-                           lower_bound_s=pt.plan.lower_bound_s,
-                           **{f"{k}_time_s": v for k, v in pt.plan.baselines.items()},
-                           **{f"traffic_{k}_bytes": v for k, v in pt.plan.traffic_bytes.items()})
-            out.append(row)
-        return out
-
-    def plot(self) -> Figure:
-        """Predicted time (and baselines, bound) and traffic per tier against the capacity."""
-        fig = new_figure(10.0, 4.0)
-        ax_t, ax_b = fig.subplots(1, 2)
-        ok = [(p.capacity_bytes, p.plan) for p in self.points if p.plan is not None]
-        caps = [cap for cap, _ in ok]
-        series: dict[str, list[float]] = {}
-        for _, plan in ok:
-            series.setdefault(plan.strategy, []).append(plan.predicted_time_s)
-            for name, value in plan.baselines.items():
-                if name != plan.strategy:
-                    series.setdefault(name, []).append(value)
-            series.setdefault("lower bound", []).append(plan.lower_bound_s)
-        for label, ys in series.items():
-            if len(ys) == len(caps):
-                ax_t.plot(caps, ys, marker="o", ms=3, label=label,
-                          ls=":" if label == "lower bound" else "-")
-        bad = [p.capacity_bytes for p in self.points if p.plan is None]
-        for cap in bad:
-            ax_t.axvline(cap, color="r", alpha=0.3)
-        ax_t.set_xscale("log", base=2)
-        ax_t.set_yscale("log")
-        ax_t.set_xlabel(f"{self.tier} capacity (bytes)")
-        ax_t.set_ylabel("predicted time (s)")
-        ax_t.set_title(f"{self.target_name}: time vs {self.tier} size"
-                       + (" (red: infeasible)" if bad else ""), fontsize=10)
-        ax_t.legend(fontsize=8)
-        ax_t.grid(True, which="both", alpha=0.2)
-        tiers: list[str] = []
-        for _, plan in ok:
-            tiers += [k for k in plan.traffic_bytes if k not in tiers]
-        for name in tiers:
-            ys = [plan.traffic_bytes.get(name, 0.0) for _, plan in ok]
-            if any(ys):
-                ax_b.plot(caps, ys, marker="o", ms=3, label=name)
-        ax_b.set_xscale("log", base=2)
-        ax_b.set_yscale("symlog", linthresh=1.0)
-        ax_b.set_xlabel(f"{self.tier} capacity (bytes)")
-        ax_b.set_ylabel("traffic (bytes)")
-        ax_b.set_title("traffic per tier", fontsize=10)
-        ax_b.legend(fontsize=8)
-        ax_b.grid(True, which="both", alpha=0.2)
-        return fig
-
-    def _repr_html_(self) -> str:
-        from tiermap.report import _html_table
-
-        rows = []
-        for pt in self.points:
-            if pt.plan is None:
-                rows.append([fmt_bytes(pt.capacity_bytes), "infeasible", "-", "-", "-"])
-                continue
-            rows.append([fmt_bytes(pt.capacity_bytes), fmt_time_s(pt.plan.predicted_time_s),
-                         fmt_time_s(pt.plan.baselines.get("greedy")),
-                         fmt_time_s(pt.plan.baselines.get("naive")),
-                         fmt_time_s(pt.plan.lower_bound_s)])
-        table = _html_table([f"{self.tier} capacity", "predicted", "greedy", "naive",
-                             "lower bound"], rows)
-        return table + f'<img src="data:image/png;base64,{png_base64(self.plot())}"/>'
-
-
-def with_capacity(target: Target, tier: str, capacity_bytes: int) -> Target:
-    """A copy of `target` whose tier `tier` holds `capacity_bytes`, named "sn40l@sram=1.00MiB"."""
-    target.tier(tier)  # raises KeyError naming the known tiers
-    tiers = tuple(dataclasses.replace(t, capacity_bytes=int(capacity_bytes)) if t.name == tier
-                  else t for t in target.tiers)
-    label = fmt_bytes(capacity_bytes).replace(" ", "")
-    return dataclasses.replace(target, tiers=tiers, name=f"{target.name}@{tier}={label}",
-                               path=None)
-
-
-def sweep(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target,
-          tier: str, capacities_bytes: Sequence[int], strategy: str = "mip",
-          time_limit_s: float = 5.0, seed: int = 0, **kwargs: Any) -> Sweep:
-    """Plan one program for each capacity of `tier` (the rest of `target` unchanged).
-
-    The program is lowered once. A capacity for which nothing fits is kept as a point without a
-    plan (its error message in `error`), so a sweep can start below the smallest feasible size.
-    """
-    import tiermap
-    from tiermap.errors import InfeasiblePlacementError
-
-    base = tiermap.target(target)
-    base.tier(tier)
-    if callable(fn_or_program) and not isinstance(fn_or_program, tiermap.Program):
-        program = tiermap.lower(fn_or_program, *args, platform=base.platform, **kwargs)
-    else:
-        program = fn_or_program
-    points = []
-    for cap in capacities_bytes:
-        try:
-            p = tiermap.plan(program, target=with_capacity(base, tier, cap), strategy=strategy,
-                             time_limit_s=time_limit_s, seed=seed)
-            points.append(SweepPoint(int(cap), p))
-        except InfeasiblePlacementError as exc:
-            points.append(SweepPoint(int(cap), None, str(exc)))
-    return Sweep(target_name=base.name, tier=tier, points=tuple(points))
-
-
 __all__ = [
-    "PLOT_FILES", "Sweep", "SweepPoint", "attention_traffic", "new_figure", "occupancy",
-    "placement_timeline", "png_base64", "png_bytes", "roofline", "save_figure", "save_plots",
-    "sweep", "tier_colours", "traffic_comparison", "with_capacity",
+    "PLOT_FILES", "attention_traffic", "new_figure", "occupancy", "placement_timeline",
+    "png_base64", "png_bytes", "roofline", "save_figure", "save_plots", "tier_colours",
+    "traffic_comparison",
 ]

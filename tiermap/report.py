@@ -1,176 +1,37 @@
 """Plan summaries: per-tier tables, costliest tensors, markdown reports and notebook HTML.
 
 Everything here reads a `Plan` (see `tiermap.ir.plan` for its semantics) and returns data or
-text; nothing is printed. The CLI prints `rich_summary(plan)`; notebooks show `plan_html(plan)`.
+text; nothing is printed. Transfer times come from the cost model (`costmodel.roofline`), plan
+queries (occupancy, the usable tier) from `ir.plan`, units and HTML tables from `formatting`.
+The CLI prints `rich_summary(plan)`; notebooks show `plan_html(plan)`.
 """
 
 from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from tiermap import plots as plots_module
+from tiermap.costmodel.roofline import transfer_time_s
+from tiermap.formatting import (
+    fmt_bytes,
+    fmt_flops_per_s,
+    fmt_rate_bytes_per_s,
+    fmt_time_s,
+    html_table,
+)
+from tiermap.ir.plan import occupancy_bytes, tier_at_step, usable_tier
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from tiermap.hardware.target import Target
-    from tiermap.ir.plan import Plan, TensorPlan, Transfer
-
-# --- units ---------------------------------------------------------------------------------------
-
-
-def fmt_bytes(num_bytes: float) -> str:
-    """Bytes with a binary prefix: 1536 -> "1.50 KiB"."""
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"
-
-
-def fmt_time_s(time_s: float | None) -> str:
-    """Seconds with an SI prefix: 1.2e-5 -> "12.0 µs"."""
-    if time_s is None or not math.isfinite(time_s):
-        return "-"
-    if time_s == 0:
-        return "0 s"
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")):
-        if abs(time_s) >= scale or unit == "ns":
-            return f"{time_s / scale:.3g} {unit}"
-    return f"{time_s:.3g} s"
-
-
-def fmt_rate_bytes_per_s(rate_bytes_per_s: float) -> str:
-    """Bandwidth with a decimal prefix: 1.6e12 -> "1.6 TB/s"."""
-    for scale, unit in ((1e15, "PB/s"), (1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s")):
-        if rate_bytes_per_s >= scale:
-            return f"{rate_bytes_per_s / scale:.3g} {unit}"
-    return f"{rate_bytes_per_s:.3g} B/s"
-
-
-def fmt_flops_per_s(rate_flops_per_s: float) -> str:
-    """FLOP/s with a decimal prefix: 3.12e14 -> "312 TFLOP/s"."""
-    for scale, unit in ((1e15, "PFLOP/s"), (1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s")):
-        if rate_flops_per_s >= scale:
-            return f"{rate_flops_per_s / scale:.3g} {unit}"
-    return f"{rate_flops_per_s:.3g} FLOP/s"
-
-
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`.
-
-    Readers never see a half-written file; the parent folder is created if missing.
-    """
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    from tiermap.ir.plan import Plan, Transfer
 
 # --- views of a plan -----------------------------------------------------------------------------
-
-
-def tier_at_step(tensor: TensorPlan, step: int) -> str | None:
-    """The first tier of `tensor.residency` holding it at `step` (None if none, e.g. fused)."""
-    for res in tensor.residency:
-        if res.from_step <= step <= res.to_step:
-            return res.tier
-    return None
-
-
-def usable_tier(plan: Plan, tensor: TensorPlan, step: int,
-                transfers: Sequence[Transfer] | None = None) -> str | None:
-    """The fastest tier where `tensor` is usable at `step` (a copy counts once its transfer, or
-    the last chunk of its move, ends).
-
-    `transfers` may pass the tensor's own transfers when calling this in a loop.
-    """
-    if transfers is None:
-        transfers = [x for x in plan.transfers if x.tensor == tensor.id]
-    tiers = []
-    for r in tensor.residency:
-        if not r.from_step <= step <= r.to_step:
-            continue
-        into = [x for x in transfers if x.dst == r.tier and r.from_step <= x.start_step
-                <= r.to_step]
-        if not (into and min(x.start_step for x in into) <= step
-                <= max(x.end_step for x in into)):
-            tiers.append(r.tier)
-    if not tiers:
-        return tier_at_step(tensor, step)
-    order = {t.name: i for i, t in enumerate(plan.target.tiers)}
-    return min(tiers, key=lambda name: order.get(name, len(order)))
-
-
-def step_times_s(plan: Plan) -> list[float]:
-    """Predicted time of every step: max(op time, per link the transfers' shares at that step)."""
-    op_time_s = [0.0] * plan.num_steps
-    for op in plan.ops:
-        if 0 <= op.step < plan.num_steps:
-            op_time_s[op.step] += op.predicted_time_s
-    link_share_s: dict[tuple[str, str], list[float]] = {}
-    for x in plan.transfers:
-        key = tuple(sorted((x.src, x.dst)))
-        shares = link_share_s.setdefault((key[0], key[1]), [0.0] * plan.num_steps)
-        first, last = max(x.start_step, 0), min(x.end_step, plan.num_steps - 1)
-        if last < first:
-            continue
-        per_step_s = transfer_time_s(plan, x.src, x.dst, x.bytes) / (last - first + 1)
-        for step in range(first, last + 1):
-            shares[step] += per_step_s
-    return [max([op_time_s[s]] + [sh[s] for sh in link_share_s.values()])
-            for s in range(plan.num_steps)]
-
-
-def transfer_time_s(plan: Plan, src: str, dst: str, num_bytes: float) -> float:
-    """Seconds to copy `num_bytes` from tier `src` to tier `dst` over their link."""
-    try:
-        rate = plan.target.link_bytes_per_s(src, dst)
-    except KeyError:
-        return 0.0
-    return num_bytes / rate if rate > 0 else 0.0
-
-
-def occupancy_bytes(plan: Plan) -> dict[str, list[int]]:
-    """Bytes resident in each tier at each step (every tier of the target, fastest first)."""
-    delta: dict[str, list[int]] = {t.name: [0] * (plan.num_steps + 1) for t in plan.target.tiers}
-    for tensor in plan.tensors:
-        if not tensor.materialized:
-            continue
-        for res in tensor.residency:
-            row = delta.setdefault(res.tier, [0] * (plan.num_steps + 1))
-            first = max(res.from_step, 0)
-            last = min(res.to_step, plan.num_steps - 1)
-            if last < first:
-                continue
-            row[first] += tensor.nbytes
-            row[last + 1] -= tensor.nbytes
-    out: dict[str, list[int]] = {}
-    for tier, row in delta.items():
-        running, values = 0, []
-        for s in range(plan.num_steps):
-            running += row[s]
-            values.append(running)
-        out[tier] = values
-    return out
 
 
 @dataclass(frozen=True)
@@ -250,7 +111,7 @@ def tensor_costs(plan: Plan) -> list[TensorCost]:
     moved: dict[str, int] = {}
     for x in plan.transfers:
         if x.tensor in time_s:
-            time_s[x.tensor] += transfer_time_s(plan, x.src, x.dst, x.bytes)
+            time_s[x.tensor] += transfer_time_s(x.bytes, x.src, x.dst, plan.target)
             moved[x.tensor] = moved.get(x.tensor, 0) + x.bytes
     out = [
         TensorCost(id=t.id, shape=tuple(t.shape), dtype=t.dtype, nbytes=t.nbytes,
@@ -382,7 +243,7 @@ class Table:
 
     def _repr_html_(self) -> str:
         caption = f"<p><b>{html.escape(self.title)}</b></p>" if self.title else ""
-        return caption + _html_table(self.header, self.rows)
+        return caption + html_table(self.header, self.rows)
 
     def _repr_markdown_(self) -> str:
         return str(self)
@@ -633,13 +494,6 @@ def rich_summary(plan: Plan) -> RenderableType:
 # --- HTML (notebooks) ----------------------------------------------------------------------------
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def plan_html(plan: Plan, plots: bool = True) -> str:
     """HTML for notebooks: the summary tables and, with `plots`, the charts as inline PNGs."""
     parts = [f"<h4>tiermap plan: {html.escape(plan.program_name)} on "
@@ -647,17 +501,15 @@ def plan_html(plan: Plan, plots: bool = True) -> str:
              f"<p>{plan.num_steps} steps, {len(plan.tensors)} tensors; strategy "
              f"<code>{html.escape(plan.strategy)}</code>; solver "
              f"{html.escape(solver_line(plan))}</p>"]
-    parts.append(_html_table(
+    parts.append(html_table(
         ["plan", "predicted time", "vs this plan", "vs lower bound"],
         [[label, fmt_time_s(t), _ratio(t, plan.predicted_time_s), _ratio(t, plan.lower_bound_s)]
          for label, t in comparison_rows(plan)]))
-    parts.append(_html_table(
+    parts.append(html_table(
         ["tier", "capacity", "peak occupancy", "traffic", "traffic time"],
         [[r.name, fmt_bytes(r.capacity_bytes), fmt_bytes(r.peak_bytes),
           fmt_bytes(r.traffic_bytes), fmt_time_s(r.time_s)] for r in tier_rows(plan)]))
     if plots and plan.num_steps > 0:
-        from tiermap import plots as plots_module
-
         for make in (plots_module.roofline, plots_module.occupancy,
                      plots_module.placement_timeline):
             fig = make(plan)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from tiermap.report import occupancy_bytes, step_times_s, transfer_time_s
+from tiermap.costmodel.evaluate import plan_step_times_s as step_times_s
+from tiermap.costmodel.roofline import transfer_time_s
+from tiermap.ir.plan import occupancy_bytes
 
 if TYPE_CHECKING:
     from tiermap.ir.plan import Plan
@@ -68,7 +70,7 @@ def trace_events(plan: Plan) -> dict[str, Any]:
                            "tid": link_tid[link], "args": {"sort_index": len(link_tid)}})
         first = min(max(x.start_step, 0), plan.num_steps)
         begin_s = max(start_s[first], link_free_s.get(link, 0.0))
-        dur_s = transfer_time_s(plan, x.src, x.dst, x.bytes)
+        dur_s = transfer_time_s(x.bytes, x.src, x.dst, plan.target)
         link_free_s[link] = begin_s + dur_s
         events.append({
             "ph": "X", "name": f"{x.tensor} {x.src}→{x.dst}", "cat": "transfer", "pid": _PID,

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tiermap.frontend import stablehlo as frontend
+from tiermap.frontend.annotate import annotate_mlir
 from tiermap.ir.program import Op, Program, Value
 
 FLOP_TOLERANCE = 0.02  # relative; never loosen it
@@ -116,7 +117,7 @@ def annotated_ops(text: str) -> dict[str, tuple[str, dict[str, str]]]:
 def round_trip(program: Program) -> tuple[str, dict[str, tuple[str, dict[str, str]]]]:
     """Annotate every op with its id; check each id lands on an op of the op's kind."""
     attrs = {op.id: {"id": op.id} for op in program.walk()}
-    text = program.annotate(attrs)
+    text = annotate_mlir(program, attrs)
     found = annotated_ops(text)
     assert set(found) == set(attrs)
     for op in program.walk():

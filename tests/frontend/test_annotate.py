@@ -15,6 +15,7 @@ from tests.frontend.helpers import annotated_ops, round_trip
 from tiermap.examples import models
 from tiermap.frontend import stablehlo as frontend
 from tiermap.frontend.annotate import annotate_mlir
+from tiermap.ir.plan import annotations_for
 
 
 def test_round_trip_through_shared_callees() -> None:
@@ -43,7 +44,7 @@ def test_attribute_types() -> None:
         "id": dot.id, "tier": "sram", "step": 7, "ratio": 0.25, "fused": True,
         "tiles": [64, 128], "placement": {"hbm": 3, "sram": 1}, "pinned": None,
     }
-    text = program.annotate({dot.id: values})
+    text = annotate_mlir(program, {dot.id: values})
     name, attrs = annotated_ops(text)[dot.id]
     assert name == "stablehlo.dot_general"
     assert attrs["tiermap.tier"] == '"sram"'
@@ -55,27 +56,27 @@ def test_attribute_types() -> None:
     assert attrs["tiermap.pinned"] == "unit"
 
 
-def test_annotate_mlir_is_the_program_method() -> None:
+def test_a_plans_annotated_mlir_is_annotate_mlir_of_its_annotations() -> None:
     fn, args = models.mlp(batch=2, sizes=(4, 3))
-    program = tiermap.lower(fn, *args)
-    attrs = {program.ops[0].id: {"tier": "hbm"}}
-    assert annotate_mlir(program, attrs) == program.annotate(attrs)
+    plan = tiermap.plan(fn, *args, target="h100", strategy="greedy")
+    assert plan.program is not None
+    assert plan.annotated_mlir() == annotate_mlir(plan.program, annotations_for(plan))
 
 
 def test_unknown_op_id_is_named() -> None:
     program = tiermap.lower(lambda x: x * 2.0, jax.ShapeDtypeStruct((4,), jnp.float32))
     with pytest.raises(ValueError, match=r"op id\(s\) op99 not in program"):
-        program.annotate({"op99": {"tier": "sram"}})
+        annotate_mlir(program, {"op99": {"tier": "sram"}})
 
 
 def test_unsupported_value_type_is_named() -> None:
     program = tiermap.lower(lambda x: x * 2.0, jax.ShapeDtypeStruct((4,), jnp.float32))
     with pytest.raises(TypeError, match=r"cannot write object"):
-        program.annotate({program.ops[-1].id: {"tier": object()}})
+        annotate_mlir(program, {program.ops[-1].id: {"tier": object()}})
 
 
 def test_program_without_source_is_rejected() -> None:
     program = tiermap.lower(lambda x: x * 2.0, jax.ShapeDtypeStruct((4,), jnp.float32))
     bare = dataclasses.replace(program, source_mlir="")
     with pytest.raises(ValueError, match=r"no source StableHLO"):
-        bare.annotate({program.ops[-1].id: {"tier": "sram"}})
+        annotate_mlir(bare, {program.ops[-1].id: {"tier": "sram"}})

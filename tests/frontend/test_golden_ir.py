@@ -18,6 +18,7 @@ import pytest
 import tiermap
 from tests import zoo
 from tiermap.examples import models
+from tiermap.frontend.annotate import annotate_mlir
 from tiermap.ir.program import Program
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -65,4 +66,4 @@ def test_annotated_mlir() -> None:
     program = _lower("mlp")
     attrs = {op.id: {"tier": "sram" if op.flops else "hbm", "step": op.step}
              for op in program.ops if op.kind != "stablehlo.constant"}
-    _check("mlp.annotated.mlir", program.annotate(attrs))
+    _check("mlp.annotated.mlir", annotate_mlir(program, attrs))

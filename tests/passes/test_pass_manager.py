@@ -10,8 +10,9 @@ import pytest
 from tests.passes.helpers import MIB, program, two_tier
 from tiermap.errors import InfeasiblePlacementError, PassError
 from tiermap.ir.program import Op, Program
-from tiermap.passes.base import Pass, PassManager, PipelineState
+from tiermap.passes.base import Pass, PipelineState
 from tiermap.passes.liveness import Liveness, LivenessPass, compute_liveness
+from tiermap.passes.manager import PassManager
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import VerifyPass
 from tiermap.placement.place_tiers import PlaceTiersPass

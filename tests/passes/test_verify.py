@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 
 from tests.passes.helpers import MIB, program, sram_flash, two_tier
+from tiermap.costmodel.evaluate import plan_step_times_s as step_times_s
 from tiermap.errors import PassError
 from tiermap.ir.plan import Plan, Residency, TensorPlan
 from tiermap.passes.verify import verify_plan
 from tiermap.pipeline import plan
-from tiermap.report import step_times_s
 
 S = MIB
 

@@ -10,8 +10,9 @@ from tests.passes.helpers import MIB, program, two_tier
 from tiermap.fusion.fuse import FusePass
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.program import Program
-from tiermap.passes.base import PassManager, PipelineState
+from tiermap.passes.base import PipelineState
 from tiermap.passes.liveness import LivenessPass
+from tiermap.passes.manager import PassManager
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import verify_plan
 from tiermap.pipeline import plan

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import tiermap
-from tiermap import pipeline
-from tiermap.ir.plan import Plan
+from tiermap import Plan, pipeline
 
 # Small programs and short limits keep each plan well under a second.
 FAST = {"time_limit_s": 2.0}

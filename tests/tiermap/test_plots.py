@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.tiermap.tiermap_fakes import fake_plan
-from tiermap import plots
+from tiermap import plots, sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,12 +41,12 @@ def test_save_plots_writes_every_chart(tmp_path: Path) -> None:
 
 def test_with_capacity_changes_one_tier_only() -> None:
     plan = fake_plan()
-    small = plots.with_capacity(plan.target, "sram", 1 << 20)
+    small = sweep.with_capacity(plan.target, "sram", 1 << 20)
     assert small.tier("sram").capacity_bytes == 1 << 20
     assert small.tier("hbm") == plan.target.tier("hbm")
     assert small.name == "sn40l@sram=1.00MiB"
     with pytest.raises(KeyError, match="no tier 'l9'"):
-        plots.with_capacity(plan.target, "l9", 1)
+        sweep.with_capacity(plan.target, "l9", 1)
 
 
 def test_figures_do_not_use_pyplot_state() -> None:

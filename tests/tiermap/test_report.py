@@ -10,19 +10,20 @@ from pathlib import Path
 import pytest
 
 from tests.tiermap.tiermap_fakes import MIB, fake_plan
-from tiermap import report
-from tiermap.ir.plan import Plan
+from tiermap import Plan, formatting, report
+from tiermap.costmodel.evaluate import plan_step_times_s
+from tiermap.ir.plan import occupancy_bytes, usable_tier
 
 
 def test_step_times_follow_the_plan_semantics() -> None:
     plan = fake_plan()
     # step 1: the op takes 0.16 µs but the 256 KiB hbm → ddr eviction takes 256 KiB / 100 GB/s
     eviction_s = 256 * 1024 / 1.0e11
-    assert report.step_times_s(plan) == pytest.approx([4.2e-5, eviction_s, 1e-8, 3.3e-7])
+    assert plan_step_times_s(plan) == pytest.approx([4.2e-5, eviction_s, 1e-8, 3.3e-7])
 
 
 def test_occupancy_counts_each_resident_tensor_once_per_step() -> None:
-    occ = report.occupancy_bytes(fake_plan())
+    occ = occupancy_bytes(fake_plan())
     assert occ["ddr"] == [4 * MIB, 256 * 1024, 0, 0]
     # t0 all along, t2 at steps 0-1, t4 (256 B) at 2-3, t5 at 3; t3 is fused (never resident)
     kib256 = 256 * 1024
@@ -51,7 +52,7 @@ def test_tensor_costs_rank_the_streamed_weight_first_and_skip_fused_tensors() ->
 def test_usable_tier_ignores_a_copy_still_in_flight() -> None:
     plan = fake_plan()
     t2 = plan.tensor("t2")
-    assert report.usable_tier(plan, t2, 1) == "hbm"  # the ddr copy arrives after step 1
+    assert usable_tier(plan, t2, 1) == "hbm"  # the ddr copy arrives after step 1
 
 
 def test_plan_report_has_every_section() -> None:
@@ -101,20 +102,20 @@ def test_rich_summary_renders() -> None:
     (0, "0 B"), (1536, "1.50 KiB"), (64 * 2**30, "64.00 GiB"),
 ])
 def test_fmt_bytes(value: float, text: str) -> None:
-    assert report.fmt_bytes(value) == text
+    assert formatting.fmt_bytes(value) == text
 
 
 @pytest.mark.parametrize(("value", "text"), [
     (0.0, "0 s"), (1.2e-5, "12 µs"), (0.0123, "12.3 ms"), (2.5, "2.5 s"), (None, "-"),
 ])
 def test_fmt_time_s(value: float | None, text: str) -> None:
-    assert report.fmt_time_s(value) == text
+    assert formatting.fmt_time_s(value) == text
 
 
 def test_write_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "plan.json"
-    report.write_atomic(target, "first")
-    report.write_atomic(target, b"second")
+    formatting.write_atomic(target, "first")
+    formatting.write_atomic(target, b"second")
     assert target.read_text() == "second"
     assert [p.name for p in target.parent.iterdir()] == ["plan.json"]
     mode = stat.S_IMODE(target.stat().st_mode)

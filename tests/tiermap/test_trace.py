@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.tiermap.tiermap_fakes import fake_plan
-from tiermap import report
+from tiermap.costmodel.evaluate import plan_step_times_s
 from tiermap.trace import trace_events, trace_json
 
 
@@ -31,7 +31,7 @@ def test_ops_sit_on_one_track_back_to_back_by_step_time() -> None:
     ops = _events("X", "op")
     assert [e["args"]["id"] for e in ops] == ["op0", "op1", "op2", "op3"]
     assert len({e["tid"] for e in ops}) == 1
-    steps_us = [t * 1e6 for t in report.step_times_s(fake_plan())]
+    steps_us = [t * 1e6 for t in plan_step_times_s(fake_plan())]
     starts = [e["ts"] for e in ops]
     assert starts[0] == 0
     for i in range(1, len(ops)):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from tiermap import Plan
 from tiermap.hardware import load_target
 from tiermap.ir.plan import (
     OpPlan,
-    Plan,
     Residency,
     SolverInfo,
     TensorPlan,

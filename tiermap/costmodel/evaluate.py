@@ -20,14 +20,14 @@ Semantics are those of tiermap/ir/plan.py's module docstring:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from tiermap.costmodel.roofline import compute_time_s, program_kernels, transfer_time_s
 from tiermap.errors import TiermapError
-from tiermap.ir.plan import Residency, Transfer
+from tiermap.ir.plan import Plan, Residency, Transfer
 
 if TYPE_CHECKING:
     from tiermap.hardware.target import Target
@@ -227,32 +227,13 @@ def evaluate(program: Program, target: Target, residency: Mapping[str, Sequence[
             given += share
         op_time[steps[-1]] = max(kernel_s - given, 0.0)
 
-    # (3) Transfers: per-link time spread over their steps (difference arrays per link).
-    link_diff: dict[tuple[str, str], list[float]] = {}
+    # (3) Transfers: per-link time spread over their steps (`step_times_s`).
     for x in transfers:
         si = index_of(x.src, f"transfer of {x.tensor}")
         di = index_of(x.dst, f"transfer of {x.tensor}")
-        t_s = transfer_time_s(x.bytes, x.src, x.dst, target)
         traffic[si] += x.bytes
         traffic[di] += x.bytes
-        if n == 0:
-            continue
-        lo = min(max(x.start_step, 0), n - 1)
-        hi = min(max(x.end_step, lo), n - 1)
-        share = t_s / (hi - lo + 1)
-        link_key = (x.src, x.dst) if x.src <= x.dst else (x.dst, x.src)
-        diff = link_diff.get(link_key)
-        if diff is None:
-            diff = link_diff[link_key] = [0.0] * (n + 1)
-        diff[lo] += share
-        diff[hi + 1] -= share
-    step_time = list(op_time)
-    for diff in link_diff.values():
-        acc = 0.0
-        for s in range(n):
-            acc += diff[s]
-            if acc > step_time[s]:
-                step_time[s] = acc
+    step_time = step_times_s(op_time, transfers, target)
 
     # (4) Occupancy, traffic, energy.
     occupancy: dict[str, tuple[int, ...]] = {}
@@ -280,3 +261,47 @@ def evaluate(program: Program, target: Target, residency: Mapping[str, Sequence[
         unplaced=tuple(unplaced),
         num_unplaced=num_unplaced,
     )
+
+
+def step_times_s(op_time_s: Sequence[float], transfers: Iterable[Transfer], target: Target
+                 ) -> list[float]:
+    """Predicted time of every step: max(op time, for each link the sum of the shares of the
+    transfers on it at that step); a transfer's time (bytes / link bandwidth) is spread evenly
+    over its steps (tiermap/ir/plan.py's semantics).
+
+    The one step-time routine: `evaluate` (the scorer), the report, the plots and the trace use
+    it. The placement's incremental `CostState` computes the same quantity on arrays for speed
+    (tests hold it to this), and the verifier keeps its own on purpose, to check independently.
+    """
+    n = len(op_time_s)
+    link_diff: dict[tuple[str, str], list[float]] = {}
+    for x in transfers:
+        if n == 0:
+            break
+        t_s = transfer_time_s(x.bytes, x.src, x.dst, target)
+        lo = min(max(x.start_step, 0), n - 1)
+        hi = min(max(x.end_step, lo), n - 1)
+        share = t_s / (hi - lo + 1)
+        link_key = (x.src, x.dst) if x.src <= x.dst else (x.dst, x.src)
+        diff = link_diff.get(link_key)
+        if diff is None:
+            diff = link_diff[link_key] = [0.0] * (n + 1)
+        diff[lo] += share
+        diff[hi + 1] -= share
+    step_time = list(op_time_s)
+    for diff in link_diff.values():
+        acc = 0.0
+        for s in range(n):
+            acc += diff[s]
+            if acc > step_time[s]:
+                step_time[s] = acc
+    return step_time
+
+
+def plan_step_times_s(plan: Plan) -> list[float]:
+    """`step_times_s` of a finished plan, from its ops' predicted times and its transfers."""
+    op_time_s = [0.0] * plan.num_steps
+    for op in plan.ops:
+        if 0 <= op.step < plan.num_steps:
+            op_time_s[op.step] += op.predicted_time_s
+    return step_times_s(op_time_s, plan.transfers, plan.target)

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tiermap.errors import TiermapError
+from tiermap.hardware.target import Link, Target, Tier
 
 if TYPE_CHECKING:
-    from tiermap.hardware.target import Target
     from tiermap.ir.program import Program
 
 SCHEMA = "tiermap.plan/v1"
@@ -139,7 +139,12 @@ class TileChoice:
 
 @dataclass(frozen=True)
 class Plan:
-    """A verified placement of a program on a target. See the module docstring for semantics."""
+    """A placement of a program on a target, as plain data. See the module docstring for semantics.
+
+    What checks, reports or annotates a plan lives above the IR: `tiermap.Plan`
+    (tiermap/plan_views.py) is this class with `verify`, `report`, `annotated_mlir` and the
+    notebook view; `tiermap.plan` returns it.
+    """
 
     program_name: str
     num_steps: int
@@ -158,39 +163,13 @@ class Plan:
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
-    # --- checks and views ----------------------------------------------------------------
-
-    def verify(self) -> None:
-        """Re-check the plan independently of the solver; raises PassError naming the fault."""
-        from tiermap.passes.verify import verify_plan
-
-        verify_plan(self)
+    # --- lookups ------------------------------------------------------------------------
 
     def tensor(self, tid: str) -> TensorPlan:
         for t in self.tensors:
             if t.id == tid:
                 return t
         raise KeyError(tid)
-
-    def annotated_mlir(self) -> str:
-        """The program's StableHLO with `tiermap.*` attributes on every op."""
-        if self.program is None:
-            raise TiermapError(
-                "this plan has no program attached (it was read from JSON); "
-                "fix: plan the program again with tiermap.plan(...)"
-            )
-        return self.program.annotate(annotations_for(self))
-
-    def report(self) -> str:
-        """A text table: per-tier peak occupancy, traffic and time; the costliest tensors."""
-        from tiermap.report import plan_report
-
-        return plan_report(self)
-
-    def _repr_html_(self) -> str:
-        from tiermap.report import plan_html
-
-        return plan_html(self)
 
     # --- JSON ----------------------------------------------------------------------------
 
@@ -263,8 +242,6 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         """Read a plan written by `to_json`; raises TiermapError on another schema."""
-        from tiermap.hardware.target import Link, Target, Tier
-
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -348,6 +325,65 @@ def _tier_dict(t: Any) -> dict[str, Any]:
         out["read_only"] = True
     if t.persistent is not None:
         out["persistent"] = t.persistent
+    return out
+
+
+# --- queries (the report, the plots and the trace read plans through these) ---
+
+
+def tier_at_step(tensor: TensorPlan, step: int) -> str | None:
+    """The first tier of `tensor.residency` holding it at `step` (None if none, e.g. fused)."""
+    for res in tensor.residency:
+        if res.from_step <= step <= res.to_step:
+            return res.tier
+    return None
+
+
+def usable_tier(plan: Plan, tensor: TensorPlan, step: int,
+                transfers: Sequence[Transfer] | None = None) -> str | None:
+    """The fastest tier where `tensor` is usable at `step` (a copy counts once its transfer, or
+    the last chunk of its move, ends).
+
+    `transfers` may pass the tensor's own transfers when calling this in a loop.
+    """
+    if transfers is None:
+        transfers = [x for x in plan.transfers if x.tensor == tensor.id]
+    tiers = []
+    for r in tensor.residency:
+        if not r.from_step <= step <= r.to_step:
+            continue
+        into = [x for x in transfers if x.dst == r.tier and r.from_step <= x.start_step
+                <= r.to_step]
+        if not (into and min(x.start_step for x in into) <= step
+                <= max(x.end_step for x in into)):
+            tiers.append(r.tier)
+    if not tiers:
+        return tier_at_step(tensor, step)
+    order = {t.name: i for i, t in enumerate(plan.target.tiers)}
+    return min(tiers, key=lambda name: order.get(name, len(order)))
+
+
+def occupancy_bytes(plan: Plan) -> dict[str, list[int]]:
+    """Bytes resident in each tier at each step (every tier of the target, fastest first)."""
+    delta: dict[str, list[int]] = {t.name: [0] * (plan.num_steps + 1) for t in plan.target.tiers}
+    for tensor in plan.tensors:
+        if not tensor.materialized:
+            continue
+        for res in tensor.residency:
+            row = delta.setdefault(res.tier, [0] * (plan.num_steps + 1))
+            first = max(res.from_step, 0)
+            last = min(res.to_step, plan.num_steps - 1)
+            if last < first:
+                continue
+            row[first] += tensor.nbytes
+            row[last + 1] -= tensor.nbytes
+    out: dict[str, list[int]] = {}
+    for tier, row in delta.items():
+        running, values = 0, []
+        for s in range(plan.num_steps):
+            running += row[s]
+            values.append(running)
+        out[tier] = values
     return out
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-# Bits per element of each dtype tiermap knows, keyed by the short names the IR uses.
 # The op whose result is a literal (a weight baked into the program): placed like an input.
 CONSTANT_KIND = "stablehlo.constant"
 
+# Bits per element of each dtype tiermap knows, keyed by the short names the IR uses.
 DTYPE_BITS: dict[str, int] = {
     "f64": 64, "f32": 32, "tf32": 32, "bf16": 16, "f16": 16,
     "f8E4M3FN": 8, "f8E5M2": 8, "f8E4M3FNUZ": 8, "f8E5M2FNUZ": 8, "f8E4M3B11FNUZ": 8,
@@ -197,12 +197,6 @@ class Program:
     def to_mlir(self) -> str:
         """The StableHLO module this program was built from, as text."""
         return self.source_mlir
-
-    def annotate(self, attrs_by_op: Mapping[str, Mapping[str, Any]]) -> str:
-        """StableHLO text with `tiermap.*` attributes written onto the ops named by id."""
-        from tiermap.frontend.annotate import annotate_mlir
-
-        return annotate_mlir(self, attrs_by_op)
 
     def __str__(self) -> str:
         return format_program(self)
