@@ -156,3 +156,30 @@ def test_the_checker_sees_cycles_and_upward_imports() -> None:
     """The checks above can fail: a made-up graph with a cycle, and a low module reaching up."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _layer("tiermap.ir.plan") < _layer("tiermap.passes.verify") < _layer("tiermap.cli")
+
+
+def _function_local_imports(path: Path) -> Iterator[int]:
+    """Lines of first-party imports made inside a function, without a `# local import:` reason
+    on the line or the line above."""
+    source = path.read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source, filename=str(path))
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                first_party = any(a.name.split(".")[0] == "tiermap" for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                first_party = node.level > 0 or (node.module or "").split(".")[0] == "tiermap"
+            else:
+                continue
+            said = " ".join(lines[max(node.lineno - 2, 0):node.lineno])
+            if first_party and "# local import:" not in said:
+                yield node.lineno
+
+
+def test_no_first_party_import_inside_a_function_without_a_reason() -> None:
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}"
+             for path in MODULES.values() for line in _function_local_imports(path)]
+    assert found == []

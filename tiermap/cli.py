@@ -37,6 +37,7 @@ from tiermap.errors import (
 )
 from tiermap.formatting import fmt_bytes, fmt_flops_per_s, fmt_rate_bytes_per_s, write_atomic
 from tiermap.options import OBJECTIVES, STRATEGIES
+from tiermap.plots import save_plots
 from tiermap.report import plan_summary, rich_summary
 from tiermap.trace import trace_json
 
@@ -475,8 +476,6 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                 written[kind] = str(paths[kind])
         if "plots" in paths:
             steps.step(f"drawing charts into {paths['plots']}")
-            from tiermap.plots import save_plots
-
             for name, chart in save_plots(plan, paths["plots"], compare=compare).items():
                 written[f"plot:{Path(name).stem}"] = str(chart)
     if ns.json:

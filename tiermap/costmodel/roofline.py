@@ -1,6 +1,6 @@
 """Roofline costs of ops, fused kernels and transfers on a target.
 
-The model (ARCHITECTURE.md, "Cost model"; tiermap/ir/plan.py fixes the time semantics):
+The model (docs/architecture.md, "Cost model"; tiermap/ir/plan.py fixes the time semantics):
 
 - An op or fused kernel takes `max(compute_s, memory_s) + target.op_overhead_s`, where
   `memory_s = Σ_tier (bytes_read_tier / read_bytes_per_s + bytes_written_tier / write_bytes_per_s)`.

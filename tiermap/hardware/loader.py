@@ -1,7 +1,7 @@
 """Strict loader for target files (TOML, schema v1) and the built-in targets.
 
 Every problem in a file is collected, each with its key path and the fix, and raised once as a
-`HardwareSpecError`. See ARCHITECTURE.md, "Target files", for the schema.
+`HardwareSpecError`. See docs/architecture.md, "Target files", for the schema.
 """
 
 from __future__ import annotations
@@ -692,7 +692,7 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
 
 def dumps_target(target: Target) -> str:
     """Write `target` as schema-v1 TOML text that `loads_target` reads back to an equal Target."""
-    out: list[str] = ["# tiermap target file, schema v1 (see ARCHITECTURE.md, 'Target files')"]
+    out: list[str] = ["# tiermap target file, schema v1 (see docs/architecture.md, 'Target files')"]
     out.append(f"name = {_toml_str(target.name)}")
     if target.description:
         out.append(f"description = {_toml_str(target.description)}")
