@@ -10,8 +10,8 @@ import pytest
 from tests.passes.helpers import MIB, program, two_tier
 from tiermap.errors import InfeasiblePlacementError, PassError
 from tiermap.ir.program import Op, Program
-from tiermap.passes.base import Pass, PipelineState
-from tiermap.passes.liveness import Liveness, LivenessPass, compute_liveness
+from tiermap.passes.base import Liveness, Pass, PipelineState
+from tiermap.passes.liveness import LivenessPass, compute_liveness
 from tiermap.passes.manager import PassManager
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import VerifyPass

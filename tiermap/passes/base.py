@@ -19,16 +19,44 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.plan import Plan
 from tiermap.ir.program import Program
 
-if TYPE_CHECKING:
-    from tiermap.passes.liveness import Liveness
-    from tiermap.passes.schedule import Schedule
+# --- analysis results the state carries (plain data; the passes that compute them are in
+# schedule.py and liveness.py) ---
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The op order: `op_ids[i]` runs at step i."""
+
+    op_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Live ranges and accesses of the program's tensors.
+
+    Attributes:
+        ranges: value id → (first step, last step), inclusive.
+        accesses: value id → the steps that write (producer) or read it, ascending.
+        live_bytes: bytes live at each step (a tuple of length num_steps).
+    """
+
+    ranges: Mapping[str, tuple[int, int]]
+    accesses: Mapping[str, tuple[int, ...]]
+    live_bytes: tuple[int, ...]
+
+    @property
+    def peak_live_bytes(self) -> int:
+        return max(self.live_bytes, default=0)
+
+
+# --- the state and the protocol ---
 
 
 @dataclass(frozen=True)

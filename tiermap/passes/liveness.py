@@ -8,7 +8,6 @@ pass subtracts those itself).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -16,26 +15,7 @@ import numpy as np
 
 from tiermap.errors import PassError
 from tiermap.ir.program import Program
-from tiermap.passes.base import PipelineState
-
-
-@dataclass(frozen=True)
-class Liveness:
-    """Live ranges and accesses of the program's tensors.
-
-    Attributes:
-        ranges: value id → (first step, last step), inclusive.
-        accesses: value id → the steps that write (producer) or read it, ascending.
-        live_bytes: bytes live at each step (a tuple of length num_steps).
-    """
-
-    ranges: Mapping[str, tuple[int, int]]
-    accesses: Mapping[str, tuple[int, ...]]
-    live_bytes: tuple[int, ...]
-
-    @property
-    def peak_live_bytes(self) -> int:
-        return max(self.live_bytes, default=0)
+from tiermap.passes.base import Liveness, PipelineState
 
 
 def compute_liveness(program: Program) -> Liveness:

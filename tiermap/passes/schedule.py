@@ -14,14 +14,7 @@ from typing import ClassVar
 
 from tiermap.errors import PassError
 from tiermap.ir.program import Program
-from tiermap.passes.base import PipelineState
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The op order: `op_ids[i]` runs at step i."""
-
-    op_ids: tuple[str, ...]
+from tiermap.passes.base import PipelineState, Schedule
 
 
 def check_topological(program: Program, op_ids: Sequence[str], pass_name: str) -> None:
