@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tiermap.apply.rewrite import apply_plan
+from tiermap.apply import apply_plan
 from tiermap.costmodel import io_bounds as bounds
 from tiermap.fusion.fuse import FusePass
 from tiermap.fusion.tiling import (

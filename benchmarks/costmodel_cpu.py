@@ -6,7 +6,7 @@ Run: `python benchmarks/costmodel_cpu.py [--target FILE.toml] [--quick] [--markd
    cache and DRAM bandwidth, per-op overhead), unless `--target` names a target file.
 2. Each case of an operator suite (matmuls small to large and tall-skinny, elementwise ops from
    L1- to DRAM-sized, softmax, reductions, convolutions, attention at several lengths) is lowered
-   with `tiermap.frontend.stablehlo.lower` and predicted:
+   with `tiermap.frontend.lowering.lower` and predicted:
    - kernels as XLA's CPU backend forms them (`xla_like_fusion`): each contraction alone; each
      maximal run of other ops one loop fusion, cut after a reduce (its result is materialized);
    - each kernel's external tensors in the fastest tier whose capacity holds the kernel's working
@@ -49,7 +49,7 @@ from tiermap.costmodel.roofline import (
     op_cost,
     op_io,
 )
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.program import Program

@@ -30,7 +30,8 @@ import jax  # noqa: E402
 
 from tests import zoo  # noqa: E402
 from tiermap.examples import models  # noqa: E402
-from tiermap.frontend import stablehlo as frontend  # noqa: E402
+from tiermap.frontend.convert import program_from_module  # noqa: E402
+from tiermap.frontend.mlir import stablehlo_op_count  # noqa: E402
 
 Builder = Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]
 PROGRAMS: dict[str, Builder] = {
@@ -61,10 +62,10 @@ def measure(name: str, builder: Builder, repeat: int) -> dict[str, Any]:
     fn, args = builder()
     jax_s, lowered = _best_s(lambda: jax.jit(fn).lower(*args), repeat, jax.clear_caches)
     module = lowered.compiler_ir("stablehlo")
-    ours_s, program = _best_s(lambda: frontend.program_from_module(module, name=name), repeat)
+    ours_s, program = _best_s(lambda: program_from_module(module, name=name), repeat)
     xla = _xla_flops(lowered)
     return {
-        "program": name, "stablehlo_ops": frontend.stablehlo_op_count(module),
+        "program": name, "stablehlo_ops": stablehlo_op_count(module),
         "ir_ops": program.num_steps, "tiermap_s": ours_s, "jax_s": jax_s,
         "ratio": ours_s / jax_s, "flops": program.flops_one_trip, "xla_flops": xla,
     }

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tiermap  # noqa: E402
-from tiermap.frontend.stablehlo import lower  # noqa: E402
+from tiermap.frontend.lowering import lower  # noqa: E402
 from tiermap.ir.plan import Plan  # noqa: E402
 from tiermap.ir.program import Program  # noqa: E402
 from tiermap.pipeline import build_passes, plan  # noqa: E402

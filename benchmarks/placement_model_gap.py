@@ -25,13 +25,13 @@ sys.path[:0] = [str(ROOT)]
 import numpy as np  # noqa: E402
 
 from tiermap.costmodel.evaluate import evaluate  # noqa: E402
-from tiermap.frontend.stablehlo import lower  # noqa: E402
+from tiermap.frontend.lowering import lower  # noqa: E402
 from tiermap.hardware.loader import load_target  # noqa: E402
 from tiermap.ir.fusion import Fusion  # noqa: E402
 from tiermap.passes import place_tiers  # noqa: E402
 from tiermap.passes.base import PipelineState  # noqa: E402
-from tiermap.passes.manager import PassManager  # noqa: E402
 from tiermap.passes.liveness import LivenessPass  # noqa: E402
+from tiermap.passes.manager import PassManager  # noqa: E402
 from tiermap.passes.schedule import SchedulePass  # noqa: E402
 from tiermap.pipeline import fusion_passes  # noqa: E402
 from tiermap.placement.problem import CostState, PlacementProblem, greedy_assignment  # noqa: E402

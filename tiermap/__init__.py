@@ -19,8 +19,8 @@ from tiermap.errors import (
     UnsupportedProgramError,
     UserCodeError,
 )
-from tiermap.frontend.stablehlo import lower as _lower
-from tiermap.frontend.stablehlo import lower_mlir as _lower_mlir
+from tiermap.frontend.lowering import lower as _lower
+from tiermap.frontend.lowering import lower_mlir as _lower_mlir
 from tiermap.hardware.loader import builtin_target_names, load_target
 from tiermap.hardware.target import Target
 from tiermap.ir.program import Op, Program, TensorType, Value

@@ -10,7 +10,7 @@
 A call looks up its cache key (the pytree structure, shapes, dtypes and weak types of the dynamic
 arguments, and the values of the static ones). On a miss it plans the program on
 `jax.ShapeDtypeStruct`s of the arguments with `tiermap.pipeline.plan`, turns the plan into
-a runnable function with `tiermap.apply.rewrite.apply_plan`, and keeps both. Calls inside an outer
+a runnable function with `tiermap.apply.apply_plan`, and keeps both. Calls inside an outer
 JAX transformation (`jax.grad`, `jax.vmap`, an enclosing `jax.jit`) plan on the abstract values
 seen there and run the applied function under the outer trace, so the transformations compose.
 """
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tiermap import pipeline
-from tiermap.apply.rewrite import apply_plan
 from tiermap.errors import TiermapError
 from tiermap.hardware.loader import load_target
 from tiermap.options import check_plan_options
@@ -111,7 +110,7 @@ class Lowered:
     @property
     def notes(self) -> tuple[str, ...]:
         """What applying the plan changed (kernels chosen for attention, host placement), as
-        `tiermap.apply.rewrite` reports it; filled once the program has been traced."""
+        `tiermap.apply` reports it; filled once the program has been traced."""
         return tuple(getattr(self._entry.applied, "notes", ()))
 
     def as_text(self) -> str:
@@ -254,7 +253,10 @@ class TiermapJitted:
 
 def _apply(fn: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
     """The planned program as a JAX function: tiled attention kernels with the plan's block
-    sizes, host-tier inputs in host memory (see `tiermap.apply.rewrite`)."""
+    sizes, host-tier inputs in host memory (see `tiermap.apply` and `tiermap.apply.memory`)."""
+    # local import: tiermap.apply imports jax at module level; `import tiermap` stays cheap
+    from tiermap.apply import apply_plan
+
     return apply_plan(fn, plan)
 
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from tiermap.errors import ChoiceError
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
 from tiermap.fusion.tiling import TilePass
 from tiermap.hardware.loader import load_target

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tiermap import pipeline
 from tiermap.errors import InfeasiblePlacementError
 from tiermap.formatting import fmt_bytes, fmt_time_s, html_table
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.hardware.loader import load_target
 from tiermap.hardware.target import Target
 from tiermap.ir.program import Program

@@ -15,7 +15,8 @@ from tests.fusion.helpers import (
     jax_attention,
     qkv,
 )
-from tiermap.apply.rewrite import apply_plan, host_input_positions, lower_applied
+from tiermap.apply import apply_plan, lower_applied
+from tiermap.apply.memory import host_input_positions
 from tiermap.errors import TiermapError
 from tiermap.pipeline import plan
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.fusion.helpers import jax_attention, qkv
-from tiermap.apply.rewrite import apply_plan
+from tiermap.apply import apply_plan
 
 
 def _check(kernel: str, shape, causal: bool) -> list[str]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tiermap.bounds.knapsack import program_lower_bound_s
 from tiermap.costmodel.evaluate import Evaluation, evaluate
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.hardware.target import Link, Target, Tier
 from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.plan import Residency, Transfer, alias_pairs

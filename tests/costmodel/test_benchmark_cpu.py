@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.hardware.target import Target, Tier
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "costmodel_cpu.py"

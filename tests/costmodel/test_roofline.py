@@ -23,7 +23,7 @@ from tiermap.costmodel import (
 )
 from tiermap.costmodel.roofline import CPU_MEASURED, peak_flops_per_s, units_used
 from tiermap.errors import TiermapError
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.hardware import Target
 from tiermap.ir.fusion import FusionGroup
 

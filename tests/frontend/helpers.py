@@ -6,8 +6,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tiermap.frontend import stablehlo as frontend
 from tiermap.frontend.annotate import annotate_mlir
+from tiermap.frontend.mlir import parse_module
 from tiermap.ir.program import Op, Program, Value
 
 FLOP_TOLERANCE = 0.02  # relative; never loosen it
@@ -93,7 +93,7 @@ def check_invariants(program: Program) -> None:
 
 def annotated_ops(text: str) -> dict[str, tuple[str, dict[str, str]]]:
     """tiermap.id → (op name, {attribute name: printed value}) over a whole annotated module."""
-    module = frontend.parse_module(text)
+    module = parse_module(text)
     found: dict[str, tuple[str, dict[str, str]]] = {}
     with module.context:
         stack = [module.operation]

@@ -13,8 +13,8 @@ import tiermap
 from tests import zoo
 from tests.frontend.helpers import annotated_ops, round_trip
 from tiermap.examples import models
-from tiermap.frontend import stablehlo as frontend
 from tiermap.frontend.annotate import annotate_mlir
+from tiermap.frontend.lowering import lower_mlir
 from tiermap.ir.plan import annotations_for
 
 
@@ -24,7 +24,7 @@ def test_round_trip_through_shared_callees() -> None:
     text, _ = round_trip(program)
     # layer_norm & co are called from several sites: each annotated site got its own copy.
     assert "_tiermap_" in text
-    again = frontend.lower_mlir(text)
+    again = lower_mlir(text)
     assert again.flops == program.flops
     assert [op.kind for op in again.ops] == [op.kind for op in program.ops]
 

@@ -11,7 +11,7 @@ import pytest
 import tiermap
 from tests.frontend.helpers import check_invariants
 from tiermap.examples import models
-from tiermap.frontend import stablehlo as frontend
+from tiermap.frontend.lowering import lower_mlir
 
 S = jax.ShapeDtypeStruct
 
@@ -20,10 +20,10 @@ def test_lower_mlir_text_and_file_match_lower(tmp_path: Path) -> None:
     fn, args = models.mlp(batch=4, sizes=(8, 16, 4))
     program = tiermap.lower(fn, *args)
     text = jax.jit(fn).lower(*args).as_text()
-    from_text = frontend.lower_mlir(text)
+    from_text = lower_mlir(text)
     path = tmp_path / "tiny_mlp.mlir"
     path.write_text(text, encoding="utf-8")
-    from_file = frontend.lower_mlir(path)
+    from_file = lower_mlir(path)
     from_str_path = tiermap.lower_mlir(str(path))
     for other in (from_text, from_file, from_str_path):
         assert [op.kind for op in other.ops] == [op.kind for op in program.ops]

@@ -10,7 +10,8 @@ import pytest
 
 import tiermap
 from tiermap.errors import TiermapError, UnsupportedProgramError, UserCodeError
-from tiermap.frontend import stablehlo as frontend
+from tiermap.frontend.lowering import lower_mlir
+from tiermap.frontend.mlir import parse_module
 
 X = jax.ShapeDtypeStruct((4,), jnp.float32)
 
@@ -69,7 +70,7 @@ def test_invalid_op_quotes_the_source_line() -> None:
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "model.mlir"
     with pytest.raises(UnsupportedProgramError, match=r"model.mlir: no such file"):
-        frontend.lower_mlir(missing)
+        lower_mlir(missing)
     with pytest.raises(UnsupportedProgramError, match=r"no such file"):
         tiermap.lower_mlir(str(missing))
 
@@ -139,4 +140,4 @@ def test_user_shape_error_is_wrapped() -> None:
 
 def test_parse_module_error_type() -> None:
     with pytest.raises(UnsupportedProgramError):
-        frontend.parse_module("module {")
+        parse_module("module {")

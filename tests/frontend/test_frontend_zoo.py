@@ -15,7 +15,8 @@ import pytest
 from tests import zoo
 from tests.frontend.helpers import assert_flops_agree, check_invariants, xla_flops
 from tiermap.examples import models
-from tiermap.frontend import stablehlo as frontend
+from tiermap.frontend.convert import program_from_module
+from tiermap.frontend.mlir import stablehlo_op_count
 from tiermap.ir.program import Program
 
 BUILDERS: dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]] = {
@@ -37,7 +38,7 @@ class Lowered:
         fn, args = BUILDERS[name]()
         self.lowered = jax.jit(fn).lower(*args)
         self.module = self.lowered.compiler_ir("stablehlo")
-        self.program: Program = frontend.program_from_module(self.module, name=name)
+        self.program: Program = program_from_module(self.module, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_invariants_hold(name: str, lowered: Callable[[str], Lowered]) -> None:
 def test_example_train_step_is_about_4500_stablehlo_ops(lowered: Callable[[str], Lowered]
                                                          ) -> None:
     model = lowered("example_transformer_train")
-    count = frontend.stablehlo_op_count(model.module)
+    count = stablehlo_op_count(model.module)
     assert 4000 <= count <= 5500, count
     assert 3000 <= model.program.num_steps <= count
 

@@ -15,7 +15,7 @@ from tests.fusion.helpers import (
     jax_attention,
     sds,
 )
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.fusion.attention import find_attention, pattern_summary
 
 B, N, H, D = 2, 128, 4, 64

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fusion.helpers import hand_attention, jax_attention, sds
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.fusion.fuse import Candidate, FusePass, _Index, fuse, select
 from tiermap.fusion.tiling import tile_budget_bytes
 from tiermap.hardware.loader import load_target

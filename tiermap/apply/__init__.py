@@ -1,1 +1,160 @@
-"""tiermap.apply."""
+"""tiermap.apply: run a planned program through JAX, with tiled attention kernels and host-tier
+inputs.
+
+`apply_plan(fn, plan)` returns a function that computes what `fn` computes, with
+
+- every attention it recognises replaced by a tiled kernel with the plan's block sizes: JAX's
+  Pallas flash attention on GPU (`jax.experimental.pallas.ops.gpu.attention.mha`) and TPU
+  (`jax.experimental.pallas.ops.tpu.flash_attention`) where those kernels accept the pattern
+  (scale and causal mask only, equal head dims, lengths divisible by the blocks), and the blocked
+  JAX kernel of `tiermap/kernels/blocked_attention.py` everywhere else (online softmax, a
+  recomputing `custom_vjp` backward, masks and biases sliced per block);
+- program inputs that the plan keeps in a host tier placed in host memory
+  (`memory_kind="pinned_host"`) where the device has that memory, and moved to device memory
+  inside the program;
+- everything else run as `jax.jit` runs it.
+
+Mechanism: `fn` is traced to a jaxpr; calls to `jit`-wrapped functions are inlined
+(`jaxpr.py`); attention and the backward `jax.grad` wrote for it are matched (`match.py`,
+`match_backward.py`, giving `attention_match.AttentionMatch`es); the jaxpr is re-interpreted
+with the matches replaced by kernels with the plan's tiles (`rewrite.py`); host-tier inputs are
+placed by `memory.py`.
+
+Differentiating the applied function uses the kernel's `custom_vjp` (a recomputing, tiled
+backward). When `fn` itself differentiates (`jax.grad`, `jax.vjp` inside it), the backward JAX
+wrote out is matched too and replaced, with the forward, by `jax.vjp` of the kernel. Left to XLA
+(with a note in `.notes`): attention whose probabilities are scaled by data (dropout), a backward
+that differentiates a bias, and anything else outside these patterns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from tiermap.apply.jaxpr import inline_calls
+from tiermap.apply.memory import (
+    NO_HOST_KIND_NOTE,
+    host_input_positions,
+    host_kind_available,
+    host_note,
+    to_device_memory,
+    to_host_memory,
+)
+from tiermap.apply.rewrite import Rewriter
+from tiermap.errors import TiermapError
+from tiermap.ir.plan import Plan
+
+KERNELS = ("auto", "blocked", "pallas-gpu", "pallas-tpu")
+
+
+class AppliedFunction:
+    """`fn` as the plan runs it. Call it like `fn`; `.lower(*args).compile()` gives the jax
+    Compiled of the program as applied; `.notes` says what was replaced and how."""
+
+    def __init__(self, fn: Callable[..., Any], plan: Plan | None, static_argnums: Sequence[int],
+                 static_argnames: Sequence[str], kernel: str, interpret: bool) -> None:
+        if kernel not in KERNELS:
+            raise TiermapError(f"apply_plan: kernel={kernel!r}; expected one of "
+                               f"{', '.join(KERNELS)}")
+        self.fn = fn
+        self.plan = plan
+        self.static_argnums = tuple(static_argnums)
+        self.static_argnames = tuple(static_argnames)
+        self.kernel = kernel
+        self.interpret = interpret
+        self.notes: list[str] = []
+        self._host_positions = host_input_positions(plan) if plan is not None else []
+        self._jitted = jax.jit(self._inner, static_argnums=self.static_argnums,
+                               static_argnames=self.static_argnames)
+        self.__name__ = getattr(fn, "__name__", "applied")
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    def _split(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[list[Any], Callable[[list[Any]], tuple[tuple[Any, ...], dict]]]:
+        """Dynamic leaves of (args, kwargs) and a function rebuilding them."""
+        static_pos = {i % max(len(args), 1) for i in self.static_argnums} if args else set()
+        dyn_args = [a for i, a in enumerate(args) if i not in static_pos]
+        dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        leaves, tree = jax.tree.flatten((dyn_args, dyn_kwargs))
+
+        def rebuild(new_leaves: list[Any]) -> tuple[tuple[Any, ...], dict]:
+            da, dk = jax.tree.unflatten(tree, new_leaves)
+            it = iter(da)
+            full = tuple(a if i in static_pos else next(it) for i, a in enumerate(args))
+            return full, {**kwargs, **dk}
+
+        return leaves, rebuild
+
+    def _inner(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, rebuild = self._split(args, kwargs)
+        leaves = to_device_memory(leaves, self._host_positions)
+        out_tree: list[Any] = []
+
+        def flat_fn(*xs: Any) -> list[Any]:
+            a, k = rebuild(list(xs))
+            out = self.fn(*a, **k)
+            flat, tree = jax.tree.flatten(out)
+            out_tree.append(tree)
+            return flat
+
+        closed = jax.make_jaxpr(flat_fn)(*leaves)
+        inlined = inline_calls(closed)
+        rewriter = Rewriter(self.plan, self.kernel, self.interpret)
+        outs = rewriter.run(inlined.jaxpr, inlined.consts, leaves)
+        self.notes = rewriter.notes or ["no attention recognised; the program runs as jax.jit"]
+        if self._host_positions:
+            self.notes.append(host_note(self._host_positions))
+        return jax.tree.unflatten(out_tree[0], outs)
+
+    def _place_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not self._host_positions:
+            return args, kwargs
+        if not host_kind_available():
+            if NO_HOST_KIND_NOTE not in self.notes:
+                self.notes.append(NO_HOST_KIND_NOTE)
+            return args, kwargs
+        leaves, rebuild = self._split(args, kwargs)
+        return rebuild(to_host_memory(leaves, self._host_positions))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._place_inputs(args, kwargs)
+        return self._jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """The jax `Lowered` of the program as applied (`.compile()` gives the Compiled)."""
+        args, kwargs = self._place_inputs(args, kwargs)
+        return self._jitted.lower(*args, **kwargs)
+
+
+def apply_plan(fn: Callable[..., Any], plan: Plan | None, *, static_argnums: Sequence[int] = (),
+               static_argnames: Sequence[str] = (), kernel: str = "auto",
+               interpret: bool = False) -> AppliedFunction:
+    """A function that runs `fn` as `plan` says (module docstring).
+
+    Args:
+        fn: the JAX function the plan was made for.
+        plan: its Plan (block sizes of attention groups, tiers of inputs); None runs with tiles
+            of 128 and no host placement.
+        static_argnums, static_argnames: as for `jax.jit`.
+        kernel: "auto" (Pallas on GPU/TPU where it applies, else blocked JAX), "blocked",
+            "pallas-gpu" or "pallas-tpu" (falling back to blocked where not applicable).
+        interpret: run Pallas kernels in interpret mode (for testing without the hardware).
+
+    Returns:
+        An `AppliedFunction`: callable like `fn` (jit-compiled), with `.lower(*args)` returning
+        the jax Lowered stage and `.notes` listing what was applied.
+    """
+    return AppliedFunction(fn, plan, static_argnums, static_argnames, kernel, interpret)
+
+
+def lower_applied(fn: Callable[..., Any], plan: Plan | None, *args: Any,
+                  static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (),
+                  **kwargs: Any) -> Any:
+    """The jax Compiled of `fn` as `plan` runs it, for these arguments."""
+    applied = apply_plan(fn, plan, static_argnums=static_argnums,
+                         static_argnames=static_argnames)
+    return applied.lower(*args, **kwargs).compile()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tiermap.frontend.stablehlo import _entry_function, _str_attr, parse_module
+from tiermap.frontend.mlir import entry_function, parse_module, str_attr
 from tiermap.ir.program import Op, Program
 
 _CALL_KINDS = {"func.call": "callee", "stablehlo.composite": "decomposition"}
@@ -57,7 +57,7 @@ class _Annotator:
 
     def __init__(self, module: Any) -> None:
         self.module = module
-        main, self.funcs = _entry_function(module)
+        main, self.funcs = entry_function(module)
         self.main_block = main.regions[0].blocks[0]
         self.blocks: dict[tuple[int, ...], list[Any]] = {}
         self.uses: dict[str, int] = {}
@@ -73,7 +73,7 @@ class _Annotator:
                         inner = wrapped.operation
                         attr = _CALL_KINDS.get(inner.name)
                         if attr is not None:
-                            callee = _str_attr(inner, attr)
+                            callee = str_attr(inner, attr)
                             self.uses[callee] = self.uses.get(callee, 0) + delta
                         visit(inner)
 
@@ -90,7 +90,7 @@ class _Annotator:
         from jaxlib.mlir import ir
 
         attr_name = _CALL_KINDS[call.name]
-        callee = _str_attr(call, attr_name)
+        callee = str_attr(call, attr_name)
         fn = self.funcs[callee]
         if self.uses.get(callee, 0) > 1:
             self.clones += 1
@@ -148,7 +148,7 @@ def annotate_mlir(program: Program, attrs_by_op: Mapping[str, Mapping[str, Any]]
             dicts of those (see `to_attribute`).
 
     Returns:
-        Module text that parses back with the MLIR bindings (`frontend.parse_module`).
+        Module text that parses back with the MLIR bindings (`mlir.parse_module`).
 
     Raises:
         ValueError: the program has no source module, or an op id is not in the program.

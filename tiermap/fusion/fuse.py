@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tiermap.costmodel.roofline import group_cost, op_cost
 from tiermap.errors import TiermapError
-from tiermap.frontend.stablehlo import ELEMENTWISE, TRANSCENDENTAL
 from tiermap.fusion.attention import AttentionPattern, find_attention
 from tiermap.fusion.tiling import (
     MATMUL_KINDS,
@@ -53,6 +52,7 @@ from tiermap.fusion.tiling import (
     tile_fusion,
 )
 from tiermap.ir.fusion import Fusion, FusionGroup
+from tiermap.ir.ops import ELEMENTWISE, TRANSCENDENTAL
 from tiermap.ir.program import DTYPE_BITS, Op, Program
 
 if TYPE_CHECKING:
