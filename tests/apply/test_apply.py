@@ -210,3 +210,37 @@ def test_host_tier_inputs_use_pinned_host_memory() -> None:
     kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
     if "pinned_host" in kinds:
         assert any("pinned_host" in n for n in applied.notes)
+
+
+def test_attention_tiles_come_from_the_group_covering_the_same_equations() -> None:
+    """Two attentions of different lengths after a plain matmul: each takes the tiles of the plan
+    group whose matmuls sit at its own positions among the program's dot_general ops; a plan
+    without that record (as read from an older JSON) falls back to searched tiles, saying so."""
+    import dataclasses
+
+    from tiermap import Plan
+
+    q, k, v = qkv((1, 256, 2, 64))
+    q2, k2, v2 = qkv((1, 512, 2, 64), seed=1)
+    w = jnp.eye(64, dtype=q.dtype)
+    attend = jax_attention()
+
+    def fn(q, k, v, q2, k2, v2):
+        return attend(q @ w, k, v).sum() + attend(q2, k2, v2).sum()
+
+    args = (q, k, v, q2, k2, v2)
+    sds = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)
+    p = plan(fn, *sds, target="h100", workers=1, time_limit_s=10)
+    assert [a.matmul_ordinals for a in p.attention] == [(1, 2), (3, 4)]
+    assert [(a.q_len, a.kv_len) for a in p.attention] == [(256, 256), (512, 512)]
+    again = Plan.from_json(p.to_json())
+    assert again.attention == p.attention
+    applied = apply_plan(fn, p)
+    np.testing.assert_allclose(applied(*args), fn(*args), rtol=1e-4)
+    for note, group in zip(applied.notes, p.attention, strict=True):
+        tile = next(t for t in p.tiles if t.group == group.group)
+        assert f"blocks {tile.params['block_q']}x{tile.params['block_k']} " \
+               f"(plan group {group.group})" in note
+    bare = apply_plan(fn, dataclasses.replace(p, attention=()))
+    bare(*args)
+    assert all("(not in the plan)" in note for note in bare.notes)

@@ -1,9 +1,12 @@
 """The rewriter: a jaxpr re-interpreted with every matched attention replaced by a tiled kernel.
 
 Calls to `jit`-wrapped functions are inlined before matching (`tiermap/apply/match.py`); `scan`
-bodies (flax `nn.scan`) are rewritten too. The k-th attention of the program gets the block sizes
-of the plan's k-th attention group (`attn{k}`); patterns the plan does not cover (inside scan
-bodies, or where shapes differ) get tiles searched for the plan's target on the spot. The kernel
+bodies (flax `nn.scan`) are rewritten too. An attention gets the block sizes of the plan's
+attention group that covers the same equations: the plan records, per group, the positions of its
+two matmuls among the program's top-level `dot_general` ops (`Plan.attention`), and the rewriter
+counts the jaxpr's live top-level `dot_general` equations the same way; no recognition is re-run
+on the IR. Patterns the plan does not cover (inside scan bodies, or where shapes differ) get tiles
+searched for the plan's target on the spot, and the notes say so. The kernel
 is JAX's Pallas flash attention on GPU and TPU where it accepts the pattern, and the blocked JAX
 kernel of `tiermap/kernels/blocked_attention.py` everywhere else. A matched backward is replaced,
 with its forward, by `jax.vjp` of the kernel (its recomputing, tiled `custom_vjp` backward).
@@ -25,7 +28,6 @@ from tiermap.apply.attention_match import AttentionMatch, NoMatch
 from tiermap.apply.jaxpr import bind_env, bind_eqn, inline_calls, is_literal
 from tiermap.apply.match import Matcher
 from tiermap.errors import TiermapError
-from tiermap.fusion.attention import find_attention
 from tiermap.fusion.tiling import search_forward_tiles, tile_budget_bytes
 from tiermap.ir.plan import Plan
 from tiermap.kernels import pallas
@@ -148,16 +150,8 @@ class Rewriter:
         self.interpret = interpret
         self.notes: list[str] = []
         self.count = 0
-        self._ir: list[Any] | None = None
         self._matches: dict[int, tuple[Any, list[AttentionMatch]]] = {}
         self._live: dict[int, list[bool]] = {}
-
-    def ir_patterns(self) -> list[Any]:
-        if self._ir is None:
-            self._ir = []
-            if self.plan is not None and self.plan.program is not None:
-                self._ir = list(find_attention(self.plan.program))
-        return self._ir if self._ir is not None else []
 
     def matches(self, jaxpr: Any, consts: Sequence[Any]) -> list[AttentionMatch]:
         key = id(jaxpr)
@@ -170,21 +164,26 @@ class Rewriter:
             self.notes.extend(matcher.skipped)
         return hit[1]
 
-    def tiles_for(self, m: AttentionMatch, top_index: int | None) -> _Tiles:
+    def tiles_for(self, m: AttentionMatch, ordinals: tuple[int, int] | None) -> _Tiles:
+        """The plan's tiles for the attention whose matmuls are the top-level `dot_general`
+        equations at `ordinals` (the plan records them per group), else tiles searched for the
+        target (said so in the notes)."""
         plan = self.plan
-        ir = self.ir_patterns()
-        if plan is not None and top_index is not None and top_index < len(ir):
-            p = ir[top_index]
-            same = (p.q_len, p.kv_len, p.head_dim) == (m.q_len, m.kv_len, m.head_dim)
-            fwd = next((t for t in plan.tiles if t.group == f"attn{p.index}"), None)
-            bwd = next((t for t in plan.tiles if t.group == f"attn{p.index}_bwd"), None)
-            if same and fwd is not None:
-                bq, bk = int(fwd.params["block_q"]), int(fwd.params["block_k"])
-                if bwd is not None:
-                    bbq, bbk = int(bwd.params["block_q_dkv"]), int(bwd.params["block_kv_dkv"])
-                else:
-                    bbq, bbk = bq, bk
-                return _Tiles(bq, bk, bbq, bbk, f"plan group attn{p.index}")
+        if plan is not None and ordinals is not None:
+            group = next((a for a in plan.attention if a.matmul_ordinals == ordinals), None)
+            same = group is not None and (group.q_len, group.kv_len, group.head_dim) == (
+                m.q_len, m.kv_len, m.head_dim)
+            if group is not None and same:
+                fwd = next((t for t in plan.tiles if t.group == group.group), None)
+                bwd = next((t for t in plan.tiles if t.group == group.backward_group), None)
+                if fwd is not None:
+                    bq, bk = int(fwd.params["block_q"]), int(fwd.params["block_k"])
+                    if bwd is not None:
+                        bbq = int(bwd.params["block_q_dkv"])
+                        bbk = int(bwd.params["block_kv_dkv"])
+                    else:
+                        bbq, bbk = bq, bk
+                    return _Tiles(bq, bk, bbq, bbk, f"plan group {group.group}")
         return self.search_tiles(m)
 
     def search_tiles(self, m: AttentionMatch) -> _Tiles:
@@ -212,12 +211,18 @@ class Rewriter:
         at_d2 = {m.d2: m for m in matches}
         at_bwd = {m.bwd_at: m for m in matches if m.bwd_region}
         skip = set().union(*(m.region | m.bwd_region for m in matches)) if matches else set()
-        top_index = {m.d2: n for n, m in enumerate(matches)} if top else {}
+        # Top-level dot_general equations in program order, as the plan counts them (its
+        # AttentionGroupPlan.matmul_ordinals); nested bodies are not planned yet.
+        dots = [i for i, e in enumerate(jaxpr.eqns)
+                if live[i] and e.primitive.name == "dot_general"]
+        dot_ordinal = {i: n for n, i in enumerate(dots)} if top else {}
         vjps: dict[int, Any] = {}
         for idx, eqn in enumerate(jaxpr.eqns):
             if idx in at_d2:
                 m = at_d2[idx]
-                tiles = self.tiles_for(m, top_index.get(idx))
+                d1, d2 = dot_ordinal.get(m.d1), dot_ordinal.get(m.d2)
+                tiles = self.tiles_for(m, (d1, d2) if d1 is not None and d2 is not None
+                                       else None)
                 notes: list[str] = []
                 try:
                     if m.bwd_region:

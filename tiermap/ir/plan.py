@@ -138,6 +138,27 @@ class TileChoice:
 
 
 @dataclass(frozen=True)
+class AttentionGroupPlan:
+    """One attention the plan fuses and tiles, and the program equations it covers.
+
+    `op_ids` (and `backward_op_ids`) are the IR ops of the forward (backward) group.
+    `matmul_ordinals` are the positions of its two matmuls (Q·Kᵀ and P·V) among the program's
+    top-level `dot_general` ops, in program order: the key by which `tiermap.apply` finds the
+    same equations in the jaxpr it rewrites, checked against `q_len`, `kv_len`, `head_dim`.
+    `group` and `backward_group` name the fusion groups, whose block sizes are in `Plan.tiles`.
+    """
+
+    group: str
+    backward_group: str | None
+    op_ids: tuple[str, ...]
+    backward_op_ids: tuple[str, ...]
+    matmul_ordinals: tuple[int, int]
+    q_len: int
+    kv_len: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class Plan:
     """A placement of a program on a target, as plain data. See the module docstring for semantics.
 
@@ -160,6 +181,7 @@ class Plan:
     solver: SolverInfo
     tiles: tuple[TileChoice, ...] = ()
     notes: tuple[str, ...] = ()
+    attention: tuple[AttentionGroupPlan, ...] = ()
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
@@ -219,6 +241,13 @@ class Plan:
                  "traffic_bytes": c.traffic_bytes, "lower_bound_bytes": c.lower_bound_bytes,
                  "reference_bytes": c.reference_bytes, "reference": c.reference}
                 for c in self.tiles
+            ],
+            "attention": [
+                {"group": a.group, "backward_group": a.backward_group, "op_ids": list(a.op_ids),
+                 "backward_op_ids": list(a.backward_op_ids),
+                 "matmul_ordinals": list(a.matmul_ordinals), "q_len": a.q_len,
+                 "kv_len": a.kv_len, "head_dim": a.head_dim}
+                for a in self.attention
             ],
             "predicted_time_s": self.predicted_time_s,
             "lower_bound_s": self.lower_bound_s,
@@ -308,6 +337,12 @@ class Plan:
                 reference_bytes=c.get("reference_bytes"), reference=c.get("reference", ""))
                 for c in d.get("tiles", [])),
             notes=tuple(d.get("notes", [])),
+            attention=tuple(AttentionGroupPlan(
+                group=a["group"], backward_group=a.get("backward_group"),
+                op_ids=tuple(a["op_ids"]), backward_op_ids=tuple(a.get("backward_op_ids", [])),
+                matmul_ordinals=(int(a["matmul_ordinals"][0]), int(a["matmul_ordinals"][1])),
+                q_len=int(a["q_len"]), kv_len=int(a["kv_len"]), head_dim=int(a["head_dim"]))
+                for a in d.get("attention", [])),  # absent in plans written before 2026-12
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )
 

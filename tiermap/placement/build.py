@@ -8,7 +8,15 @@ from tiermap.bounds.knapsack import program_lower_bound_s
 from tiermap.costmodel.evaluate import evaluate
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
-from tiermap.ir.plan import OpPlan, Plan, Residency, SolverInfo, TensorPlan, Transfer
+from tiermap.ir.plan import (
+    AttentionGroupPlan,
+    OpPlan,
+    Plan,
+    Residency,
+    SolverInfo,
+    TensorPlan,
+    Transfer,
+)
 from tiermap.ir.program import Program
 
 
@@ -69,5 +77,32 @@ def build_plan(program: Program, target: Target, strategy: str,
         solver=solver,
         tiles=fusion.tiles if fusion is not None else (),
         notes=tuple(notes),
+        attention=attention_groups(program, fusion),
         program=program,
     )
+
+
+MATMUL_KIND = "stablehlo.dot_general"
+
+
+def attention_groups(program: Program, fusion: Fusion | None) -> tuple[AttentionGroupPlan, ...]:
+    """The attention groups of `fusion` with the program equations each covers (see
+    `AttentionGroupPlan`), in program order."""
+    if fusion is None:
+        return ()
+    ordinal = {op.id: n for n, op in enumerate(o for o in program.ops if o.kind == MATMUL_KIND)}
+    by_id = {g.id: g for g in fusion.groups}
+    out = []
+    for g in fusion.groups:
+        if g.kind != "attention":
+            continue
+        matmuls = [ordinal[i] for i in g.op_ids if i in ordinal]
+        if len(matmuls) < 2:
+            continue
+        bwd = by_id.get(f"{g.id}_bwd")
+        out.append(AttentionGroupPlan(
+            group=g.id, backward_group=bwd.id if bwd is not None else None,
+            op_ids=tuple(g.op_ids), backward_op_ids=tuple(bwd.op_ids) if bwd is not None else (),
+            matmul_ordinals=(min(matmuls), max(matmuls)), q_len=int(g.attrs.get("q_len", 0)),
+            kv_len=int(g.attrs.get("kv_len", 0)), head_dim=int(g.attrs.get("head_dim", 0))))
+    return tuple(sorted(out, key=lambda a: a.matmul_ordinals))
