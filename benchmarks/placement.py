@@ -158,7 +158,8 @@ def _greedy_respread_s(row: Row, time_limit_s: float) -> float:
     from tiermap.ir.fusion import Fusion
     from tiermap.passes.base import PipelineState
     from tiermap.passes.manager import PassManager
-    from tiermap.placement.problem import PlacementProblem, greedy_assignment
+    from tiermap.placement.baselines import greedy_assignment
+    from tiermap.placement.problem import PlacementProblem
 
     target = row.plan.target
     passes = build_passes("mip", time_limit_s)

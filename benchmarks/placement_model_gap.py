@@ -28,13 +28,15 @@ from tiermap.costmodel.evaluate import evaluate  # noqa: E402
 from tiermap.frontend.lowering import lower  # noqa: E402
 from tiermap.hardware.loader import load_target  # noqa: E402
 from tiermap.ir.fusion import Fusion  # noqa: E402
-from tiermap.passes import place_tiers  # noqa: E402
 from tiermap.passes.base import PipelineState  # noqa: E402
 from tiermap.passes.liveness import LivenessPass  # noqa: E402
 from tiermap.passes.manager import PassManager  # noqa: E402
 from tiermap.passes.schedule import SchedulePass  # noqa: E402
 from tiermap.pipeline import fusion_passes  # noqa: E402
-from tiermap.placement.problem import CostState, PlacementProblem, greedy_assignment  # noqa: E402
+from tiermap.placement import mip, mip_model  # noqa: E402
+from tiermap.placement.baselines import greedy_assignment  # noqa: E402
+from tiermap.placement.cost_state import CostState  # noqa: E402
+from tiermap.placement.problem import PlacementProblem  # noqa: E402
 
 
 def _lp_relaxation_s(problem: PlacementProblem, incumbent: dict, window_options: bool,
@@ -42,17 +44,17 @@ def _lp_relaxation_s(problem: PlacementProblem, incumbent: dict, window_options:
     """The LP relaxation of the whole-program model (seconds of predicted time), and its wall."""
     from ortools.math_opt.python import mathopt as mo
 
-    saved = place_tiers.MIP_WINDOW_OPTIONS
-    place_tiers.MIP_WINDOW_OPTIONS = window_options
+    saved = mip_model.MIP_WINDOW_OPTIONS
+    mip_model.MIP_WINDOW_OPTIONS = window_options
     try:
         state = CostState(problem, incumbent)
-        free = place_tiers._free_tensors(problem, 0, problem.num_steps - 1)
+        free = mip._free_tensors(problem, 0, problem.num_steps - 1)
         for vid in free:
             state.remove(vid)
-        model = place_tiers._WindowModel(problem, state, incumbent, free, 0,
+        model = mip_model._WindowModel(problem, state, incumbent, free, 0,
                                          problem.num_steps - 1, "highs", None)
     finally:
-        place_tiers.MIP_WINDOW_OPTIONS = saved
+        mip_model.MIP_WINDOW_OPTIONS = saved
     proto = model.model.export_model()
     del proto.variables.integers[:]
     proto.variables.integers.extend([False] * len(model.var_lb))
@@ -97,16 +99,16 @@ def main() -> None:
     print(f"| greedy | | | {1e3 * CostState(p, greedy).total_time_s():.4f} | "
           f"{respread_ms(greedy):.4f} | | |")
     t0 = time.perf_counter()
-    windowed = place_tiers.solve_mip(p, greedy, args.window_s, 0, "highs", 1)
+    windowed = mip.solve_mip(p, greedy, args.window_s, 0, "highs", 1)
     assert windowed.assignment is not None and windowed.objective is not None
     print(f"| windowed (default) | {args.window_s:g} | {time.perf_counter() - t0:.1f} | "
           f"{1e3 * windowed.objective:.4f} | {respread_ms(windowed.assignment):.4f} | | |")
-    cap = place_tiers.WINDOW_S_PER_BINARY
-    place_tiers.WINDOW_S_PER_BINARY = 1.0  # the whole limit goes to the one model
+    cap = mip.WINDOW_S_PER_BINARY
+    mip.WINDOW_S_PER_BINARY = 1.0  # the whole limit goes to the one model
     try:
         for limit_s in args.whole_s:
             t0 = time.perf_counter()
-            whole = place_tiers.solve_mip(p, windowed.assignment, limit_s, 0, "highs", 1,
+            whole = mip.solve_mip(p, windowed.assignment, limit_s, 0, "highs", 1,
                                           max_window_binaries=10**9)
             wall_s = time.perf_counter() - t0
             assert whole.assignment is not None and whole.objective is not None
@@ -116,7 +118,7 @@ def main() -> None:
                   f"{1e3 * whole.objective:.4f} | {respread_ms(whole.assignment):.4f} | {bound} "
                   f"| {gap} |")
     finally:
-        place_tiers.WINDOW_S_PER_BINARY = cap
+        mip.WINDOW_S_PER_BINARY = cap
     for options in (False, True):
         value_s, wall_s = _lp_relaxation_s(p, windowed.assignment, options, 300.0)
         label = "LP relaxation" + (", window options" if options else "")

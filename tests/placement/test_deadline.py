@@ -16,8 +16,12 @@ from tiermap.passes.manager import PassManager
 from tiermap.passes.schedule import SchedulePass
 from tiermap.passes.verify import verify_plan
 from tiermap.pipeline import plan
-from tiermap.placement.place_tiers import PlaceTiersPass, solve_mip
-from tiermap.placement.problem import PlacementProblem, greedy_assignment
+from tiermap.placement.baselines import greedy_assignment
+from tiermap.placement.mip import solve_mip
+from tiermap.placement.place_tiers import PlaceTiersPass
+
+# Time a pass may take beyond its limit on a small program: one window's model and solve
+from tiermap.placement.problem import PlacementProblem
 
 # Time a pass may take beyond its limit on a small program: one window's model and solve
 # overrun, the plan's build and verification (generous: the test machine is shared).

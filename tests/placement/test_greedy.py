@@ -8,7 +8,10 @@ import pytest
 
 from tests.passes.helpers import FAST_BPS, MIB, SLOW_BPS, program, two_tier
 from tiermap.ir.program import Program
-from tiermap.placement.problem import Choice, CostState, PlacementProblem, _read_in_place
+from tiermap.placement.baselines import _read_in_place
+from tiermap.placement.cost_state import CostState
+from tiermap.placement.problem import PlacementProblem
+from tiermap.placement.segments import Choice
 
 S = MIB
 TINY = 4

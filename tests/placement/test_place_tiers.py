@@ -186,7 +186,7 @@ def test_a_hint_highs_rejects_is_dropped_not_fatal() -> None:
     from ortools.math_opt import model_pb2
     from ortools.math_opt.python import mathopt as mo
 
-    from tiermap.placement.place_tiers import solve_with_hint_fallback
+    from tiermap.placement.mip_model import solve_with_hint_fallback
 
     data = Path(__file__).parent / "data"
     proto = model_pb2.ModelProto()
@@ -208,7 +208,8 @@ def test_respread_takes_a_transfer_off_a_kernel_another_one_rides() -> None:
     the first one (step 1), where together they stretch it to 2 * 1.048576e-4 s. Re-spreading
     moves one to the kernel at step 3: the plan gets 2 * 1.048576e-4 - 1.2e-4 s faster."""
     from tiermap.costmodel.evaluate import evaluate
-    from tiermap.placement.problem import Choice, PlacementProblem
+    from tiermap.placement.problem import PlacementProblem
+    from tiermap.placement.segments import Choice
 
     sizes = {"A": MIB, "B": MIB, "c": 4, "d": 4, "e": 4, "f": 4, "g": 4, "h": 4, "out": 4}
     prog = program(sizes, ["A", "B", "c"], [
@@ -244,7 +245,8 @@ def _evict_and_prefetch(with_y: bool) -> tuple[float, float, dict[str, tuple[int
     lives over steps 5..6 in the fast tier, which cannot hold X beside it. Returns the plan's
     time before and after re-spreading, and the transfers' steps after."""
     from tiermap.costmodel.evaluate import evaluate
-    from tiermap.placement.problem import Choice, PlacementProblem
+    from tiermap.placement.problem import PlacementProblem
+    from tiermap.placement.segments import Choice
 
     sizes = {"X": MIB, "Y": 2 * MIB, "a": 4, "out": 4,
              **{f"s{i}": 4 for i in range(1, 10)}}
@@ -307,7 +309,8 @@ def test_a_copy_too_big_for_one_kernel_is_made_in_chunks_under_two() -> None:
     hides under each: the plan takes its op times, a third of the copy less the scalar op
     faster than the even spread over 1..3."""
     from tiermap.costmodel.evaluate import evaluate
-    from tiermap.placement.problem import Choice, PlacementProblem
+    from tiermap.placement.problem import PlacementProblem
+    from tiermap.placement.segments import Choice
 
     sizes = {"X": MIB, "c": 4, "d": 4, "e": 4, "f": 4, "g": 4, "out": 4}
     prog = program(sizes, ["X", "c"], [

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tests.passes.helpers import strip_wall
 from tiermap.errors import InfeasiblePlacementError
-from tiermap.frontend.stablehlo import lower
+from tiermap.frontend.lowering import lower
 from tiermap.hardware.target import Link, Target, Tier
 from tiermap.ir.program import Program
 from tiermap.passes.liveness import compute_liveness
@@ -127,7 +127,8 @@ def test_every_strategy_verifies_and_mip_le_greedy_le_naive(data: st.DataObject)
     if "mip" in plans and not fusion:
         # the mip strategy also weighs greedy's placement after the same re-spreading
         from tiermap.costmodel.evaluate import evaluate
-        from tiermap.placement.problem import PlacementProblem, greedy_assignment
+        from tiermap.placement.baselines import greedy_assignment
+        from tiermap.placement.problem import PlacementProblem
 
         problem = PlacementProblem(prog, target, pin=True)
         residency, transfers = problem.to_plan_parts(greedy_assignment(problem), respread=True)
@@ -158,7 +159,7 @@ def test_planning_is_deterministic(data: st.DataObject) -> None:
 def _stretched(problem: Any, assignment: dict[str, Any]) -> dict[str, Any]:
     """`assignment` with every move given its longest window option (the one whose transfer
     run is most often shorter than the window)."""
-    from tiermap.placement.problem import Choice
+    from tiermap.placement.segments import Choice
 
     out = {}
     for vid, c in assignment.items():
@@ -182,8 +183,9 @@ def _model_time_s(problem: Any, assignment: dict[str, Any]) -> tuple[float, floa
     `assignment`, the cost model's time of `assignment`)."""
     from ortools.math_opt.python import mathopt
 
-    from tiermap.placement.place_tiers import _free_tensors, _WindowModel
-    from tiermap.placement.problem import CostState
+    from tiermap.placement.cost_state import CostState
+    from tiermap.placement.mip import _free_tensors
+    from tiermap.placement.mip_model import _WindowModel
 
     n = problem.num_steps
     free = _free_tensors(problem, 0, n - 1)
@@ -211,7 +213,9 @@ def test_the_mip_model_is_exact_for_the_greedy_plan(data: st.DataObject) -> None
     feasible and its optimum is greedy's predicted time: the model charges what the cost model
     charges, occupancy included (so greedy's plan is a feasible warm start of every window).
     Likewise with every move stretched to its longest window, where it fits."""
-    from tiermap.placement.problem import CostState, PlacementProblem, greedy_assignment
+    from tiermap.placement.baselines import greedy_assignment
+    from tiermap.placement.cost_state import CostState
+    from tiermap.placement.problem import PlacementProblem
 
     prog = data.draw(programs())
     target = data.draw(targets(prog))

@@ -13,7 +13,8 @@ from tiermap.ir.plan import Plan, Residency
 from tiermap.ir.program import Program
 from tiermap.passes.verify import verify_plan
 from tiermap.pipeline import plan
-from tiermap.placement.problem import PlacementProblem, greedy_assignment, naive_assignment
+from tiermap.placement.baselines import greedy_assignment, naive_assignment
+from tiermap.placement.problem import PlacementProblem
 
 S = MIB
 
