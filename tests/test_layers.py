@@ -183,3 +183,9 @@ def test_no_first_party_import_inside_a_function_without_a_reason() -> None:
     found = [f"{path.relative_to(PACKAGE.parent)}:{line}"
              for path in MODULES.values() for line in _function_local_imports(path)]
     assert found == []
+
+
+def test_no_file_of_the_package_is_over_800_lines() -> None:
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in MODULES.values()
+            if (n := len(p.read_text().splitlines())) > 800}
+    assert long == {}
