@@ -34,7 +34,8 @@ from tiermap.hardware.loader import load_target
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.program import Program
-from tiermap.options import check_plan_options
+from tiermap.loop_planning import loop_bodies, plan_with_loops
+from tiermap.options import check_plan_options, check_positive_int
 from tiermap.passes.base import Pass, PipelineState
 from tiermap.passes.liveness import LivenessPass
 from tiermap.passes.manager import PassManager
@@ -80,7 +81,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
          strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
          objective: str = "time", backend: str = "highs", workers: int | None = None,
          fusion: bool = True, passes: Sequence[Pass] | None = None,
-         capacity_bound: bool = False, **kwargs: Any) -> Plan:
+         capacity_bound: bool = False, assumed_trip_count: int = 1, **kwargs: Any) -> Plan:
     """Plan where every tensor of a JAX function (or Program) lives on `target`.
 
     Args:
@@ -99,6 +100,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         capacity_bound: also solve the capacity LP for the plan's lower bound
             (tiermap/bounds/capacity_lp.py): tighter where a tier binds; 15-50 s on 4k-op programs,
             taken out of the time limit.
+        assumed_trip_count: the trip count a `while` whose bound is not static (a loop until a
+            data-dependent condition) is planned for; the plan's notes say it was assumed.
         **kwargs: keyword arguments of the function.
 
     Raises:
@@ -108,6 +111,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         PassError: a pass failed (names the pass).
     """
     check_plan_options(strategy, objective, backend, time_limit_s, seed, workers)
+    check_positive_int("assumed_trip_count", assumed_trip_count)
     tgt = _load_target(target)
     if isinstance(fn_or_program, Program):
         if args or kwargs:
@@ -119,11 +123,28 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
     else:
         raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
                           f"{type(fn_or_program).__name__}")
-    pass_list = list(passes) if passes is not None else build_passes(
-        strategy, time_limit_s, seed, backend, workers, fusion, capacity_bound)
+    pass_list = list(passes) if passes is not None else None
+    loops = len(loop_bodies(program, assumed_trip_count))
+    # Each loop body and each planning round of the enclosing program gets a share of the time.
+    share_s = time_limit_s / (1 + loops * 2) if loops else time_limit_s
+
+    def plan_flat(prog: Program, tgt_: Target) -> Plan:
+        chosen = pass_list if pass_list is not None else build_passes(
+            strategy, share_s, seed, backend, workers, fusion, capacity_bound)
+        return _run_passes(prog, tgt_, chosen, objective, share_s)
+
+    def plan_any(prog: Program, tgt_: Target) -> Plan:
+        return plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count)
+
+    return Plan.of(plan_any(program, tgt))
+
+
+def _run_passes(program: Program, tgt: Target, pass_list: Sequence[Pass], objective: str,
+                time_limit_s: float) -> Plan:
+    """One program (its loops already priced) through the passes."""
     deadline_s = time.perf_counter() + time_limit_s
-    state = PassManager(pass_list).run(PipelineState(program, tgt, Fusion(), objective,
-                                                     deadline_s=deadline_s))
+    state = PassManager(list(pass_list)).run(PipelineState(program, tgt, Fusion(), objective,
+                                                           deadline_s=deadline_s))
     if state.plan is None:
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
     if state.fusion.notes:

@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tiermap.costmodel.roofline import compute_time_s, program_kernels
+from tiermap.costmodel.roofline import compute_lower_bound_s, program_kernels
 from tiermap.ir.plan import alias_pairs
 from tiermap.ir.program import CONSTANT_KIND
 from tiermap.mathopt import quiet_stdout
@@ -184,7 +184,7 @@ class _CapacityLp:
         writable = [t for t in res if not t.read_only]
         homes = [t for t in res if t.read_only]
         kernels = program_kernels(program, fusion)
-        compute = [compute_time_s(op, target) for op in program.ops]
+        compute = [compute_lower_bound_s(op, target) for op in program.ops]
         self.overhead_s = target.op_overhead_s
         # accesses per tensor, kernel of each step and its flop share
         self.weight = np.zeros(n)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tiermap.costmodel.roofline import compute_time_s, program_kernels
+from tiermap.costmodel.roofline import compute_lower_bound_s, program_kernels
 from tiermap.errors import TiermapError
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def program_lower_bound_s(program: Program, target: Target, fusion: Fusion | Non
     """
     tiers = target.residency_tiers or target.tiers[-1:]
     values = program.values
-    compute = [compute_time_s(op, target) for op in program.ops]
+    compute = [compute_lower_bound_s(op, target) for op in program.ops]
     overhead_s = target.op_overhead_s
     total_s = 0.0
     for k in program_kernels(program, fusion):

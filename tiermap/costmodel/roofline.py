@@ -128,8 +128,19 @@ def op_flops(op: Op, target: Target) -> float:
     return op.flops + transcendental_flops(target) * op.transcendentals
 
 
+# Op attributes set on a `while` whose body is planned (tiermap/loop_planning.py): the loop's
+# planned time and its lower bound stand for the op's compute.
+LOOP_TIME_ATTR = "loop_time_s"
+LOOP_LOWER_BOUND_ATTR = "loop_lower_bound_s"
+
+
 def compute_time_s(op: Op, target: Target) -> float:
-    """Seconds of compute: flop equivalent / (rate × units used / units); 0 for data movement."""
+    """Seconds of compute: flop equivalent / (rate × units used / units); 0 for data movement.
+
+    A `while` whose body is planned computes for the loop's planned time (`LOOP_TIME_ATTR`)."""
+    planned = op.attrs.get(LOOP_TIME_ATTR)
+    if planned is not None:
+        return float(planned)
     flops = op_flops(op, target)
     if flops <= 0.0:
         return 0.0
@@ -139,6 +150,15 @@ def compute_time_s(op: Op, target: Target) -> float:
             f"target '{target.name}' has peak {peak} FLOP/s for dtype {op.dtype} ({op.id}); "
             "fix: give [compute] peak_flops_per_s a positive figure for it")
     return flops / (peak * units_used(op, target) / max(target.units, 1))
+
+
+def compute_lower_bound_s(op: Op, target: Target) -> float:
+    """What no plan's compute time for `op` can beat: `compute_time_s`, or for a planned loop
+    the loop's lower bound (trips × its body's)."""
+    bound = op.attrs.get(LOOP_LOWER_BOUND_ATTR)
+    if bound is not None:
+        return float(bound)
+    return compute_time_s(op, target)
 
 
 # --- bytes --------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class TransformerConfig:
         attention: "hand" (einsum + softmax) or "jax" (`jax.nn.dot_product_attention`).
         mlp_ratio: hidden width of the MLP as a multiple of d_model.
         bias: whether the dense layers have biases (LayerNorm always has one).
+        scan: the blocks' parameters stacked along a leading layer axis and the blocks run by
+            `lax.scan` (as flax `nn.scan`, MaxText and Levanter write them), instead of a
+            Python loop over a list of blocks.
     """
 
     layers: int = 12
@@ -46,6 +49,7 @@ class TransformerConfig:
     attention: AttentionImpl = "hand"
     mlp_ratio: int = 4
     bias: bool = False
+    scan: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -108,11 +112,14 @@ def init_params(cfg: TransformerConfig, key: jax.Array) -> Params:
                 "b_1": jnp.zeros((hidden,), dtype), "b_2": jnp.zeros((d,), dtype),
             })
         blocks.append(block)
+    stacked: Any = blocks
+    if cfg.scan:
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
     return {
         "tok_emb": (0.02 * jax.random.normal(keys[0], (cfg.vocab, d))).astype(dtype),
         "pos_emb": (0.02 * jax.random.normal(keys[1], (cfg.seq, d))).astype(dtype),
         "ln_f_scale": jnp.ones((d,), dtype), "ln_f_bias": jnp.zeros((d,), dtype),
-        "blocks": blocks,
+        "blocks": stacked,
     }
 
 
@@ -136,8 +143,11 @@ def _block(cfg: TransformerConfig, p: Params, x: jax.Array) -> jax.Array:
 def forward(cfg: TransformerConfig, params: Params, tokens: jax.Array) -> jax.Array:
     """Logits [batch, seq, vocab] for integer `tokens` [batch, seq]."""
     x = params["tok_emb"][tokens] + params["pos_emb"][None, : tokens.shape[1]]
-    for p in params["blocks"]:
-        x = _block(cfg, p, x)
+    if cfg.scan:
+        x, _ = jax.lax.scan(lambda h, p: (_block(cfg, p, h), None), x, params["blocks"])
+    else:
+        for p in params["blocks"]:
+            x = _block(cfg, p, x)
     x = layer_norm(x, params["ln_f_scale"], params["ln_f_bias"])
     return x @ params["tok_emb"].T
 
@@ -209,11 +219,11 @@ def _abstract_params(cfg: TransformerConfig) -> Params:
 
 def transformer_forward(layers: int = 12, d_model: int = 256, heads: int = 4, seq: int = 256,
                         batch: int = 8, vocab: int = 1024, dtype: str = "float32",
-                        attention_impl: AttentionImpl = "hand", bias: bool = False
-                        ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """The decoder's forward pass: fn(params, tokens) -> logits."""
+                        attention_impl: AttentionImpl = "hand", bias: bool = False,
+                        scan: bool = False) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The decoder's forward pass: fn(params, tokens) -> logits (`scan`: blocks by lax.scan)."""
     cfg = TransformerConfig(layers, d_model, heads, seq, batch, vocab, dtype, attention_impl,
-                            bias=bias)
+                            bias=bias, scan=scan)
 
     def transformer_forward(params: Params, tokens: jax.Array) -> jax.Array:
         return forward(cfg, params, tokens)
@@ -225,8 +235,9 @@ def transformer_forward(layers: int = 12, d_model: int = 256, heads: int = 4, se
 def transformer_train(layers: int = 12, d_model: int = 256, heads: int = 4, seq: int = 256,
                       batch: int = 8, vocab: int = 1024, dtype: str = "float32",
                       attention_impl: AttentionImpl = "hand", optimizer: str = "sgd",
-                      bias: bool = False) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """One training step with integer-label cross-entropy.
+                      bias: bool = False, scan: bool = False
+                      ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """One training step with integer-label cross-entropy (`scan`: blocks by lax.scan).
 
     With `optimizer="sgd"`: fn(params, tokens, targets) -> (params, loss). With "adam":
     fn(params, opt_state, tokens, targets) -> (params, opt_state, loss).
@@ -234,7 +245,7 @@ def transformer_train(layers: int = 12, d_model: int = 256, heads: int = 4, seq:
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer={optimizer!r}: expected 'adam' or 'sgd'")
     cfg = TransformerConfig(layers, d_model, heads, seq, batch, vocab, dtype, attention_impl,
-                            bias=bias)
+                            bias=bias, scan=scan)
     params = _abstract_params(cfg)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     if optimizer == "sgd":

@@ -137,11 +137,14 @@ class _Finisher:
         short = node.kind.split(".", 1)[1]
         bodies: list[list[Op]] = []
         arg_ids: list[tuple[str, ...]] = []
+        result_ids: list[tuple[str, ...]] = []
         for r_index, (args, body, returned) in enumerate(node.regions):
             arg_ids.append(tuple(self.value(k, -1, False) for k in args))
             bodies.append(self.finish_block(body, returned, False, f"{op_id}.r{r_index}."))
+            result_ids.append(tuple(self.ids[k] for k in returned))
         if short == "while":
             node.attrs["region_args"] = tuple(arg_ids)
+            node.attrs["region_results"] = tuple(result_ids)
             all_ops = [o for ops in bodies for o in ops]
             per_trip_f = sum(o.flops for o in all_ops)
             per_trip_t = sum(o.transcendentals for o in all_ops)

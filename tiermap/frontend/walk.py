@@ -279,6 +279,7 @@ class Walker:
             region_envs.append(inner_env)
         if short == "while":
             trips = _static_trip_count(op, env, region_envs, self.consts)
+            node.attrs["static_trips"] = trips is not None
             if trips is None:
                 node.trips = 1
                 node.notes.append("while loop bound is not static; assumed 1 trip")

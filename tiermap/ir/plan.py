@@ -29,6 +29,13 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
 - Capacity: at every step, the bytes resident in a tier fit its `capacity_bytes` (whole chip).
   Read-only tiers hold program inputs only. Tiers that are `per_unit` and not `persistent` are
   scratchpads for fused tiles, never residency.
+- Loops (`Plan.loops`, schema v2): a `while` op whose body is planned is one step of the plan;
+  its body has a plan of its own (`LoopPlan.body`, one steady-state iteration, steps of its own),
+  and the op's compute time is the loop's time, `prologue_s + trips × iteration_s + epilogue_s`
+  (tiermap/ir/loops.py says how a body is cut out; tiermap/loop_planning.py how it is priced).
+  While the loop runs, each tier holds what the enclosing plan keeps there at the loop's step
+  plus `LoopPlan.reserved_bytes` (the body's own peak, less the loop operands it uses in place,
+  plus the second buffer of each slice streamed between tiers).
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from tiermap.hardware.target import Link, Target, Tier
 if TYPE_CHECKING:
     from tiermap.ir.program import Program
 
-SCHEMA = "tiermap.plan/v1"
+SCHEMA = "tiermap.plan/v2"
+# Schemas `Plan.from_json` reads: v1 (before loops) has no "loops" key.
+READ_SCHEMAS = ("tiermap.plan/v1", SCHEMA)
 # Ops whose result i is their operand i under another shape (see the module docstring).
 ALIAS_KINDS = frozenset({"stablehlo.reshape", "stablehlo.optimization_barrier"})
 
@@ -159,6 +168,89 @@ class AttentionGroupPlan:
 
 
 @dataclass(frozen=True)
+class LoopPlan:
+    """A `while` op planned as a steady state: its body's plan, run `trips` times.
+
+    Attributes:
+        op_id: the `while` op in the enclosing plan.
+        trips: iterations (static, or assumed: `static_trips` False, then `notes` say so).
+        static_trips: whether the trip count was read from the program.
+        roles: each loop operand's role (tiermap/ir/loops.py: counter, xs, ys, invariant, carry).
+        operand_inputs: loop operand index → the body input it becomes (xs: the slice).
+        operand_outputs: loop operand index → the body output that leaves it.
+        body: the plan of one iteration (its own steps, tensors and transfers).
+        body_time_s: the body plan's predicted time.
+        stream_s: per iteration, the time of the slices streamed between the stack's tier and
+            the body's (the next iteration's slice moves during this one: double buffering).
+        back_edge_s: per iteration, moving carried state whose body output lives in another tier
+            than the next iteration reads it from (not overlapped).
+        iteration_s: max(body_time_s, stream_s) + back_edge_s.
+        prologue_s: before the first iteration, loading what the body reads in another tier than
+            the enclosing plan holds it in.
+        epilogue_s: after the last, writing the carried results back where the enclosing plan
+            keeps them.
+        time_s: prologue_s + trips × iteration_s + epilogue_s.
+        lower_bound_s: trips × the body's lower bound.
+        reserved_bytes: tier → bytes the loop holds beyond the enclosing plan's tensors.
+        double_buffer_bytes: tier → bytes of the second slice buffers (part of reserved_bytes).
+        source_op_ids: body op id → the op's id inside the `while` of the enclosing program.
+        notes: how the loop was planned (assumed trips, re-planned for capacity, ...).
+    """
+
+    op_id: str
+    trips: int
+    static_trips: bool
+    roles: tuple[str, ...]
+    operand_inputs: Mapping[int, str]
+    operand_outputs: Mapping[int, str]
+    body: Plan
+    body_time_s: float
+    stream_s: float
+    back_edge_s: float
+    iteration_s: float
+    prologue_s: float
+    epilogue_s: float
+    time_s: float
+    lower_bound_s: float
+    reserved_bytes: Mapping[str, int]
+    double_buffer_bytes: Mapping[str, int]
+    source_op_ids: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "op_id": self.op_id, "trips": self.trips, "static_trips": self.static_trips,
+            "roles": list(self.roles),
+            "operand_inputs": {str(k): v for k, v in sorted(self.operand_inputs.items())},
+            "operand_outputs": {str(k): v for k, v in sorted(self.operand_outputs.items())},
+            "body_time_s": self.body_time_s, "stream_s": self.stream_s,
+            "back_edge_s": self.back_edge_s, "iteration_s": self.iteration_s,
+            "prologue_s": self.prologue_s, "epilogue_s": self.epilogue_s,
+            "time_s": self.time_s, "lower_bound_s": self.lower_bound_s,
+            "reserved_bytes": dict(self.reserved_bytes),
+            "double_buffer_bytes": dict(self.double_buffer_bytes),
+            "source_op_ids": dict(self.source_op_ids), "notes": list(self.notes),
+            "body": self.body.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoopPlan:
+        return cls(
+            op_id=d["op_id"], trips=int(d["trips"]), static_trips=bool(d["static_trips"]),
+            roles=tuple(d["roles"]),
+            operand_inputs={int(k): v for k, v in d["operand_inputs"].items()},
+            operand_outputs={int(k): v for k, v in d["operand_outputs"].items()},
+            body=Plan.from_dict(d["body"]), body_time_s=float(d["body_time_s"]),
+            stream_s=float(d["stream_s"]), back_edge_s=float(d["back_edge_s"]),
+            iteration_s=float(d["iteration_s"]), prologue_s=float(d["prologue_s"]),
+            epilogue_s=float(d["epilogue_s"]), time_s=float(d["time_s"]),
+            lower_bound_s=float(d["lower_bound_s"]),
+            reserved_bytes={k: int(v) for k, v in d["reserved_bytes"].items()},
+            double_buffer_bytes={k: int(v) for k, v in d["double_buffer_bytes"].items()},
+            source_op_ids=dict(d.get("source_op_ids", {})), notes=tuple(d.get("notes", [])))
+
+
+@dataclass(frozen=True)
 class Plan:
     """A placement of a program on a target, as plain data. See the module docstring for semantics.
 
@@ -182,6 +274,7 @@ class Plan:
     tiles: tuple[TileChoice, ...] = ()
     notes: tuple[str, ...] = ()
     attention: tuple[AttentionGroupPlan, ...] = ()
+    loops: tuple[LoopPlan, ...] = ()
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
@@ -261,23 +354,31 @@ class Plan:
                 "detail": self.solver.detail,
             },
             "notes": list(self.notes),
+            "loops": [loop.to_dict() for loop in self.loops],
             "pass_wall_s": dict(self.pass_wall_s),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
-        """The plan as schema "tiermap.plan/v1" JSON; deterministic apart from "wall" keys."""
+        """The plan as schema "tiermap.plan/v2" JSON; deterministic apart from "wall" keys."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """Read a plan written by `to_json`; raises TiermapError on another schema."""
+        """Read a plan written by `to_json` (schema v2, or v1 from before loops); raises
+        TiermapError on another schema."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TiermapError(f"plan JSON does not parse: {exc}") from None
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        if not isinstance(d, dict) or d.get("schema") not in READ_SCHEMAS:
             found = d.get("schema") if isinstance(d, dict) else type(d).__name__
-            raise TiermapError(f"plan JSON has schema {found!r}; expected {SCHEMA!r}")
+            raise TiermapError(f"plan JSON has schema {found!r}; expected one of "
+                               f"{', '.join(repr(x) for x in READ_SCHEMAS)}")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """A plan from `to_dict`'s form (the schema key is not checked here)."""
         t = d["target"]
         target = Target(
             name=t["name"], description=t.get("description", ""),
@@ -343,6 +444,7 @@ class Plan:
                 matmul_ordinals=(int(a["matmul_ordinals"][0]), int(a["matmul_ordinals"][1])),
                 q_len=int(a["q_len"]), kv_len=int(a["kv_len"]), head_dim=int(a["head_dim"]))
                 for a in d.get("attention", [])),  # absent in plans written before 2026-12
+            loops=tuple(LoopPlan.from_dict(x) for x in d.get("loops", [])),  # v2
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )
 
