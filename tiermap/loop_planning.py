@@ -24,9 +24,9 @@ The lower bound of the loop is trips × the body's lower bound. Capacity: while 
 tier holds the enclosing plan's tensors at the loop's step plus the loop's `reserved_bytes` (the
 body's peak less the loop operands it uses in place, plus the second buffers). The prologue and
 epilogue depend on where the enclosing plan puts the loop's operands, and the enclosing plan on
-the loop's time, so the two are planned in turn until the loop's time stops changing (at most
-`MAX_ROUNDS` times; if it still changes, the loop is priced at the largest time seen, which is
-never below what the final tiers need, and a note says so). A body whose peak does not fit beside
+the loop's time, so the two are planned in turn until the loop's time stops changing (after
+`MAX_ROUNDS` rounds a price may only rise, so the rounds end; a loop priced above what its final
+tiers need keeps the higher price, the difference added to its prologue, and a note says so). A body whose peak does not fit beside
 the enclosing plan is planned again with what is left of each tier.
 """
 
@@ -48,6 +48,8 @@ MAX_ROUNDS = 3
 TIME_TOLERANCE = 1e-9
 
 PlanFn = Callable[[Program, Target], Plan]
+# Plans a program on the first target; the plan is of the second (the first with less capacity).
+FlatPlanFn = Callable[[Program, Target, Target], Plan]
 
 
 @dataclass(frozen=True)
@@ -251,19 +253,29 @@ def _padded(loop: LoopPlan, priced_s: float, notes: list[str]) -> LoopPlan:
     return replace(loop, prologue_s=loop.prologue_s + extra, time_s=priced_s)
 
 
-def plan_with_loops(program: Program, target: Target, plan_flat: PlanFn, plan_body: PlanFn,
+def _less(target: Target, reserve: Mapping[str, int]) -> Target:
+    """`target` with `reserve[tier]` bytes taken off each tier's capacity."""
+    if not any(reserve.values()):
+        return target
+    tiers = tuple(replace(t, capacity_bytes=max(t.capacity_bytes - int(reserve.get(t.name, 0)),
+                                                0)) for t in target.tiers)
+    return replace(target, tiers=tiers)
+
+
+def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, plan_body: PlanFn,
                     assumed_trips: int = 1) -> Plan:
     """Plan `program` with its loops planned as steady states (module docstring).
 
-    `plan_flat` plans a program whose loops are priced ops; `plan_body` plans a loop body (and
-    handles the loops inside it). Returns the enclosing plan with `Plan.loops` set.
+    `plan_flat(program, planned_on, target)` plans a program whose loops are priced ops on
+    `planned_on` (the target less the loops' room, or the target itself) and returns a plan of
+    `target`; `plan_body` plans a loop body (and handles the loops inside it). Returns the enclosing plan with `Plan.loops` set.
 
     Raises:
         InfeasiblePlacementError: a loop's body does not fit beside the enclosing plan.
     """
     bodies = loop_bodies(program, assumed_trips)
     if not bodies:
-        return plan_flat(program, target)
+        return plan_flat(program, target, target)
     ops = {op.id: op for op in program.ops}
     body_plans = {oid: plan_body(b.program, target) for oid, b in bodies.items()}
     notes: dict[str, list[str]] = {oid: [] for oid in bodies}
@@ -274,14 +286,27 @@ def plan_with_loops(program: Program, target: Target, plan_flat: PlanFn, plan_bo
     loops = {oid: price_loop(ops[oid], b, body_plans[oid], None, target)
              for oid, b in bodies.items()}
     replanned: set[str] = set()
-    for round_index in range(MAX_ROUNDS + 1):
-        outer = plan_flat(_priced(program, loops), target)
+    reserve: dict[str, int] = {}
+    for round_index in range(MAX_ROUNDS + 3):
+        outer = plan_flat(_priced(program, loops), _less(target, reserve), target)
         under = False
+        reserving = False
         for oid, b in bodies.items():
             step = ops[oid].step
             fresh = price_loop(ops[oid], b, body_plans[oid], outer, target)
             excess = over_capacity(fresh, outer, step)
-            if excess and oid not in replanned:
+            if excess and (not reserve or reserving):
+                reserving = True
+                # First leave the loops' room in the enclosing plan (at every step).
+                # The bodies' whole peaks: the enclosing plan may hold their operands elsewhere.
+                whole = [reserved_bytes(body_plans[k], set(), loops[k].double_buffer_bytes)
+                         for k in bodies]
+                reserve = {t.name: max(w.get(t.name, 0) for w in whole) for t in target.tiers}
+                notes[oid].append(
+                    f"{oid}: the enclosing program planned leaving the loops' reserved bytes "
+                    "free, " + ", ".join(f"{t} {n} B" for t, n in sorted(reserve.items()) if n))
+                under = True
+            elif excess and oid not in replanned:
                 replanned.add(oid)
                 body_plans[oid] = plan_body(b.program, _left_for_body(target, outer, step, fresh))
                 notes[oid].append(
@@ -290,14 +315,18 @@ def plan_with_loops(program: Program, target: Target, plan_flat: PlanFn, plan_bo
                 fresh = price_loop(ops[oid], b, body_plans[oid], outer, target)
                 under = True
             priced = loops[oid].time_s
+            settling = round_index >= MAX_ROUNDS  # from here on prices only rise, so rounds end
             if fresh.time_s > priced * (1.0 + TIME_TOLERANCE):
-                under = True  # the prices only rise, so the rounds end
+                under = True
+                loops[oid] = fresh
+            elif fresh.time_s < priced * (1.0 - TIME_TOLERANCE) and not settling:
+                under = True
                 loops[oid] = fresh
             else:
                 loops[oid] = _padded(fresh, priced, notes[oid])
         if not under:
             break
-        if round_index == MAX_ROUNDS:
+        if round_index == MAX_ROUNDS + 2:
             raise TiermapError(
                 f"the loops of '{program.name}' did not settle in {MAX_ROUNDS} planning rounds; "
                 "fix: plan with fusion off or report the program")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from tiermap.bounds.knapsack import program_lower_bound_s
 from tiermap.errors import ChoiceError
 from tiermap.frontend.lowering import lower
 from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
@@ -40,7 +41,7 @@ from tiermap.passes.base import Pass, PipelineState
 from tiermap.passes.liveness import LivenessPass
 from tiermap.passes.manager import PassManager
 from tiermap.passes.schedule import SchedulePass
-from tiermap.passes.verify import VerifyPass
+from tiermap.passes.verify import VerifyPass, verify_plan
 from tiermap.placement.place_tiers import PlaceTiersPass
 from tiermap.plan_views import Plan
 
@@ -128,25 +129,36 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
     # Each loop body and each planning round of the enclosing program gets a share of the time.
     share_s = time_limit_s / (1 + loops * 2) if loops else time_limit_s
 
-    def plan_flat(prog: Program, tgt_: Target) -> Plan:
+    def plan_flat(prog: Program, planned_on: Target, tgt_: Target) -> Plan:
         chosen = pass_list if pass_list is not None else build_passes(
             strategy, share_s, seed, backend, workers, fusion, capacity_bound)
-        return _run_passes(prog, tgt_, chosen, objective, share_s)
+        return _run_passes(prog, planned_on, chosen, objective, share_s, tgt_)
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:
-        return plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count)
+        planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count)
+        if planned.loops:  # the passes verified the enclosing plan; now with its loops
+            verify_plan(planned, prog)
+        return Plan.of(planned)
 
-    return Plan.of(plan_any(program, tgt))
+    return plan_any(program, tgt)
 
 
 def _run_passes(program: Program, tgt: Target, pass_list: Sequence[Pass], objective: str,
-                time_limit_s: float) -> Plan:
-    """One program (its loops already priced) through the passes."""
+                time_limit_s: float, real: Target | None = None) -> Plan:
+    """One program (its loops already priced) through the passes, on `tgt`.
+
+    `real`: the target the plan is for when `tgt` is it with less capacity (room left for the
+    loops): the plan then names `real`, and its lower bound is the smaller of the two bounds
+    (less capacity can only raise a bound)."""
     deadline_s = time.perf_counter() + time_limit_s
     state = PassManager(list(pass_list)).run(PipelineState(program, tgt, Fusion(), objective,
                                                            deadline_s=deadline_s))
     if state.plan is None:
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
+    if real is not None and real is not tgt:
+        bound = program_lower_bound_s(state.program, real, state.fusion)
+        state = replace(state, plan=replace(state.plan, target=real, lower_bound_s=min(
+            state.plan.lower_bound_s, bound)))
     if state.fusion.notes:
         # What fusion and tiling decided (and left unfused, and why) belongs in the plan too.
         return Plan.of(replace(state.plan,

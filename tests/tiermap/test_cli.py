@@ -308,7 +308,7 @@ def test_compile_writes_each_requested_output(user_file: Path, tmp_path: Path) -
     summary = json.loads(out)
     assert summary["outputs"]["plan"] == str(out_dir / "p.json")
     plan = json.loads((out_dir / "p.json").read_text())
-    assert plan["schema"] == "tiermap.plan/v1" and PLAN_KEYS <= plan.keys()
+    assert plan["schema"] == "tiermap.plan/v2" and PLAN_KEYS <= plan.keys()
     assert plan["target"]["name"] == "sn40l" and plan["program"]["name"] == "mlp"
     assert {"id", "shape", "dtype", "nbytes", "producer_step", "last_use_step", "materialized",
             "residency"} <= plan["tensors"][0].keys()

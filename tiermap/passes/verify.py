@@ -21,7 +21,15 @@ when given, the Program) and checks the semantics fixed in tiermap/ir/plan.py:
 7. op times are at least their compute bound (flops / peak), per fusion group where fused;
 8. `predicted_time_s` ≥ Σ op times, ≥ Σ over steps of max(op time, link shares), and
    ≥ `lower_bound_s`; a "mip" plan is no worse than its baselines (1e-9 relative);
-9. the JSON round trip reproduces the plan.
+9. the JSON round trip reproduces the plan;
+10. loops (`Plan.loops`): each body plan passes 1-9 on its own; the `while` op's compute time is
+    the loop's time, which is prologue + trips × iteration + epilogue, with iteration ≥ the
+    body's time and ≥ its streams (plus the back edge); at the loop's step every tier holds the
+    enclosing plan's bytes plus the loop's reserved bytes within its capacity, and the reserve
+    covers the body's peak less at most its inputs and outputs (which may be the enclosing plan's
+    own buffers), plus the double buffers; carried state meets across the back edge (a carry
+    whose body output sits in another tier than its input is paid for in `back_edge_s`); the
+    lower bound is trips × the body's.
 
 Every failure raises `PassError("verify", ...)` naming the tensor, op, step, tier and numbers.
 """
@@ -35,8 +43,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from tiermap.costmodel.roofline import transfer_time_s
 from tiermap.errors import PassError
-from tiermap.ir.plan import Plan, TensorPlan, Transfer, alias_pairs
+from tiermap.ir.plan import LoopPlan, Plan, TensorPlan, Transfer, alias_pairs
 
 if TYPE_CHECKING:
     from tiermap.ir.program import Program
@@ -392,7 +401,87 @@ def verify_plan(plan: Plan, program: Program | None = None) -> None:
     _check_ops(plan, by_id, moves)
     _check_capacity_and_kinds(plan)
     _check_times(plan, program)
+    for loop in plan.loops:
+        _check_loop(plan, loop)
     _check_round_trip(plan)
+
+
+def _occupancy_at(plan: Plan, step: int) -> dict[str, int]:
+    held = {t.name: 0 for t in plan.target.tiers}
+    for t in plan.tensors:
+        for r in t.residency:
+            if r.from_step <= step <= r.to_step:
+                held[r.tier] += t.nbytes
+    return held
+
+
+def _check_loop(plan: Plan, loop: LoopPlan) -> None:
+    """(10) one loop of the plan."""
+    where = f"loop {loop.op_id}"
+    op = next((o for o in plan.ops if o.id == loop.op_id), None)
+    if op is None:
+        _fail(f"{where}: the plan has no op {loop.op_id}")
+        return
+    try:
+        verify_plan(loop.body)
+    except PassError as exc:
+        _fail(f"{where}: its body plan: {exc}")
+    body = loop.body
+    if loop.trips < 0 or len(loop.roles) != len(set(loop.operand_inputs) | set(
+            loop.operand_outputs) | {j for j, r in enumerate(loop.roles) if r == "xs"}):
+        _fail(f"{where}: {len(loop.roles)} operand roles do not match its inputs and outputs")
+    if not _close_le(body.predicted_time_s, loop.body_time_s) or not _close_le(
+            loop.body_time_s, body.predicted_time_s):
+        _fail(f"{where}: body time {loop.body_time_s} s, its plan predicts "
+              f"{body.predicted_time_s} s")
+    iteration = max(loop.body_time_s, loop.stream_s) + loop.back_edge_s
+    total = loop.prologue_s + loop.trips * iteration + loop.epilogue_s
+    for name, got, want in (("iteration", loop.iteration_s, iteration),
+                            ("time", loop.time_s, total), ("op compute", op.compute_time_s,
+                                                           loop.time_s)):
+        if abs(got - want) > REL_TOL * max(abs(want), 1e-30) + 1e-18:
+            _fail(f"{where}: {name} {got} s, expected {want} s")
+    if min(loop.prologue_s, loop.epilogue_s, loop.stream_s, loop.back_edge_s) < 0:
+        _fail(f"{where}: a negative time among prologue, epilogue, stream and back edge")
+    if not _close_le(loop.trips * body.lower_bound_s, loop.lower_bound_s) or not _close_le(
+            loop.lower_bound_s, loop.trips * body.lower_bound_s):
+        _fail(f"{where}: lower bound {loop.lower_bound_s} s, not trips × the body's")
+    # Carried state across the back edge.
+    by_id = {t.id: t for t in body.tensors}
+    last = max(body.num_steps - 1, 0)
+    need_s = 0.0
+    for j, role in enumerate(loop.roles):
+        if role not in ("carry", "counter"):
+            continue
+        tin, tout = by_id.get(loop.operand_inputs[j]), by_id.get(loop.operand_outputs[j])
+        if tin is None or tout is None:
+            _fail(f"{where}: carry {j} has no tensor in the body plan")
+            return
+        a = {r.tier for r in tin.residency if r.from_step <= 0 <= r.to_step}
+        b = {r.tier for r in tout.residency if r.from_step <= last <= r.to_step}
+        if a and b and not a & b:
+            need_s += transfer_time_s(tout.nbytes, min(b), min(a), plan.target)
+    if not _close_le(need_s, loop.back_edge_s):
+        _fail(f"{where}: carried state changes tier across the back edge ({need_s} s of moves), "
+              f"but back_edge_s is {loop.back_edge_s} s")
+    # Capacity while the loop runs.
+    boundary = {t.id for t in body.tensors if t.producer_step < 0}
+    boundary |= {loop.operand_outputs[j] for j in loop.operand_outputs}
+    held = _occupancy_at(plan, op.step)
+    for tier in plan.target.tiers:
+        reserve = int(loop.reserved_bytes.get(tier.name, 0))
+        if held[tier.name] + reserve > tier.capacity_bytes:
+            _fail(f"{where}: tier {tier.name} holds {held[tier.name]} bytes at step {op.step} "
+                  f"and the loop reserves {reserve}, over its capacity {tier.capacity_bytes}")
+        peak = 0
+        for s in range(body.num_steps):
+            own = sum(t.nbytes for t in body.tensors if t.id not in boundary and any(
+                r.tier == tier.name and r.from_step <= s <= r.to_step for r in t.residency))
+            peak = max(peak, own)
+        floor = peak + int(loop.double_buffer_bytes.get(tier.name, 0))
+        if reserve < floor:
+            _fail(f"{where}: reserves {reserve} bytes of {tier.name}, less than its body's "
+                  f"own peak plus double buffers ({floor})")
 
 
 @dataclass(frozen=True)
