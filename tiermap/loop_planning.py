@@ -26,8 +26,11 @@ body's peak less the loop operands it uses in place, plus the second buffers). T
 epilogue depend on where the enclosing plan puts the loop's operands, and the enclosing plan on
 the loop's time, so the two are planned in turn until the loop's time stops changing (after
 `MAX_ROUNDS` rounds a price may only rise, so the rounds end; a loop priced above what its final
-tiers need keeps the higher price, the difference added to its prologue, and a note says so). A body whose peak does not fit beside
-the enclosing plan is planned again with what is left of each tier.
+tiers need keeps the higher price, the difference added to its prologue, and a note says so).
+A body whose peak does not fit beside the enclosing plan is handled in two steps: first the
+enclosing program is planned again leaving the bodies' whole peaks free (at every step; its
+lower bound is then recomputed on the real target), then, if it still does not fit, the body is
+planned again with what is left of each tier.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from tiermap.costmodel.roofline import LOOP_LOWER_BOUND_ATTR, LOOP_TIME_ATTR, tr
 from tiermap.errors import InfeasiblePlacementError, TiermapError
 from tiermap.hardware.target import Target
 from tiermap.ir.loops import LoopBody, loop_body
-from tiermap.ir.plan import LoopPlan, Plan, TensorPlan, occupancy_bytes, tier_at_step
+from tiermap.ir.plan import LoopPlan, Plan, TensorPlan, occupancy_bytes
 from tiermap.ir.program import Op, Program
 
 # Rounds of planning the enclosing program and re-pricing its loops.
@@ -268,7 +271,8 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
 
     `plan_flat(program, planned_on, target)` plans a program whose loops are priced ops on
     `planned_on` (the target less the loops' room, or the target itself) and returns a plan of
-    `target`; `plan_body` plans a loop body (and handles the loops inside it). Returns the enclosing plan with `Plan.loops` set.
+    `target`; `plan_body` plans a loop body (and handles the loops inside it). Returns the
+    enclosing plan with `Plan.loops` set.
 
     Raises:
         InfeasiblePlacementError: a loop's body does not fit beside the enclosing plan.

@@ -153,14 +153,13 @@ def _run_passes(program: Program, tgt: Target, pass_list: Sequence[Pass], object
     deadline_s = time.perf_counter() + time_limit_s
     state = PassManager(list(pass_list)).run(PipelineState(program, tgt, Fusion(), objective,
                                                            deadline_s=deadline_s))
-    if state.plan is None:
+    planned = state.plan
+    if planned is None:
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")
     if real is not None and real is not tgt:
         bound = program_lower_bound_s(state.program, real, state.fusion)
-        state = replace(state, plan=replace(state.plan, target=real, lower_bound_s=min(
-            state.plan.lower_bound_s, bound)))
+        planned = replace(planned, target=real, lower_bound_s=min(planned.lower_bound_s, bound))
     if state.fusion.notes:
         # What fusion and tiling decided (and left unfused, and why) belongs in the plan too.
-        return Plan.of(replace(state.plan,
-                               notes=tuple(state.fusion.notes) + tuple(state.plan.notes)))
-    return Plan.of(state.plan)
+        return Plan.of(replace(planned, notes=tuple(state.fusion.notes) + tuple(planned.notes)))
+    return Plan.of(planned)

@@ -197,7 +197,7 @@ def loop_body(program: Program, op: Op, assumed_trips: int = 1) -> LoopBody | No
         for vid in o.inputs:
             if vid not in defined and vid not in inputs and vid not in captured:
                 captured.append(vid)
-    for j, vid in operand_outputs.items():  # an output that no kept op defines
+    for vid in operand_outputs.values():  # an output that no kept op defines
         if vid not in defined and vid not in inputs and vid not in captured:
             captured.append(vid)
     inputs.extend(captured)

@@ -1,0 +1,213 @@
+"""Loops planned as steady states: bodies cut out with their roles, planned once, priced around,
+verified, written in the v2 plan JSON, and the decorated programs match jax.jit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tiermap
+from tiermap.errors import ChoiceError, PassError
+from tiermap.examples.models import transformer_train
+from tiermap.frontend.lowering import lower
+from tiermap.ir.loops import loop_body
+from tiermap.passes.verify import verify_plan
+
+
+def _rnn(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def body(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h2 = jnp.tanh(h @ w)
+        return h2, h2.sum(0)
+
+    return jax.lax.scan(body, x, ws)
+
+
+WS = jnp.ones((4, 32, 32), jnp.float32) * 0.05
+X = jnp.ones((8, 32), jnp.float32)
+
+
+def _bodies(fn: Any, *args: Any) -> list[Any]:
+    program = lower(fn, *args)
+    return [b for op in program.ops if (b := loop_body(program, op)) is not None]
+
+
+def test_scan_body_roles() -> None:
+    (body,) = _bodies(_rnn, WS, X)
+    assert body.roles == ("xs", "counter", "carry", "ys")
+    assert body.trips == 4 and body.static_trips
+    # The body reads one [1, 32, 32] slice and writes one [1, 32] slice per iteration.
+    (slice_id,) = body.slice_inputs
+    assert body.program.values[slice_id].shape == (1, 32, 32)
+    assert body.program.values[body.operand_outputs[3]].shape == (1, 32)
+    assert not any(o.kind == "stablehlo.dynamic_slice" for o in body.program.ops)
+
+
+def test_transposed_scan_reads_stacked_residuals() -> None:
+    grad = jax.grad(lambda ws, x: _rnn(ws, x)[0].sum())
+    bodies = _bodies(grad, WS, X)
+    assert len(bodies) == 2
+    backward = bodies[1]
+    # The backward loop reads the residual stacks slice by slice (its index is n - 1 - i).
+    assert backward.roles.count("xs") >= 2 and "ys" in backward.roles
+
+
+def test_fori_loop_carries_and_nested_scan() -> None:
+    def nested(x: jax.Array) -> jax.Array:
+        def outer(c: jax.Array, _: Any) -> tuple[jax.Array, None]:
+            inner = jax.lax.scan(lambda d, _: (jnp.sin(d) @ jnp.ones((16, 16)), None), c,
+                                 None, length=3)[0]
+            return inner, None
+
+        return jax.lax.scan(outer, x, None, length=2)[0]
+
+    (body,) = _bodies(nested, jnp.ones((4, 16)))
+    assert body.roles.count("carry") == 1 and body.trips == 2
+    inner = [b for op in body.program.ops if (b := loop_body(body.program, op)) is not None]
+    assert len(inner) == 1 and inner[0].trips == 3
+    plan = tiermap.plan(nested, jnp.ones((4, 16)), target="h100", time_limit_s=5)
+    (loop,) = plan.loops
+    assert len(loop.body.loops) == 1 and loop.body.loops[0].trips == 3
+
+
+@pytest.mark.parametrize("target", ["sn40l", "h100"])
+def test_scan_plan_verifies_and_round_trips(target: str) -> None:
+    plan = tiermap.plan(_rnn, WS, X, target=target, time_limit_s=5)
+    (loop,) = plan.loops
+    assert loop.trips == 4 and loop.body.num_steps > 0
+    assert loop.time_s == pytest.approx(loop.prologue_s + 4 * loop.iteration_s + loop.epilogue_s)
+    assert plan.predicted_time_s >= plan.lower_bound_s
+    plan.verify()
+    text = plan.to_json()
+    data = json.loads(text)
+    assert data["schema"] == "tiermap.plan/v2" and data["loops"][0]["trips"] == 4
+    again = tiermap.Plan.from_json(text)
+    assert again.to_json() == text
+    # A v1 plan (before loops) is still read.
+    data["schema"] = "tiermap.plan/v1"
+    del data["loops"]
+    old = tiermap.Plan.from_json(json.dumps(data))
+    assert old.loops == () and old.num_steps == plan.num_steps
+
+
+def test_verifier_catches_a_mispriced_loop() -> None:
+    plan = tiermap.plan(_rnn, WS, X, target="h100", time_limit_s=5)
+    (loop,) = plan.loops
+    cheap = dataclasses.replace(loop, iteration_s=loop.iteration_s / 2,
+                                time_s=loop.prologue_s + 2 * loop.iteration_s + loop.epilogue_s)
+    with pytest.raises(PassError, match="loop"):
+        verify_plan(dataclasses.replace(plan, loops=(cheap,)))
+    small = dataclasses.replace(loop, reserved_bytes={k: 0 for k in loop.reserved_bytes})
+    with pytest.raises(PassError, match="reserves"):
+        verify_plan(dataclasses.replace(plan, loops=(small,)))
+    wrong_bound = dataclasses.replace(loop, lower_bound_s=loop.lower_bound_s * 3 + 1e-6)
+    with pytest.raises(PassError, match="lower bound"):
+        verify_plan(dataclasses.replace(plan, loops=(wrong_bound,)))
+
+
+def test_dynamic_trip_count_is_an_assumption_stated() -> None:
+    def until(x: jax.Array) -> jax.Array:
+        return jax.lax.while_loop(lambda c: c.sum() < 100.0, lambda c: c * 1.5 + 0.1, x)
+
+    plan = tiermap.plan(until, jnp.ones((8, 8)), target="h100", time_limit_s=5,
+                        assumed_trip_count=7)
+    (loop,) = plan.loops
+    assert loop.trips == 7 and not loop.static_trips
+    assert any("assumed_trip_count" in n for n in plan.notes)
+    with pytest.raises(ChoiceError):
+        tiermap.plan(until, jnp.ones((8, 8)), target="h100", assumed_trip_count=0)
+
+
+def test_scanned_training_step_against_its_unrolled_twin() -> None:
+    """On sn40l (everything fits on chip) the steady state is no worse than the unrolled plan."""
+    flat = tiermap.plan(*_args(transformer_train(layers=2, seq=64, batch=2)), target="sn40l",
+                        time_limit_s=10)
+    loop = tiermap.plan(*_args(transformer_train(layers=2, seq=64, batch=2, scan=True)),
+                        target="sn40l", time_limit_s=10)
+    assert len(loop.loops) == 2 and {x.trips for x in loop.loops} == {2}
+    assert loop.predicted_time_s <= 1.05 * flat.predicted_time_s
+    assert loop.num_steps < flat.num_steps / 2
+
+
+def _args(built: tuple[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
+    fn, args = built
+    return (fn, *args)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
+def test_decorated_scan_matches_jit(dtype: Any, tol: float) -> None:
+    ws = (jax.random.normal(jax.random.key(0), (3, 32, 32)) * 0.1).astype(dtype)
+    x = jax.random.normal(jax.random.key(1), (8, 32)).astype(dtype)
+
+    def step(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        loss, g = jax.value_and_grad(lambda w: _rnn(w, x)[0].astype(jnp.float32).sum())(ws)
+        return loss, g
+
+    fast = tiermap.jit(step, target="h100", time_limit_s=5)
+    for fn in (_rnn, step):
+        want = jax.jit(fn)(ws, x)
+        got = (tiermap.jit(fn, target="h100", time_limit_s=5) if fn is _rnn else fast)(ws, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=tol, atol=tol)
+
+
+# --- random programs with loops -----------------------------------------------------------------
+
+
+@st.composite
+def _loop_programs(draw: st.DrawFn) -> tuple[Any, tuple[jax.Array, ...]]:
+    d = draw(st.sampled_from([8, 16]))
+    trips = draw(st.integers(1, 4))
+    carries = draw(st.integers(1, 3))
+    ys_kind = draw(st.sampled_from(["none", "row", "square"]))
+    nested = draw(st.booleans())
+    under_grad = draw(st.booleans())
+    ws = jnp.linspace(-0.1, 0.1, trips * d * d, dtype=jnp.float32).reshape(trips, d, d)
+    hs = tuple(jnp.full((4, d), 0.1 * (i + 1), jnp.float32) for i in range(carries))
+
+    def body(c: tuple[jax.Array, ...], w: jax.Array) -> tuple[tuple[jax.Array, ...], Any]:
+        first = jnp.tanh(c[0] @ w)
+        if nested:
+            first = jax.lax.scan(lambda a, _: (jnp.sin(a) + a, None), first, None, length=2)[0]
+        new = (first,) + tuple(h * 0.5 + first for h in c[1:])
+        y = {"none": None, "row": first.sum(0), "square": w @ w}[ys_kind]
+        return new, y
+
+    def fn(ws: jax.Array, *hs: jax.Array) -> Any:
+        out, ys = jax.lax.scan(body, tuple(hs), ws)
+        total = sum(o.sum() for o in out)
+        return total if ys is None else (total, ys)
+
+    if under_grad:
+        def grad_fn(ws: jax.Array, *hs: jax.Array) -> Any:
+            return jax.grad(lambda w: jax.tree.leaves(fn(w, *hs))[0])(ws)
+
+        return grad_fn, (ws, *hs)
+    return fn, (ws, *hs)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(_loop_programs())
+def test_random_loop_programs(case: tuple[Any, tuple[jax.Array, ...]]) -> None:
+    fn, args = case
+    mip = tiermap.plan(fn, *args, target="h100", time_limit_s=5)
+    greedy = tiermap.plan(fn, *args, target="h100", strategy="greedy", time_limit_s=5)
+    naive = tiermap.plan(fn, *args, target="h100", strategy="naive", time_limit_s=5)
+    for p in (mip, greedy, naive):
+        assert p.loops, "the scan is planned as a loop"
+        p.verify()
+    assert mip.predicted_time_s <= greedy.predicted_time_s * (1 + 1e-9)
+    assert greedy.predicted_time_s <= naive.predicted_time_s * (1 + 1e-9)
+    want = jax.jit(fn)(*args)
+    got = tiermap.jit(fn, target="h100", time_limit_s=5)(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
