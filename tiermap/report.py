@@ -221,6 +221,10 @@ def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[s
         "tiles": [{"group": c.group, "kind": c.kind, "params": dict(c.params),
                    "traffic_bytes": c.traffic_bytes, "lower_bound_bytes": c.lower_bound_bytes}
                   for c in plan.tiles],
+        "loops": [{"op_id": x.op_id, "trips": x.trips, "static_trips": x.static_trips,
+                   "time_s": x.time_s, "iteration_s": x.iteration_s,
+                   "body_time_s": x.body_time_s, "body_steps": x.body.num_steps}
+                  for x in plan.loops],
         "outputs": dict(outputs or {}),
     }
 
@@ -443,12 +447,51 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
     if transfers:
         moved = sum(x.bytes for x in plan.transfers)
         lines += [f"{transfers} transfers move {fmt_bytes(moved)} between tiers.", ""]
+    lines += _loop_lines(plan)
     notes = list(plan.notes)
     if plan.program is not None:
         notes += list(plan.program.assumptions)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _loop_lines(plan: Plan, depth: int = 0) -> list[str]:
+    """The loops section: each loop as prologue + trips × steady-state iteration + epilogue, and
+    its iteration expanded (its costliest ops), nested loops below their loop."""
+    if not plan.loops:
+        return []
+    head = "#" * min(2 + depth, 4)
+    lines = [f"{head} Loops{' of the body' if depth else ''}", ""]
+    rows = []
+    for loop in plan.loops:
+        trips = f"{loop.trips}" + ("" if loop.static_trips else " (assumed)")
+        rows.append([f"`{loop.op_id}`", trips, fmt_time_s(loop.time_s),
+                     fmt_time_s(loop.iteration_s), fmt_time_s(loop.body_time_s),
+                     fmt_time_s(loop.stream_s), fmt_time_s(loop.back_edge_s),
+                     fmt_time_s(loop.prologue_s), fmt_time_s(loop.epilogue_s),
+                     str(loop.body.num_steps),
+                     ", ".join(f"{t} {fmt_bytes(b)}" for t, b in loop.reserved_bytes.items()
+                               if b) or "-"])
+    lines += _md_table(["loop", "trips", "loop time", "iteration", "body", "stream",
+                        "back edge", "prologue", "epilogue", "body steps", "reserved"], rows,
+                       align="lrrrrrrrrrl")
+    lines += ["", "loop time = prologue + trips × iteration + epilogue; iteration = max(body, "
+              "stream) + back edge (stream: the slices moved between the stacks' tier and the "
+              "body's, double-buffered).", ""]
+    for loop in plan.loops:
+        body = loop.body
+        roles = ", ".join(f"{j}: {r}" for j, r in enumerate(loop.roles))
+        lines += [f"One iteration of `{loop.op_id}` ({body.num_steps} steps; operands {roles}; "
+                  f"{len(body.attention)} attention groups, {len(body.tiles)} tiled groups):", ""]
+        costly = sorted(body.ops, key=lambda o: (-o.predicted_time_s, o.step))[:5]
+        orows = [[f"`{o.id}`", loop.source_op_ids.get(o.id, "-"), o.kind.split(".")[-1],
+                  o.fusion_group or "-", fmt_time_s(o.predicted_time_s)] for o in costly]
+        lines += _md_table(["op", "in the program", "kind", "group", "time"], orows,
+                           align="lllll")
+        lines.append("")
+        lines += _loop_lines(body, depth + 1)
+    return lines
 
 
 # --- rich (terminal) -----------------------------------------------------------------------------
