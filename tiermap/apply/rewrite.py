@@ -5,8 +5,11 @@ bodies (flax `nn.scan`) are rewritten too. An attention gets the block sizes of 
 attention group that covers the same equations: the plan records, per group, the positions of its
 two matmuls among the program's top-level `dot_general` ops (`Plan.attention`), and the rewriter
 counts the jaxpr's live top-level `dot_general` equations the same way; no recognition is re-run
-on the IR. Patterns the plan does not cover (inside scan bodies, or where shapes differ) get tiles
-searched for the plan's target on the spot, and the notes say so. The kernel
+on the IR. Inside a `scan` whose `while` op the plan planned as a loop (`Plan.loops`, matched by
+the position among top-level loops and the trip count), the body's attention gets the tiles of
+the body plan's groups, counted the same way among the body's `dot_general` equations. Patterns
+the plan does not cover (where shapes differ, or a loop the plan kept opaque) get tiles searched
+for the plan's target on the spot, and the notes say so. The kernel
 is JAX's Pallas flash attention on GPU and TPU where it accepts the pattern, and the blocked JAX
 kernel of `tiermap/kernels/blocked_attention.py` everywhere else. A matched backward is replaced,
 with its forward, by `jax.vjp` of the kernel (its recomputing, tiled `custom_vjp` backward).
@@ -150,6 +153,8 @@ class Rewriter:
         self.interpret = interpret
         self.notes: list[str] = []
         self.count = 0
+        # Where the plan being applied sits: "" at the top, "loop op48's body" inside a loop.
+        self.where = ""
         self._matches: dict[int, tuple[Any, list[AttentionMatch]]] = {}
         self._live: dict[int, list[bool]] = {}
 
@@ -183,7 +188,8 @@ class Rewriter:
                         bbk = int(bwd.params["block_kv_dkv"])
                     else:
                         bbq, bbk = bq, bk
-                    return _Tiles(bq, bk, bbq, bbk, f"plan group {group.group}")
+                    inside = f" of {self.where}" if self.where else ""
+                    return _Tiles(bq, bk, bbq, bbk, f"plan group {group.group}{inside}")
         return self.search_tiles(m)
 
     def search_tiles(self, m: AttentionMatch) -> _Tiles:
@@ -216,6 +222,10 @@ class Rewriter:
         dots = [i for i, e in enumerate(jaxpr.eqns)
                 if live[i] and e.primitive.name == "dot_general"]
         dot_ordinal = {i: n for n, i in enumerate(dots)} if top else {}
+        # Loops in program order, as the IR keeps them (`while` ops, each maybe a Plan.loops).
+        loop_eqns = [i for i, e in enumerate(jaxpr.eqns)
+                     if live[i] and e.primitive.name in ("scan", "while")]
+        loop_ordinal = {i: n for n, i in enumerate(loop_eqns)} if top else {}
         vjps: dict[int, Any] = {}
         for idx, eqn in enumerate(jaxpr.eqns):
             if idx in at_d2:
@@ -261,7 +271,7 @@ class Rewriter:
                 continue
             invals = [read(v) for v in eqn.invars]
             if eqn.primitive.name == "scan":
-                outs = self._scan(eqn, invals)
+                outs = self._scan(eqn, invals, loop_ordinal.get(idx))
             else:
                 outs = bind_eqn(eqn, invals)
             for v, o in zip(eqn.outvars, outs, strict=True):
@@ -287,16 +297,47 @@ class Rewriter:
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
 
-    def _scan(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    def loop_plan(self, ordinal: int | None, trips: int) -> Plan | None:
+        """The body plan of the plan's `ordinal`-th top-level `while` op, if it is planned as a
+        loop with `trips` iterations."""
+        plan = self.plan
+        if plan is None or ordinal is None:
+            return None
+        whiles = [o.id for o in sorted(plan.ops, key=lambda o: o.step)
+                  if o.kind == "stablehlo.while"]
+        if ordinal >= len(whiles):
+            return None
+        loop = next((x for x in plan.loops if x.op_id == whiles[ordinal]), None)
+        if loop is None or loop.trips != trips:
+            return None
+        return loop.body
+
+    def _scan(self, eqn: Any, invals: list[Any], ordinal: int | None = None) -> list[Any]:
         params = eqn.params
         body = inline_calls(params["jaxpr"])
         if not self.matches(body.jaxpr, body.consts):
             return bind_eqn(eqn, invals)
         nc, nk = params["num_consts"], params["num_carry"]
         consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+        body_plan = self.loop_plan(ordinal, int(params["length"]))
+        outer_plan, outer_where = self.plan, self.where
+        if body_plan is not None:
+            op_id = next(x.op_id for x in outer_plan.loops if x.body is body_plan) \
+                if outer_plan is not None else ""
+            where = f"loop {op_id}'s body"
+        else:
+            where = outer_where
 
         def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
-            outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x], top=False)
+            # The body is traced now, under its own plan (its attention groups count the body's
+            # top-level dot_general ops, as the body program does).
+            self.plan = body_plan if body_plan is not None else outer_plan
+            self.where = where
+            try:
+                outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x],
+                                top=body_plan is not None)
+            finally:
+                self.plan, self.where = outer_plan, outer_where
             return outs[:nk], outs[nk:]
 
         carry, ys = lax.scan(step, list(init), list(xs), length=params["length"],
