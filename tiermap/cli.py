@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "capacities over time (tighter where a tier binds; 15-50 s on "
                                 "4k-op programs, taken out of the time limit)")
     p_compile.add_argument("--objective", choices=OBJECTIVES, default="time")
+    p_compile.add_argument("--assumed-trip-count", type=int, default=1, metavar="N",
+                           help="trips of a loop whose bound is not static (default 1; the "
+                                "report says it was assumed)")
     p_compile.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan JSON")
     p_compile.add_argument("--mlir", metavar="OUT.mlir", help="write the annotated StableHLO")
     p_compile.add_argument("--trace", metavar="TRACE.json",
@@ -455,7 +458,8 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                    f"({ns.strategy}, time limit {ns.time_limit_s:g} s)")
         plan = tiermap.plan(program, target=target, strategy=ns.strategy,
                             time_limit_s=ns.time_limit_s, seed=ns.seed, objective=ns.objective,
-                            capacity_bound=ns.capacity_bound)
+                            capacity_bound=ns.capacity_bound,
+                            assumed_trip_count=ns.assumed_trip_count)
         compare: dict[str, Plan] = {}
         if "plots" in paths:
             for other in ("naive", "greedy"):
@@ -463,7 +467,8 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                     steps.step(f"planning the {other} baseline for the traffic chart")
                     compare[other] = tiermap.plan(program, target=target, strategy=other,
                                                   time_limit_s=ns.time_limit_s, seed=ns.seed,
-                                                  objective=ns.objective)
+                                                  objective=ns.objective,
+                                                  assumed_trip_count=ns.assumed_trip_count)
         written: dict[str, str] = {}
         writers: dict[str, Callable[[], str]] = {
             "plan": plan.to_json, "mlir": plan.annotated_mlir,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from tiermap import pipeline
 from tiermap.errors import TiermapError
 from tiermap.hardware.loader import load_target
-from tiermap.options import check_plan_options
+from tiermap.options import check_plan_options, check_positive_int
 
 if TYPE_CHECKING:
     import jax
@@ -129,11 +129,13 @@ class TiermapJitted:
     def __init__(self, fn: Callable[..., Any], *, target: str | Target = "cpu",
                  strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
                  objective: str = "time", static_argnums: int | Sequence[int] = (),
-                 static_argnames: str | Sequence[str] = ()) -> None:
+                 static_argnames: str | Sequence[str] = (), assumed_trip_count: int = 1) -> None:
         if not callable(fn):
             raise TypeError(f"tiermap.jit: expected a function, got {type(fn).__name__}")
         check_plan_options(strategy=strategy, objective=objective, time_limit_s=time_limit_s,
                            seed=seed)
+        check_positive_int("assumed_trip_count", assumed_trip_count)
+        self.assumed_trip_count = assumed_trip_count
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.target: Target = load_target(target)
@@ -236,7 +238,8 @@ class TiermapJitted:
         merged.__qualname__ = getattr(fn, "__qualname__", merged.__name__)
         plan = pipeline.plan(merged, spec_args, spec_kw, target=self.target,
                              strategy=self.strategy, time_limit_s=self.time_limit_s,
-                             seed=self.seed, objective=self.objective)
+                             seed=self.seed, objective=self.objective,
+                             assumed_trip_count=self.assumed_trip_count)
         applied = _apply(merged, plan)
         run_dynamic = jax.jit(applied)
         static_nums = {j for j in range(num_args)
@@ -299,7 +302,8 @@ def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         fn: The function (arrays or pytrees of arrays in, pytree out).
         **options: `target` (built-in name, .toml path or Target; default "cpu"), `strategy`
             ("mip" | "greedy" | "naive"), `time_limit_s`, `seed`, `objective` ("time" |
-            "energy"), `static_argnums`, `static_argnames` (as in `jax.jit`).
+            "energy"), `static_argnums`, `static_argnames` (as in `jax.jit`),
+            `assumed_trip_count` (trips of a loop whose bound is not static; default 1).
 
     Returns:
         A `TiermapJitted` (or, without `fn`, a decorator that makes one). It plans once per
@@ -308,7 +312,7 @@ def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         plan-cache statistics.
     """
     allowed = {"target", "strategy", "time_limit_s", "seed", "objective", "static_argnums",
-               "static_argnames"}
+               "static_argnames", "assumed_trip_count"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"tiermap.jit: unknown option(s) {', '.join(unknown)}; options are "

@@ -531,6 +531,15 @@ def rich_summary(plan: Plan) -> RenderableType:
     tiled = [g for g in groups if g.tile_kind]
     if groups:
         parts.append(Text(f"{len(groups)} fusion groups, {len(tiled)} tiled"))
+    for loop in plan.loops:
+        body = loop.body
+        trips = f"{loop.trips}{'' if loop.static_trips else ' (assumed)'}"
+        parts.append(Text(
+            f"loop {loop.op_id}: {trips} trips × {fmt_time_s(loop.iteration_s)} per iteration "
+            f"(body {fmt_time_s(loop.body_time_s)}, stream {fmt_time_s(loop.stream_s)}) + "
+            f"prologue/epilogue {fmt_time_s(loop.prologue_s + loop.epilogue_s)} = "
+            f"{fmt_time_s(loop.time_s)}; body {body.num_steps} steps, "
+            f"{len(body.attention)} attention, {len(body.tiles)} tiled groups"))
     return Group(*parts)
 
 

@@ -17,3 +17,8 @@ from tiermap.examples.models import transformer_train
 def build() -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """(fn, args) of the 12-layer training step; args are ShapeDtypeStruct pytrees."""
     return transformer_train(layers=12)
+
+
+def build_scan() -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The same training step with the 12 blocks stacked and run by `lax.scan`."""
+    return transformer_train(layers=12, scan=True)
