@@ -136,8 +136,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:
         planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count)
-        if planned.loops:  # the passes verified the enclosing plan; now with its loops
-            verify_plan(planned, prog)
+        if planned.loops:  # the passes verified the plan and each body; now with its loops
+            verify_plan(planned, prog, bodies=False)
         return Plan.of(planned)
 
     return plan_any(program, tgt)
