@@ -94,7 +94,7 @@ import numpy as np
 from tiermap.costmodel.roofline import compute_lower_bound_s, program_kernels
 from tiermap.ir.plan import alias_pairs
 from tiermap.ir.program import CONSTANT_KIND
-from tiermap.mathopt import quiet_stdout
+from tiermap.mathopt import load_mathopt, quiet_stdout
 
 if TYPE_CHECKING:
     from tiermap.hardware.target import Target
@@ -295,7 +295,7 @@ class _CapacityLp:
     # --- the model ------------------------------------------------------------------------------
 
     def build(self) -> None:
-        from ortools.math_opt.python import mathopt
+        mathopt = load_mathopt()
 
         self.mo = mathopt
         m = self.model = mathopt.Model(name="capacity-bound")

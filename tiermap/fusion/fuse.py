@@ -54,6 +54,7 @@ from tiermap.fusion.tiling import (
 from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.ops import ELEMENTWISE, TRANSCENDENTAL
 from tiermap.ir.program import DTYPE_BITS, Op, Program
+from tiermap.mathopt import load_mathopt
 
 if TYPE_CHECKING:
     from tiermap.hardware.target import Target
@@ -403,7 +404,7 @@ def select(cands: list[Candidate], time_limit_s: float, seed: int, workers: int)
     if not cands:
         return Selection((), "optimal", 0.0, 0.0, 0.0, "no candidates")
     try:
-        from ortools.math_opt.python import mathopt as mo
+        mo = load_mathopt()
     except ImportError as exc:  # pragma: no cover - ortools is a dependency
         chosen = _greedy(cands)
         return Selection(tuple(chosen), "greedy", _value(cands, chosen), None,

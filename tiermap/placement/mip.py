@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tiermap.errors import PassError
+from tiermap.mathopt import load_mathopt
 from tiermap.placement.cost_state import CostState
 from tiermap.placement.mip_model import (
     MAX_SWEEPS,
@@ -118,7 +119,7 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
 
     Updates `state` and `assignment` in place.
     """
-    from ortools.math_opt.python import mathopt
+    mathopt = load_mathopt()
 
     before = state.objective_value()
     step_s_before = state.step_times(np.arange(p.num_steps)) if (

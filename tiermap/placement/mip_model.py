@@ -93,7 +93,7 @@ from typing import Any
 import numpy as np
 
 from tiermap.errors import PassError
-from tiermap.mathopt import quiet_stdout
+from tiermap.mathopt import load_mathopt, quiet_stdout
 from tiermap.placement.cost_state import CostState
 from tiermap.placement.problem import PlacementProblem
 from tiermap.placement.segments import Choice, Segments
@@ -581,8 +581,8 @@ class _WindowModel:
 
     def _export(self, name: str, objective: Sequence[tuple[int, float]]) -> Any:
         """The collected variables, rows and objective (minimised) as a MathOpt model."""
+        mathopt = load_mathopt()  # first: binds OR-tools' native code to its own protobuf
         from ortools.math_opt import model_pb2
-        from ortools.math_opt.python import mathopt
 
         proto = model_pb2.ModelProto(name=name)
         num_vars = len(self.var_lb)
@@ -656,7 +656,7 @@ class _WindowModel:
 
     def solve(self, backend: str, time_limit_s: float, seed: int, workers: int,
               relative_gap: float = RELATIVE_GAP) -> Any:
-        from ortools.math_opt.python import mathopt as mo
+        mo = load_mathopt()
 
         params = mo.SolveParameters(
             time_limit=timedelta(seconds=max(time_limit_s, 0.05)),
@@ -694,7 +694,7 @@ def solve_with_hint_fallback(model: Any, solver: Any, params: Any, model_params:
     without it in the time that is left. HiGHS rejects some partial MIP starts with an
     internal error on models it solves without them; the caller keeps its incumbent unless the
     new solution is better, so dropping the hint loses nothing but speed."""
-    from ortools.math_opt.python import mathopt as mo
+    mo = load_mathopt()
 
     t0 = time.perf_counter()
     try:
