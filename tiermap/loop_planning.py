@@ -122,43 +122,42 @@ def price_loop(op: Op, body: LoopBody, body_plan: Plan, outer: Plan | None,
 
     stream_s = back_edge_s = prologue_s = epilogue_s = 0.0
     double_buffer: dict[str, int] = {}
-    aliased: dict[str, int] = {}  # body tensors that are the enclosing plan's buffers
+    aliased: set[str] = set()  # body tensors that are the enclosing plan's buffers
+
+    def stream(vid: str, inner: str | None, outer: str | None, inbound: bool) -> float:
+        """A slice moved between its stack's tier (`outer`) and the body's (`inner`) each
+        iteration, double-buffered; returns one move's time (0 when it is read in place)."""
+        if outer == inner:
+            aliased.add(vid)
+            return 0.0
+        nbytes = body_plan.tensor(vid).nbytes
+        if inner is not None:
+            double_buffer[inner] = double_buffer.get(inner, 0) + nbytes
+        return move_s(nbytes, outer, inner) if inbound else move_s(nbytes, inner, outer)
+
     for j, role in enumerate(body.roles):
         outer_in = tiers.operand[j] if tiers else None
         outer_out = tiers.result[j] if tiers else None
         if role == "xs":
             for vid, k in body.slice_inputs.items():
-                if k != j:
-                    continue
-                inner = first_tier(vid)
-                src = outer_in if tiers else inner
-                nbytes = body_plan.tensor(vid).nbytes
-                if src == inner:
-                    aliased[vid] = 1
-                else:
-                    stream_s += move_s(nbytes, src, inner)
-                    prologue_s += move_s(nbytes, src, inner)
-                    if inner is not None:
-                        double_buffer[inner] = double_buffer.get(inner, 0) + nbytes
+                if k == j:
+                    inner = first_tier(vid)
+                    one_s = stream(vid, inner, outer_in if tiers else inner, inbound=True)
+                    stream_s += one_s
+                    prologue_s += one_s  # the first slice arrives before the first iteration
         elif role == "ys":
             vid = body.operand_outputs[j]
             inner = end_tier(vid)
-            dst = outer_out if tiers else inner
-            nbytes = body_plan.tensor(vid).nbytes
-            if dst == inner:
-                aliased[vid] = 1
-            else:
-                stream_s += move_s(nbytes, inner, dst)
-                epilogue_s += move_s(nbytes, inner, dst)
-                if inner is not None:
-                    double_buffer[inner] = double_buffer.get(inner, 0) + nbytes
+            one_s = stream(vid, inner, outer_out if tiers else inner, inbound=False)
+            stream_s += one_s
+            epilogue_s += one_s  # the last slice leaves after the last iteration
         else:
             vin = body.operand_inputs[j]
             inner = first_tier(vin)
             src = outer_in if tiers else inner
             prologue_s += move_s(body_plan.tensor(vin).nbytes, src, inner)
             if src == inner:
-                aliased[vin] = 1
+                aliased.add(vin)
             vout = body.operand_outputs.get(j)
             if vout is not None:
                 out_tier = end_tier(vout)
@@ -166,14 +165,14 @@ def price_loop(op: Op, body: LoopBody, body_plan: Plan, outer: Plan | None,
                 dst = outer_out if tiers else out_tier
                 epilogue_s += move_s(body_plan.tensor(vout).nbytes, out_tier, dst)
                 if dst == out_tier:
-                    aliased[vout] = 1
+                    aliased.add(vout)
     for vid in body.captured:
         inner = first_tier(vid)
         src = tiers.captured.get(vid) if tiers else inner
         prologue_s += move_s(body_plan.tensor(vid).nbytes, src, inner)
         if src == inner:
-            aliased[vid] = 1
-    reserved = reserved_bytes(body_plan, set(aliased), double_buffer)
+            aliased.add(vid)
+    reserved = reserved_bytes(body_plan, aliased, double_buffer)
     iteration_s = max(body_plan.predicted_time_s, stream_s) + back_edge_s
     time_s = prologue_s + body.trips * iteration_s + epilogue_s
     return LoopPlan(
@@ -266,18 +265,21 @@ def _less(target: Target, reserve: Mapping[str, int]) -> Target:
 
 
 def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, plan_body: PlanFn,
-                    assumed_trips: int = 1) -> Plan:
+                    assumed_trips: int = 1, bodies: Mapping[str, LoopBody] | None = None
+                    ) -> Plan:
     """Plan `program` with its loops planned as steady states (module docstring).
 
     `plan_flat(program, planned_on, target)` plans a program whose loops are priced ops on
     `planned_on` (the target less the loops' room, or the target itself) and returns a plan of
-    `target`; `plan_body` plans a loop body (and handles the loops inside it). Returns the
-    enclosing plan with `Plan.loops` set.
+    `target`; `plan_body` plans a loop body (and handles the loops inside it); `bodies`: the
+    program's `loop_bodies`, when the caller has them. Returns the enclosing plan with
+    `Plan.loops` set.
 
     Raises:
         InfeasiblePlacementError: a loop's body does not fit beside the enclosing plan.
     """
-    bodies = loop_bodies(program, assumed_trips)
+    if bodies is None:
+        bodies = loop_bodies(program, assumed_trips)
     if not bodies:
         return plan_flat(program, target, target)
     ops = {op.id: op for op in program.ops}

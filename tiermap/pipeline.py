@@ -125,9 +125,9 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
                           f"{type(fn_or_program).__name__}")
     pass_list = list(passes) if passes is not None else None
-    loops = len(loop_bodies(program, assumed_trip_count))
+    top_bodies = loop_bodies(program, assumed_trip_count)
     # Each loop body and each planning round of the enclosing program gets a share of the time.
-    share_s = time_limit_s / (1 + loops * 2) if loops else time_limit_s
+    share_s = time_limit_s / (1 + len(top_bodies) * 2) if top_bodies else time_limit_s
 
     def plan_flat(prog: Program, planned_on: Target, tgt_: Target) -> Plan:
         chosen = pass_list if pass_list is not None else build_passes(
@@ -135,7 +135,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         return _run_passes(prog, planned_on, chosen, objective, share_s, tgt_)
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:
-        planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count)
+        planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count,
+                                  top_bodies if prog is program else None)
         if planned.loops:  # the passes verified the plan and each body; now with its loops
             verify_plan(planned, prog, bodies=False)
         return Plan.of(planned)

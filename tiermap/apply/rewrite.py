@@ -32,7 +32,7 @@ from tiermap.apply.jaxpr import bind_env, bind_eqn, inline_calls, is_literal
 from tiermap.apply.match import Matcher
 from tiermap.errors import TiermapError
 from tiermap.fusion.tiling import search_forward_tiles, tile_budget_bytes
-from tiermap.ir.plan import Plan
+from tiermap.ir.plan import LoopPlan, Plan
 from tiermap.kernels import pallas
 from tiermap.kernels.blocked_attention import LogitsTransform, blocked_attention
 
@@ -297,9 +297,9 @@ class Rewriter:
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
 
-    def loop_plan(self, ordinal: int | None, trips: int) -> Plan | None:
-        """The body plan of the plan's `ordinal`-th top-level `while` op, if it is planned as a
-        loop with `trips` iterations."""
+    def loop_plan(self, ordinal: int | None, trips: int) -> LoopPlan | None:
+        """The plan's `ordinal`-th top-level `while` op as a loop, if it is planned as one with
+        `trips` iterations."""
         plan = self.plan
         if plan is None or ordinal is None:
             return None
@@ -310,7 +310,7 @@ class Rewriter:
         loop = next((x for x in plan.loops if x.op_id == whiles[ordinal]), None)
         if loop is None or loop.trips != trips:
             return None
-        return loop.body
+        return loop
 
     def _scan(self, eqn: Any, invals: list[Any], ordinal: int | None = None) -> list[Any]:
         params = eqn.params
@@ -319,14 +319,10 @@ class Rewriter:
             return bind_eqn(eqn, invals)
         nc, nk = params["num_consts"], params["num_carry"]
         consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
-        body_plan = self.loop_plan(ordinal, int(params["length"]))
+        loop = self.loop_plan(ordinal, int(params["length"]))
+        body_plan = loop.body if loop is not None else None
         outer_plan, outer_where = self.plan, self.where
-        if body_plan is not None:
-            op_id = next(x.op_id for x in outer_plan.loops if x.body is body_plan) \
-                if outer_plan is not None else ""
-            where = f"loop {op_id}'s body"
-        else:
-            where = outer_where
+        where = f"loop {loop.op_id}'s body" if loop is not None else outer_where
 
         def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
             # The body is traced now, under its own plan (its attention groups count the body's
