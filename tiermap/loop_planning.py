@@ -349,4 +349,6 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
                 "(fewer tokens per iteration)")
         final.append(loop)
     loop_notes = tuple(n for oid in bodies for n in notes[oid])
-    return replace(outer, loops=tuple(final), notes=tuple(outer.notes) + loop_notes)
+    loop_warnings = tuple(f"{loop.op_id}'s body: {w}" for loop in final for w in loop.body.warnings)
+    return replace(outer, loops=tuple(final), notes=tuple(outer.notes) + loop_notes,
+                   warnings=tuple(outer.warnings) + loop_warnings)

@@ -8,7 +8,10 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
 from types import ModuleType
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -61,3 +64,65 @@ def load_mathopt() -> ModuleType:
             if saved is not None and deepbind:
                 sys.setdlopenflags(saved)
         return sys.modules[_NATIVE_MODULES[0]]
+
+
+# --- budgets: what decides where a solve stops --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkBudget:
+    """Where a solve stops: a deterministic work limit, and a wall-clock guard.
+
+    The work limit decides the result, the same on any machine: branch-and-bound nodes for
+    HiGHS and SCIP (`node_limit`; None: no node limit, e.g. for an LP), and for CP-SAT its
+    deterministic time (`deterministic_time`, the solver's own work units). `guard_s` is a
+    wall-clock limit that only stops a solve the work limit has not stopped first, on a machine
+    far slower or busier than the budgets are sized for; a solve that `guard_fired` can give
+    another result on another machine, and the pass that ran it says so in the plan's warnings.
+    """
+
+    node_limit: int | None
+    deterministic_time: float
+    guard_s: float
+
+
+def solve_parameters(backend: str, seed: int, workers: int, budget: WorkBudget,
+                     relative_gap: float | None = None) -> Any:
+    """MathOpt `SolveParameters` for `backend` ("highs", "scip" or "cpsat") with `budget`.
+
+    HiGHS takes its thread count and seed as options, not through MathOpt's `threads`, and
+    fixes the count process-wide on first use (another count is then an error); its MIP search
+    is serial, so it always gets one thread. SCIP runs `workers` threads; CP-SAT with more than
+    one worker interleaves its search workers (`interleave_search`), the mode in which its
+    parallel search is deterministic.
+    """
+    mo = load_mathopt()
+    params = mo.SolveParameters(time_limit=timedelta(seconds=max(budget.guard_s, 0.05)),
+                                random_seed=seed)
+    if relative_gap is not None:
+        params.relative_gap_tolerance = relative_gap
+    if backend == "highs":
+        params.highs.int_options["threads"] = 1
+        params.highs.int_options["random_seed"] = seed
+        params.highs.bool_options["output_flag"] = False
+        if budget.node_limit is not None:
+            params.node_limit = budget.node_limit
+    elif backend == "scip":
+        params.threads = workers
+        if budget.node_limit is not None:
+            params.node_limit = budget.node_limit
+    else:
+        params.threads = workers
+        params.cp_sat.max_deterministic_time = budget.deterministic_time
+        if workers > 1:
+            params.cp_sat.interleave_search = True
+        # occupancy rows count exact bytes: let CP-SAT keep bounds above its 1e7 default
+        params.cp_sat.mip_max_bound = 1e15
+    return params
+
+
+def guard_fired(result: Any) -> bool:
+    """Whether a MathOpt result stopped at its wall-clock guard (not at its work limit, a gap
+    or optimality): its outcome then depends on the machine's speed and load."""
+    mo = load_mathopt()
+    return bool(result.termination.limit == mo.Limit.TIME)

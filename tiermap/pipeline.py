@@ -160,7 +160,8 @@ def _run_passes(program: Program, tgt: Target, pass_list: Sequence[Pass], object
     if real is not None and real is not tgt:
         bound = program_lower_bound_s(state.program, real, state.fusion)
         planned = replace(planned, target=real, lower_bound_s=min(planned.lower_bound_s, bound))
-    if state.fusion.notes:
+    if state.fusion.notes or state.fusion.warnings:
         # What fusion and tiling decided (and left unfused, and why) belongs in the plan too.
-        return Plan.of(replace(planned, notes=tuple(state.fusion.notes) + tuple(planned.notes)))
+        return Plan.of(replace(planned, notes=tuple(state.fusion.notes) + tuple(planned.notes),
+                               warnings=tuple(state.fusion.warnings) + tuple(planned.warnings)))
     return Plan.of(planned)

@@ -225,6 +225,7 @@ def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[s
                    "time_s": x.time_s, "iteration_s": x.iteration_s,
                    "body_time_s": x.body_time_s, "body_steps": x.body.num_steps}
                   for x in plan.loops],
+        "warnings": list(plan.warnings),
         "outputs": dict(outputs or {}),
     }
 
@@ -448,6 +449,8 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
         moved = sum(x.bytes for x in plan.transfers)
         lines += [f"{transfers} transfers move {fmt_bytes(moved)} between tiers.", ""]
     lines += _loop_lines(plan)
+    if plan.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in plan.warnings] + [""]
     notes = list(plan.notes)
     if plan.program is not None:
         notes += list(plan.program.assumptions)
@@ -540,6 +543,8 @@ def rich_summary(plan: Plan) -> RenderableType:
             f"prologue/epilogue {fmt_time_s(loop.prologue_s + loop.epilogue_s)} = "
             f"{fmt_time_s(loop.time_s)}; body {body.num_steps} steps, "
             f"{len(body.attention)} attention, {len(body.tiles)} tiled groups"))
+    for warning in plan.warnings:
+        parts.append(Text(f"warning: {warning}", style="bold yellow"))
     return Group(*parts)
 
 

@@ -86,7 +86,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,7 +93,13 @@ import numpy as np
 from tiermap.costmodel.roofline import compute_lower_bound_s, program_kernels
 from tiermap.ir.plan import alias_pairs
 from tiermap.ir.program import CONSTANT_KIND
-from tiermap.mathopt import load_mathopt, quiet_stdout
+from tiermap.mathopt import (
+    WorkBudget,
+    guard_fired,
+    load_mathopt,
+    quiet_stdout,
+    solve_parameters,
+)
 
 if TYPE_CHECKING:
     from tiermap.hardware.target import Target
@@ -118,13 +123,17 @@ class CapacityBound:
         bound_s: the bound in seconds, None if there is no binding tier or the LP was not solved.
         status: "solved", "no binding tier" or the solver's termination reason.
         wall_s: wall time of building and solving.
-        detail: sizes and the binding tiers, for reports.
+        detail: sizes and the binding tiers, for reports (nothing that depends on timing).
+        guard_fired: the LP was stopped by its wall-clock limit, a guard: HiGHS solves an LP
+            to optimality deterministically, so only a machine far slower than expected makes
+            the bound depend on timing.
     """
 
     bound_s: float | None
     status: str
     wall_s: float
     detail: str
+    guard_fired: bool = False
 
 
 @dataclass
@@ -166,13 +175,13 @@ def capacity_lower_bound(program: Program, target: Target, fusion: Fusion | None
         return CapacityBound(None, "no binding tier", time.perf_counter() - t_start,
                              "no tier's capacity binds: the knapsack bound is the bound")
     lp.build()
-    value_s, status = lp.solve(time_limit_s, seed)
+    value_s, status, fired = lp.solve(time_limit_s, seed)
     wall_s = time.perf_counter() - t_start
     detail = (f"capacity LP over binding tier(s) {', '.join(lp.binding_names)}: "
               f"{lp.num_free} tensors free, {lp.model.get_num_variables()} variables, "
-              f"{lp.model.get_num_linear_constraints()} rows, {wall_s:.2f} s")
+              f"{lp.model.get_num_linear_constraints()} rows")
     if value_s is None:
-        return CapacityBound(None, status, wall_s, detail + f"; not solved ({status})")
+        return CapacityBound(None, status, wall_s, detail + f"; not solved ({status})", fired)
     return CapacityBound(value_s * (1.0 - LP_TOLERANCE_SLACK), "solved", wall_s, detail)
 
 
@@ -559,19 +568,17 @@ class _CapacityLp:
 
     # --- solve ----------------------------------------------------------------------------------
 
-    def solve(self, time_limit_s: float, seed: int) -> tuple[float | None, str]:
+    def solve(self, time_limit_s: float, seed: int) -> tuple[float | None, str, bool]:
+        """(bound in seconds or None, status, whether the wall-clock guard stopped it). An LP
+        has no work limit to set: HiGHS solves it to optimality, deterministically."""
         mo = self.mo
-        params = mo.SolveParameters(time_limit=timedelta(seconds=max(time_limit_s, 0.05)),
-                                    random_seed=seed)
-        params.highs.int_options["threads"] = 1
-        params.highs.int_options["random_seed"] = seed
-        params.highs.bool_options["output_flag"] = False
+        params = solve_parameters("highs", seed, 1, WorkBudget(None, 0.0, time_limit_s))
         with quiet_stdout():
             result = mo.solve(self.model, mo.SolverType.HIGHS, params=params)
         reason = result.termination.reason
         if reason != mo.TerminationReason.OPTIMAL:
-            return None, reason.name.lower()
+            return None, reason.name.lower(), guard_fired(result)
         bound = result.termination.objective_bounds.dual_bound
         if not math.isfinite(bound):
             bound = result.objective_value()
-        return float(bound) * self.tu_s, "solved"
+        return float(bound) * self.tu_s, "solved", False

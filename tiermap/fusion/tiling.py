@@ -577,7 +577,7 @@ def tile_fusion(program: Program, target: Target, fusion: Fusion) -> Fusion:
             if mm is not None:
                 tiles.append(mm)
     return Fusion(groups=tuple(groups), tiles=tuple(tiles),
-                  notes=tuple(fusion.notes) + tuple(notes))
+                  notes=tuple(fusion.notes) + tuple(notes), warnings=fusion.warnings)
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,14 @@ class FusionGroup:
 class Fusion:
     """All fusion groups of a program (only multi-op groups are listed).
 
-    `notes` says how the groups were chosen (solver, status, what was left unfused and why).
+    `notes` says how the groups were chosen (solver, status, what was left unfused and why);
+    `warnings` what may make them depend on timing (the solver's wall-clock guard fired).
     """
 
     groups: tuple[FusionGroup, ...] = ()
     tiles: tuple[TileChoice, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def group_of(self) -> dict[str, FusionGroup]:
         """Map op id → its group, for ops that are fused."""

@@ -36,6 +36,10 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   While the loop runs, each tier holds what the enclosing plan keeps there at the loop's step
   plus `LoopPlan.reserved_bytes` (the body's own peak, less the loop operands it uses in place,
   plus the second buffer of each slice streamed between tiers).
+- Determinism: the same program, target and options give the same plan JSON on any machine,
+  apart from keys that contain "wall" (every solver stops at a deterministic work limit). A
+  solver stopped by its wall-clock guard instead says so in `Plan.warnings` (a v2 key added
+  2026-12-07; plans written before it have none), and only then may the plan differ.
 """
 
 from __future__ import annotations
@@ -275,6 +279,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     attention: tuple[AttentionGroupPlan, ...] = ()
     loops: tuple[LoopPlan, ...] = ()
+    warnings: tuple[str, ...] = ()
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
@@ -354,6 +359,7 @@ class Plan:
                 "detail": self.solver.detail,
             },
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "loops": [loop.to_dict() for loop in self.loops],
             "pass_wall_s": dict(self.pass_wall_s),
         }
@@ -445,6 +451,7 @@ class Plan:
                 q_len=int(a["q_len"]), kv_len=int(a["kv_len"]), head_dim=int(a["head_dim"]))
                 for a in d.get("attention", [])),  # absent in plans written before 2026-12
             loops=tuple(LoopPlan.from_dict(x) for x in d.get("loops", [])),  # v2
+            warnings=tuple(d.get("warnings", [])),  # v2, added 2026-12-07; absent before
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )
 

@@ -11,15 +11,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from tiermap.errors import PassError
-from tiermap.mathopt import load_mathopt
+from tiermap.mathopt import WorkBudget, guard_fired, load_mathopt
 from tiermap.placement.cost_state import CostState
 from tiermap.placement.mip_model import (
+    CPSAT_DETERMINISTIC_TIME_PER_BINARY,
+    CPSAT_MIN_DETERMINISTIC_TIME,
     MAX_SWEEPS,
     MAX_WINDOW_BINARIES,
     RELATIVE_GAP,
+    SINGLE_WINDOW_NODE_LIMIT,
     SWEEP_MIN_GAIN,
+    WINDOW_NODE_LIMIT,
     WINDOW_RELATIVE_GAP,
-    WINDOW_S_PER_BINARY,
     _WindowModel,
 )
 from tiermap.placement.problem import PlacementProblem
@@ -37,6 +40,7 @@ class MipOutcome:
     objective: float | None
     num_windows: int
     detail: str
+    warnings: tuple[str, ...] = ()  # the wall-clock guard fired: the plan may depend on timing
 
 
 def _binaries_per_step(problem: PlacementProblem) -> np.ndarray:
@@ -109,12 +113,12 @@ class _WindowResult:
     gap: float | None  # within the window, the rest fixed
     bound_s: float | None  # the whole program's time bound, valid only with the rest fixed
     solved: bool
-    time_capped: bool = False  # stopped by its wall-clock limit (the result depends on timing)
+    guard_fired: bool = False  # stopped by the wall-clock guard (the result depends on timing)
 
 
 def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
-                  free: Sequence[str], c0: int, c1: int, backend: str, limit_s: float, seed: int,
-                  workers: int, label: str, relative_gap: float) -> _WindowResult:
+                  free: Sequence[str], c0: int, c1: int, backend: str, budget: WorkBudget,
+                  seed: int, workers: int, label: str, relative_gap: float) -> _WindowResult:
     """Free `free`'s decisions in [c0, c1], solve, keep the result if it is no worse.
 
     Updates `state` and `assignment` in place.
@@ -128,7 +132,7 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
         state.remove(vid)
     model = _WindowModel(p, state, assignment, free, c0, c1, backend, step_s_before)
     try:
-        result = model.solve(backend, limit_s, seed, workers, relative_gap)
+        result = model.solve(backend, budget, seed, workers, relative_gap)
     except Exception as exc:  # the solver refused the model or crashed
         for vid in free:
             state.add(vid, assignment[vid])
@@ -187,9 +191,7 @@ def _solve_window(p: PlacementProblem, state: CostState, assignment: Assignment,
                 modelled = np.array(sorted(model.T), dtype=np.int64)
                 rest_s = state.total_time_s() - float(state.step_times(modelled).sum())
                 bound_s = bounds.dual_bound * model.time_unit_s + rest_s
-    capped = (reason != mathopt.TerminationReason.OPTIMAL
-              and result.termination.limit == mathopt.Limit.TIME)
-    return _WindowResult(status, rel_gap, bound_s, solved, capped)
+    return _WindowResult(status, rel_gap, bound_s, solved, guard_fired(result))
 
 
 def _chosen_window(model: _WindowModel, vid: str, g: int, evict: bool, pair: tuple[int, int],
@@ -212,7 +214,7 @@ def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: float, seed: int,
+def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, seed: int,
               backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES,
               max_sweeps: int = MAX_SWEEPS, incumbent_spread_s: float | None = None
               ) -> MipOutcome:
@@ -221,20 +223,20 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
     every decision, warm-started from the incumbent. Longer programs are swept window by window
     (fix-and-optimise): the decisions that start in the window are free, all others stay at the
-    incumbent, so each solve keeps or improves the whole plan. While time is left and the last
-    sweep improved the plan by SWEEP_MIN_GAIN or more, another sweep runs over windows shifted
-    by half (cut where the last sweep's windows had their middles); it stops early once the
+    incumbent, so each solve keeps or improves the whole plan. While the last sweep improved the
+    plan by SWEEP_MIN_GAIN or more, another sweep runs over windows shifted by half (cut where
+    the last sweep's windows had their middles), up to `max_sweeps`; it stops early once the
     windows it solved gained less than SWEEP_MIN_GAIN times their share of the binaries. With
     the time objective, another sweep also needs the last one to have improved the plan as the
     pass returns it (transfers re-spread, `respread_moves`) by SWEEP_MIN_GAIN: the MIP scores
     each transfer on its own best steps, and a gain there can vanish once they are re-spread.
     `incumbent_spread_s` is that time for the incumbent, if the caller has it.
 
-    A window gets its share (by binaries) of the time left, at most WINDOW_S_PER_BINARY per
-    binary. Model building counts against `time_limit_s`; a solve may overrun its limit by the
-    solver's own overhead, and one of at least 0.05 s is always made. Solves stopped by their
-    time limit, and windows or sweeps left out for lack of time, make the plan depend on the
-    machine's speed and load: the outcome's detail counts them.
+    Every solve stops at a deterministic work limit (`_budget`), so the outcome is the same on
+    any machine. `guard_s` is a wall-clock guard over all of it (model building included):
+    each solve may run for what is left of it, and once it is spent the remaining windows keep
+    the incumbent. A guard that fires makes the plan depend on the machine's speed and load;
+    the outcome's `warnings` say so.
     """
     t_start = time.perf_counter()
     p = problem
@@ -257,7 +259,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
     sweep = 0
     spread_s = incumbent_spread_s
     stopped = ""
-    capped = 0  # window solves whose outcome depended on the wall clock
+    fired = 0  # solves stopped by the guard, and windows left out once it was spent
     sweep_windows = windows
     while True:
         weights = [max(float(cum[c1 + 1] - cum[c0]), 1.0) for c0, c1 in sweep_windows]
@@ -268,30 +270,28 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
             if not free:
                 results.append(_WindowResult("optimal", 0.0, None, True))
                 continue
-            left_s = time_limit_s - (time.perf_counter() - t_start)
+            left_s = guard_s - (time.perf_counter() - t_start)
             gained = before - state.objective_value()
             out_of_time = left_s <= 0.0 and bool(results)
             if out_of_time or (sweep > 0 and i > 0 and gained < (
                     SWEEP_MIN_GAIN * abs(before) * sum(weights[:i]) / sum(weights))):
-                # out of time, or this sweep no longer pays: the rest keep the incumbent
+                # the guard is spent, or this sweep no longer pays: the rest keep the incumbent
                 results.append(_WindowResult("skipped", None, None, False, out_of_time))
                 continue
-            limit_s = max(min(left_s * weights[i] / max(sum(weights[i:]), 1.0),
-                              WINDOW_S_PER_BINARY * weights[i]), 0.05)
             label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
-            res = _solve_window(p, state, assignment, free, c0, c1, backend, limit_s, seed,
+            res = _solve_window(p, state, assignment, free, c0, c1, backend,
+                                _budget(backend, weights[i], len(windows) == 1, left_s), seed,
                                 workers, label, RELATIVE_GAP if len(windows) == 1
                                 else WINDOW_RELATIVE_GAP)
             solved_any = solved_any or res.solved
             results.append(res)
         sweep += 1
-        capped += sum(r.time_capped for r in results)
-        left_s = time_limit_s - (time.perf_counter() - t_start)
+        fired += sum(r.guard_fired for r in results)
         improved = state.objective_value() < before * (1 - SWEEP_MIN_GAIN)
         if len(windows) == 1 or sweep >= max_sweeps or not improved:
             break
-        if left_s < 0.1 * time_limit_s:
-            capped += 1  # another sweep would have run with more time
+        if guard_s - (time.perf_counter() - t_start) <= 0.0:
+            fired += 1  # another sweep would have run: the guard is spent
             break
         if p.objective == "time":
             # the plan is the placement re-spread: a sweep that did not pay there ends it
@@ -304,27 +304,38 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, time_limit_s: fl
                 break
             spread_s = now_s
         sweep_windows = _shifted(sweep_windows) if sweep % 2 else windows
+    warnings = (f"place-tiers: the MIP's wall-clock guard ({guard_s:.3g} s) fired on {fired} "
+                "window solve(s) or sweep(s) before their deterministic work limits, so this "
+                "plan can differ on a faster or less busy machine (a longer time limit avoids "
+                "it)",) if fired else ()
     if not solved_any:
         return MipOutcome(None, "greedy_fallback", None, None, None, len(windows),
                           "no solve returned a solution (" + ", ".join(
-                              r.status for r in results) + ")")
-    timing = (f"; {capped} window solve(s) or sweep(s) cut short by the wall clock, so the "
-              "plan can differ on a slower or busier machine (a longer time limit avoids it)"
-              if capped else "")
+                              r.status for r in results) + ")", warnings)
     if len(windows) == 1:
         res = results[0]
         return MipOutcome(assignment, res.status, res.gap, res.bound_s,
                           state.objective_value(), 1,
-                          f"one window; solver status {res.status}" + timing)
+                          f"one window; solver status {res.status}", warnings)
     gaps = ",".join("?" if r.gap is None else f"{100 * r.gap:.2g}%" for r in results)
     detail = (f"{len(windows)} windows, {sweep} sweep(s) of fix-and-optimise; gaps of the last "
               f"sweep's windows, each with the rest fixed: {gaps}")
     skipped = sum(r.status == "skipped" for r in results)
     if skipped:
-        detail += (f" ({skipped} of them skipped: the sweep no longer paid, or time ran out)")
-    detail += stopped + timing
+        detail += (f" ({skipped} of them skipped: the sweep no longer paid"
+                   f"{', or the guard was spent' if fired else ''})")
+    detail += stopped
     return MipOutcome(assignment, "feasible", None, None, state.objective_value(), len(windows),
-                      detail)
+                      detail, warnings)
+
+
+def _budget(backend: str, binaries: float, whole: bool, guard_s: float) -> WorkBudget:
+    """A window's work limit: WINDOW_NODE_LIMIT nodes (SINGLE_WINDOW_NODE_LIMIT when the window
+    is the whole program), or CP-SAT's deterministic time by the window's binaries; the guard
+    is what is left of the MIP's."""
+    nodes = SINGLE_WINDOW_NODE_LIMIT if whole else WINDOW_NODE_LIMIT
+    det = max(CPSAT_DETERMINISTIC_TIME_PER_BINARY * binaries, CPSAT_MIN_DETERMINISTIC_TIME)
+    return WorkBudget(None if backend == "cpsat" else nodes, det, max(guard_s, 0.05))
 
 
 def _respread_time_s(problem: PlacementProblem, assignment: Assignment) -> float:

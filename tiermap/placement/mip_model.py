@@ -57,12 +57,15 @@ Objective
  (O2) energy: minimise sum bytes * energy_pj_per_byte over accesses and transfers (on both tiers)
       + 1e-6 * sum_s T[s], subject to sum_s T[s] <= the incumbent's time at those steps.
 
-Every solve has a time limit, a seed and a worker count, and the incumbent (the greedy plan) as
-its solution hint. A program whose MIP has more than MAX_WINDOW_BINARIES binaries is decomposed
-into windows of steps solved in turn (fix-and-optimise): a window frees the decisions that start
-in it and keeps all others at the incumbent, so each solve keeps or improves the whole plan. A
-window's bound holds only with the rest fixed, so a decomposed solve is reported as "feasible",
-its gap measured against the program's lower bound (tiermap/bounds/knapsack.py).
+Every solve has a deterministic work limit (WINDOW_NODE_LIMIT branch-and-bound nodes, or CP-SAT's
+deterministic time), a wall-clock guard behind it (the time left of the MIP's limit), a seed and a
+worker count, and the incumbent (the greedy plan) as its solution hint. The work limits decide the
+plan, so the same input gives the same plan on any machine; a guard that fires is a warning in the
+plan (`Plan.warnings`). A program whose MIP has more than MAX_WINDOW_BINARIES binaries is
+decomposed into windows of steps solved in turn (fix-and-optimise): a window frees the decisions
+that start in it and keeps all others at the incumbent, so each solve keeps or improves the whole
+plan. A window's bound holds only with the rest fixed, so a decomposed solve is reported as
+"feasible", its gap measured against the program's lower bound (tiermap/bounds/knapsack.py).
 
 A move's window (V4/V5) is how long the tensor is held for it; its link time is spread over
 the run of steps inside the window that hides it best under the estimated op times
@@ -76,7 +79,7 @@ be made in chunks), and keeps the result only if it is faster and fits.
 
 The plan the MIP finds is re-evaluated by the cost model; if it is worse than greedy (it should
 not be: the model is exact for segment-form plans) the greedy plan is returned and the notes
-say so. If no solve returns a solution in time, the greedy plan is returned with solver status
+say so. If no solve returns a solution, the greedy plan is returned with solver status
 "greedy_fallback".
 """
 
@@ -93,7 +96,7 @@ from typing import Any
 import numpy as np
 
 from tiermap.errors import PassError
-from tiermap.mathopt import load_mathopt, quiet_stdout
+from tiermap.mathopt import WorkBudget, load_mathopt, quiet_stdout, solve_parameters
 from tiermap.placement.cost_state import CostState
 from tiermap.placement.problem import PlacementProblem
 from tiermap.placement.segments import Choice, Segments
@@ -112,12 +115,18 @@ MIP_WINDOW_OPTIONS = False
 # within twice XLA's compile time (benchmarks/placement.py), sn40l stops after two by itself.
 MAX_SWEEPS = 2
 SWEEP_MIN_GAIN = 1e-3
-# A window's solve gets at most this many seconds per binary variable that starts in it (a
-# window of MAX_WINDOW_BINARIES binaries: 0.6 s), however much of the time limit is left, so that
-# a long time limit is a bound on planning time, not its length. Measured on the 12-layer
-# training step: 1e-3 took the starved a100-256m MIP 14.7 s for 40.73 ms after re-spreading,
-# 4e-4 took 7.5 s for 42.36 ms; on sn40l 4e-4 is as good as 1e-3 in 3.6 s.
-WINDOW_S_PER_BINARY = 4e-4
+# Where a window's solve stops (deterministic work, see tiermap/mathopt.py `WorkBudget`): HiGHS
+# and SCIP at this many branch-and-bound nodes, i.e. the root node with its presolve, cuts and
+# heuristics. Measured on the 12-layer training step, starved a100-256m (docs/benchmarks.md,
+# "Determinism"): 1 node and 20 nodes give the same plan (40.32 ms), 20 take 1.16x as long; the
+# wall-clock windows this replaces stopped at node 0 on a busy machine.
+WINDOW_NODE_LIMIT = 1
+# A program that is one window (a small one) may branch further, to prove its plan optimal.
+SINGLE_WINDOW_NODE_LIMIT = 1000
+# CP-SAT's deterministic time (its own work units, about seconds on one fast core) per binary
+# variable that starts in the window, and at least CPSAT_MIN_DETERMINISTIC_TIME.
+CPSAT_DETERMINISTIC_TIME_PER_BINARY = 4e-4
+CPSAT_MIN_DETERMINISTIC_TIME = 0.5
 # Relative gap at which a solve stops: the whole program in one window, or one of several
 # windows (looser, so that time is left for another sweep).
 RELATIVE_GAP = 1e-4
@@ -654,46 +663,29 @@ class _WindowModel:
 
     # --- solve ----------------------------------------------------------------------------
 
-    def solve(self, backend: str, time_limit_s: float, seed: int, workers: int,
+    def solve(self, backend: str, budget: WorkBudget, seed: int, workers: int,
               relative_gap: float = RELATIVE_GAP) -> Any:
         mo = load_mathopt()
 
-        params = mo.SolveParameters(
-            time_limit=timedelta(seconds=max(time_limit_s, 0.05)),
-            random_seed=seed,
-            relative_gap_tolerance=relative_gap,
-        )
-        if backend == "highs":
-            solver = mo.SolverType.HIGHS
-            # HiGHS takes its thread count as an option, not through MathOpt's `threads`, and
-            # fixes it process-wide on first use (another count is then an error). Its MIP
-            # search is serial, so one thread: `solver_workers` reports 1 for HiGHS.
-            params.highs.int_options["threads"] = solver_workers("highs", workers)
-            params.highs.int_options["random_seed"] = seed
-            params.highs.bool_options["output_flag"] = False
-        elif backend == "scip":
-            solver = mo.SolverType.GSCIP
-            params.threads = workers
-        else:
-            solver = mo.SolverType.CP_SAT
-            params.threads = workers
-            # occupancy rows count exact bytes: let CP-SAT keep bounds above its 1e7 default
-            params.cp_sat.mip_max_bound = 1e15
+        params = solve_parameters(backend, seed, solver_workers(backend, workers), budget,
+                                  relative_gap)
+        solver = {"highs": mo.SolverType.HIGHS, "scip": mo.SolverType.GSCIP}.get(
+            backend, mo.SolverType.CP_SAT)
         model_params = None
         if self.hint_values:
             hint = {self.model.get_variable(v, validate=False): value
                     for v, value in self.hint_values.items()}
             model_params = mo.ModelSolveParameters(
                 solution_hints=[mo.SolutionHint(variable_values=hint)])
-        return solve_with_hint_fallback(self.model, solver, params, model_params, time_limit_s)
+        return solve_with_hint_fallback(self.model, solver, params, model_params, budget.guard_s)
 
 
 def solve_with_hint_fallback(model: Any, solver: Any, params: Any, model_params: Any,
-                             time_limit_s: float) -> Any:
-    """`mathopt.solve` with the hint in `model_params`; if the solver fails on it, again
-    without it in the time that is left. HiGHS rejects some partial MIP starts with an
-    internal error on models it solves without them; the caller keeps its incumbent unless the
-    new solution is better, so dropping the hint loses nothing but speed."""
+                             guard_s: float) -> Any:
+    """`mathopt.solve` with the hint in `model_params`; if the solver fails on it, again without it
+    (the same work limit, the guard's time that is left). HiGHS rejects some partial MIP starts
+    with an internal error on models it solves without them; the caller keeps its incumbent
+    unless the new solution is better, so dropping the hint loses nothing but speed."""
     mo = load_mathopt()
 
     t0 = time.perf_counter()
@@ -703,7 +695,7 @@ def solve_with_hint_fallback(model: Any, solver: Any, params: Any, model_params:
     except Exception:
         if model_params is None:
             raise
-        params.time_limit = timedelta(seconds=max(time_limit_s - (time.perf_counter() - t0),
+        params.time_limit = timedelta(seconds=max(guard_s - (time.perf_counter() - t0),
                                                   0.05))
         with quiet_stdout():
             return mo.solve(model, solver, params=params)

@@ -55,10 +55,13 @@ class PlaceTiersPass:
 
     Attributes:
         strategy: "mip" (OR-tools, warm-started from greedy), "greedy" or "naive".
-        time_limit_s: the MIP's wall-clock limit (all windows together). With a deadline in the
-            state (`PipelineState.deadline_s`) the MIP gets less when less is left: see
-            `mip_time_limit_s`; with no time left it is skipped (status "greedy_fallback").
-            The plan's `SolverInfo.time_limit_s` is the limit the MIP was given.
+        time_limit_s: the MIP's wall-clock guard (all windows together). Its solves stop at
+            deterministic work limits (tiermap/placement/mip_model.py, WINDOW_NODE_LIMIT), which
+            decide the plan; the guard only stops them on a machine too slow or busy for those.
+            With a deadline in the state (`PipelineState.deadline_s`) the guard is less when
+            less is left: see `mip_time_limit_s`; with no time left the MIP is skipped (status
+            "greedy_fallback"). Either is a warning in the plan. The plan's
+            `SolverInfo.time_limit_s` is this configured guard.
         seed: the solver's random seed.
         backend: "highs", "scip" or "cpsat".
         workers: solver threads (None: `default_workers()`); HiGHS always runs one.
@@ -101,12 +104,17 @@ class PlaceTiersPass:
                     "figures to the target file, or use objective='time'")
         lower_bound_s = program_lower_bound_s(program, target, state.fusion)
         bound_notes: tuple[str, ...] = ()
+        bound_warnings: tuple[str, ...] = ()
         if self.capacity_bound:
             left_s = state.seconds_left()
             cap = capacity_lower_bound(
                 program, target, state.fusion, seed=self.seed,
                 time_limit_s=CAPACITY_LP_TIME_LIMIT_S if left_s is None else max(
                     min(CAPACITY_LP_TIME_LIMIT_S, left_s / 3), 0.1))
+            if cap.guard_fired:
+                bound_warnings = (f"place-tiers: the capacity LP stopped at its wall-clock "
+                                  f"guard ({cap.status}), so the lower bound can differ on "
+                                  "another machine",)
             if cap.bound_s is not None and cap.bound_s > lower_bound_s:
                 bound_notes = (f"lower bound {cap.bound_s:.6g} s from the {cap.detail} "
                                f"(the per-step knapsack bound is {lower_bound_s:.6g} s)",)
@@ -115,8 +123,9 @@ class PlaceTiersPass:
                 bound_notes = (f"lower bound: the per-step knapsack ({lower_bound_s:.6g} s); "
                                f"the capacity LP gave no more ({cap.status}: {cap.detail})",)
         out = self._place(state, lower_bound_s)
-        if bound_notes and out.plan is not None:
-            out = replace(out, plan=replace(out.plan, notes=out.plan.notes + bound_notes))
+        if (bound_notes or bound_warnings) and out.plan is not None:
+            out = replace(out, plan=replace(out.plan, notes=out.plan.notes + bound_notes,
+                                            warnings=bound_warnings + out.plan.warnings))
         return out
 
     def _place(self, state: PipelineState, lower_bound_s: float) -> PipelineState:
@@ -182,25 +191,36 @@ class PlaceTiersPass:
              plan_build_s: float) -> Plan:
         program, target = state.program, state.target
         left_s = state.seconds_left()
+        warnings: list[str] = []
         # greedy's placement with its transfers re-spread: the MIP's sweeps must beat it, and
         # it is returned when the MIP finds nothing or something slower (below)
-        respread = (problem.respread_parts(greedy)
-                    if greedy_plan.transfers and (left_s is None or left_s > 0.0) else None)
+        respread = None
+        if greedy_plan.transfers:
+            if left_s is None or left_s > 0.0:
+                respread = problem.respread_parts(greedy)
+            else:
+                warnings.append("place-tiers: the planning deadline had passed before greedy's "
+                                "transfers were re-spread, so this plan can differ on a faster "
+                                "machine (a longer time limit avoids it)")
         spread_parts = None if respread is None else respread[:2]
         spread_s = greedy_plan.predicted_time_s if respread is None else respread[2]
         t0 = time.perf_counter()
-        limit_s = self.mip_time_limit_s(state, plan_build_s)
-        if limit_s >= MIN_MIP_TIME_S:
-            outcome = solve_mip(problem, greedy, limit_s, self.seed, self.backend, workers,
+        guard_s = self.mip_time_limit_s(state, plan_build_s)
+        if guard_s >= MIN_MIP_TIME_S:
+            outcome = solve_mip(problem, greedy, guard_s, self.seed, self.backend, workers,
                                 self.max_window_binaries, self.max_sweeps, spread_s)
+            warnings.extend(outcome.warnings)
         else:
-            limit_s = 0.0  # no solver runs
             outcome = MipOutcome(None, "greedy_fallback", None, None, None, 0,
                                  "no time left for the MIP before the planning deadline")
+            warnings.append(f"place-tiers: {guard_s:.3g} s were left of the planning deadline, "
+                            "too little for the MIP, so the greedy plan is returned; it can "
+                            "differ on a faster machine (a longer time limit avoids it)")
         wall_s = time.perf_counter() - t0
         notes: list[str] = list(greedy_plan.notes)
-        info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s, limit_s,
-                          seed=self.seed, workers=solver_workers(self.backend, workers),
+        info = SolverInfo(self.backend, outcome.status, outcome.gap, wall_s,
+                          float(self.time_limit_s), seed=self.seed,
+                          workers=solver_workers(self.backend, workers),
                           bound_s=outcome.bound_s, detail=outcome.detail)
         plan: Plan | None = None
         if outcome.assignment is not None:
@@ -215,10 +235,8 @@ class PlaceTiersPass:
                                detail=info.detail + "; the MIP plan was worse than greedy")
                 plan = None
         else:
-            notes.append(f"no MIP solution within {limit_s:.3g} s ({outcome.detail}); "
-                         "returning the greedy plan")
-        left_s = state.seconds_left()
-        if spread_parts is not None and (left_s is None or left_s > 0.0):
+            notes.append(f"no MIP solution ({outcome.detail}); returning the greedy plan")
+        if spread_parts is not None:
             # returned when the MIP found nothing, or found something slower (re-spreading
             # changes what each plan costs)
             spread = build_plan(program, target, "mip", spread_parts[0], spread_parts[1],
@@ -253,7 +271,7 @@ class PlaceTiersPass:
             pred = plan.predicted_time_s
             info = replace(info, bound_s=plan.lower_bound_s,
                            gap=max(pred - plan.lower_bound_s, 0.0) / pred if pred > 0 else 0.0)
-        return replace(plan, solver=info, notes=tuple(notes))
+        return replace(plan, solver=info, notes=tuple(notes), warnings=tuple(warnings))
 
 
 def _no_worse(plan: Plan, reference: Plan, objective: str) -> bool:
