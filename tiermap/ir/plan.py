@@ -36,6 +36,9 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   While the loop runs, each tier holds what the enclosing plan keeps there at the loop's step
   plus `LoopPlan.reserved_bytes` (the body's own peak, less the loop operands it uses in place,
   plus the second buffer of each slice streamed between tiers).
+- Sharded programs (`Plan.sharding`, an optional "sharding" key of schema v2): the program is one
+  device's program of XLA's SPMD partitioner, capacities are per device, and `ShardingPlan`
+  (tiermap/ir/sharding.py) holds its collectives and the step time with communication.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tiermap.errors import TiermapError
+from tiermap.hardware.interconnect import Interconnect
 from tiermap.hardware.target import Link, Target, Tier
+from tiermap.ir.sharding import ShardingPlan
 
 if TYPE_CHECKING:
     from tiermap.ir.program import Program
@@ -275,6 +280,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     attention: tuple[AttentionGroupPlan, ...] = ()
     loops: tuple[LoopPlan, ...] = ()
+    # A partitioned program's communication (tiermap/ir/sharding.py); None for one device.
+    sharding: ShardingPlan | None = None
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
@@ -306,6 +313,9 @@ class Plan:
                 "tiers": [_tier_dict(t) for t in tgt.tiers],
                 "links": [{"src": lk.src, "dst": lk.dst, "bytes_per_s": lk.bytes_per_s}
                           for lk in tgt.links],
+                **({"interconnect": {**tgt.interconnect.__dict__,
+                                     "shape": list(tgt.interconnect.shape)}}
+                   if tgt.interconnect else {}),
             },
             "strategy": self.strategy,
             "ops": [
@@ -355,6 +365,7 @@ class Plan:
             },
             "notes": list(self.notes),
             "loops": [loop.to_dict() for loop in self.loops],
+            **({"sharding": self.sharding.to_dict()} if self.sharding else {}),
             "pass_wall_s": dict(self.pass_wall_s),
         }
 
@@ -400,6 +411,9 @@ class Plan:
             vector_peak_fraction=float(t.get("vector_peak_fraction", 1.0)),
             transcendental_flops=float(t.get("transcendental_flops", 1.0)),
             parallel_grain_elements=float(t.get("parallel_grain_elements", 0.0)),
+            interconnect=(Interconnect(**{**t["interconnect"],
+                                          "shape": tuple(t["interconnect"]["shape"])})
+                          if t.get("interconnect") else None),
         )
         s = d["solver"]
         return cls(
@@ -445,6 +459,7 @@ class Plan:
                 q_len=int(a["q_len"]), kv_len=int(a["kv_len"]), head_dim=int(a["head_dim"]))
                 for a in d.get("attention", [])),  # absent in plans written before 2026-12
             loops=tuple(LoopPlan.from_dict(x) for x in d.get("loops", [])),  # v2
+            sharding=ShardingPlan.from_dict(d["sharding"]) if d.get("sharding") else None,
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )
 

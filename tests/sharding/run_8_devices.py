@@ -1,0 +1,82 @@
+"""Run on 8 host devices (a subprocess of test_sharded.py): for each sharded GPT training step,
+what XLA says and what tiermap's IR says, as one JSON object on stdout.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.run_8_devices
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+from tests.sharding.hlo_text import hlo_collective_bytes, memory_facts  # noqa: E402
+from tiermap.examples.sharded import STYLES, sharded_train_step  # noqa: E402
+from tiermap.frontend.lowering import lower  # noqa: E402
+from tiermap.pipeline import plan  # noqa: E402
+from tiermap.plan_views import Plan  # noqa: E402
+
+
+def facts(style: str) -> dict[str, object]:
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    fn, args = sharded_train_step(style, mesh)
+    compiled = jax.jit(fn).lower(*args).compile()
+    program = lower(fn, *args)
+    tiermap_coll: dict[str, int] = {}
+    for op in program.collectives:
+        kind = str(op.attrs["collective"])
+        tiermap_coll[kind] = tiermap_coll.get(kind, 0) + int(op.attrs["payload_bytes"])
+    planned = plan(fn, *args, target="dgx-h100", strategy="greedy", time_limit_s=10.0)
+    sharding = planned.sharding
+    assert sharding is not None
+    again = Plan.from_json(planned.to_json())
+    global_arg_bytes = sum(
+        int(a.size) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(args))
+    return {
+        "xla": {**memory_facts(compiled, len(program.outputs)),
+                "collective_bytes": hlo_collective_bytes(compiled.as_text(), 8)},
+        "tiermap": {
+            "num_devices": program.num_devices,
+            "argument_bytes": sum(program.values[v].nbytes for v in program.inputs),
+            "output_bytes": sum(program.values[v].nbytes for v in program.outputs),
+            "collective_bytes": tiermap_coll,
+            "collective_groups": sorted({int(op.attrs["group_size"])
+                                         for op in program.collectives}),
+            "input_shardings": list(program.input_shardings),
+            "output_shardings": list(program.output_shardings),
+        },
+        "global_argument_bytes": global_arg_bytes,
+        "plan": {"collective_bytes": sharding.bytes_by_kind(),
+                 "step_time_s": sharding.step_time_s, "compute_s": sharding.compute_s,
+                 "comm_s": sharding.comm_s, "exposed_comm_s": sharding.exposed_comm_s,
+                 "predicted_time_s": planned.predicted_time_s,
+                 "argument_bytes": sharding.argument_bytes,
+                 "round_trips": again.sharding == sharding,
+                 "peak_hbm_bytes": max(_peak(planned, "hbm"), 0)},
+    }
+
+
+def _peak(planned: Plan, tier: str) -> int:
+    """Peak bytes resident in `tier` over the plan's steps."""
+    by_step = [0] * (planned.num_steps + 1)
+    for t in planned.tensors:
+        for r in t.residency:
+            if r.tier == tier:
+                for step in range(r.from_step, r.to_step + 1):
+                    by_step[step] += t.nbytes
+    return max(by_step)
+
+
+def main() -> None:
+    styles = sys.argv[1:] or list(STYLES)
+    print(json.dumps({style: facts(style) for style in styles}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Sharded programs: the per-device program XLA's SPMD partitioner makes → `Program`.
+
+A function whose arguments are sharded over several devices (`NamedSharding`,
+`with_sharding_constraint`, `shard_map`) is compiled with `jax.jit(fn).lower(*args).compile()` on
+the devices of its shardings. The compiled executable's HLO module is the partitioned program
+one device runs: per-device shapes, and the collectives the partitioner inserted (all-reduce,
+all-gather, reduce-scatter, all-to-all, collective-permute), after XLA's optimisation passes
+(collective combining, reduce-scatter formation, fusion). jaxlib converts that module to
+StableHLO (`hlo_to_stablehlo`); its `mhlo.fusion`s are inlined by the walker, so the IR holds
+the unfused ops, as for a one-device program, and tiermap's own passes fuse again.
+
+The program is XLA's *for the backend of those devices* (here: host CPU devices): partitioning
+is the same pass on every backend, but later passes (fusion, combining thresholds) are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tiermap.errors import UnsupportedProgramError
+from tiermap.frontend.convert import program_from_module
+from tiermap.frontend.mlir import _ir_context, int_attr
+from tiermap.ir.program import Program
+
+
+def num_partitions_of(lowered: Any) -> int:
+    """How many devices a jax `Lowered` stage partitions its program over."""
+    module = lowered.compiler_ir("stablehlo")
+    with module.context:
+        return int_attr(module.operation, "mhlo.num_partitions", 1)
+
+
+def has_sharded_leaf(tree: Any) -> bool:
+    """Whether some leaf of `tree` (arrays, ShapeDtypeStructs) is sharded over >1 device."""
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        devices = getattr(sharding, "device_set", None)
+        if devices is not None and len(devices) > 1:
+            return True
+    return False
+
+
+def partitioned_module(compiled: Any) -> Any:
+    """The partitioned HLO module of a jax `Compiled` stage, as a parsed StableHLO module."""
+    from jax._src.lib import _jax  # jaxlib's HLO -> StableHLO converter (no public alias)
+    from jaxlib.mlir import ir
+
+    modules = compiled.runtime_executable().hlo_modules()
+    if len(modules) != 1:
+        raise UnsupportedProgramError(
+            f"the compiled program has {len(modules)} HLO modules; tiermap reads one "
+            "(a single jitted step)")
+    bytecode = _jax.mlir.hlo_to_stablehlo(modules[0].as_serialized_hlo_module_proto())
+    ctx = _ir_context()
+    with ctx:
+        return ir.Module.parse(bytecode)
+
+
+def program_from_compiled(compiled: Any, name: str = "main", platform: str = "cpu") -> Program:
+    """The IR of a compiled (partitioned) jax program: one device's program."""
+    module = partitioned_module(compiled)
+    devices = _num_devices(compiled)
+    return program_from_module(module, name=name, platform=platform, num_devices=devices)
+
+
+def _num_devices(compiled: Any) -> int:
+    head = (compiled.as_text() or "").split("\n", 1)[0]
+    marker = "num_partitions="
+    if marker not in head:
+        return 1
+    return int(head.split(marker, 1)[1].split(",")[0].split()[0])
+
+
+def compile_lowered(lowered: Any, fn: Any) -> Any:
+    """`lowered.compile()`, with XLA's failures as UnsupportedProgramError."""
+    try:
+        return lowered.compile()
+    except Exception as exc:
+        fn_name = getattr(fn, "__name__", type(fn).__name__)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedProgramError(
+            f"{fn_name}: XLA could not compile the sharded program: {first}. Fix: check that "
+            "the mesh's devices exist (XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+            "for 8 host devices)") from exc
