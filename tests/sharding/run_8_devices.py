@@ -16,8 +16,9 @@ if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS",
 
 import jax  # noqa: E402
 
+import tiermap  # noqa: E402
 from tests.sharding.hlo_text import hlo_collective_bytes, memory_facts  # noqa: E402
-from tiermap.examples.sharded import STYLES, sharded_train_step  # noqa: E402
+from tiermap.examples.sharded import STYLES, GPTConfig, init_sharded, sharded_train_step  # noqa: E402
 from tiermap.frontend.lowering import lower  # noqa: E402
 from tiermap.pipeline import plan  # noqa: E402
 from tiermap.plan_views import Plan  # noqa: E402
@@ -36,6 +37,7 @@ def facts(style: str) -> dict[str, object]:
     sharding = planned.sharding
     assert sharding is not None
     again = Plan.from_json(planned.to_json())
+    decorated = decorated_vs_jit(fn, args)
     global_arg_bytes = sum(
         int(a.size) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(args))
     return {
@@ -52,6 +54,7 @@ def facts(style: str) -> dict[str, object]:
             "output_shardings": list(program.output_shardings),
         },
         "global_argument_bytes": global_arg_bytes,
+        "decorated": decorated,
         "plan": {"collective_bytes": sharding.bytes_by_kind(),
                  "step_time_s": sharding.step_time_s, "compute_s": sharding.compute_s,
                  "comm_s": sharding.comm_s, "exposed_comm_s": sharding.exposed_comm_s,
@@ -60,6 +63,25 @@ def facts(style: str) -> dict[str, object]:
                  "round_trips": again.sharding == sharding,
                  "peak_hbm_bytes": max(_peak(planned, "hbm"), 0)},
     }
+
+
+def decorated_vs_jit(fn: object, args: tuple[object, ...]) -> dict[str, object]:
+    """Run the step decorated and with jax.jit on the same sharded arrays."""
+    real = init_sharded(args, seed=1, vocab=GPTConfig().vocab)
+    step = tiermap.jit(fn, target="dgx-h100", strategy="greedy", time_limit_s=10.0)
+    got = step(*real)
+    want = jax.jit(fn)(*real)  # type: ignore[arg-type]
+    got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    max_abs = max(float(abs(g - w).max()) for g, w in zip(got_leaves, want_leaves, strict=True))
+    max_ref = max(float(abs(w).max()) for w in want_leaves)
+    same = all(g.sharding.is_equivalent_to(w.sharding, g.ndim)
+               for g, w in zip(got_leaves, want_leaves, strict=True))
+    sharded_outputs = sum(1 for g in got_leaves if not g.sharding.is_fully_replicated)
+    lowered = step.lower(*real)
+    return {"max_abs_diff": max_abs, "max_abs_ref": max_ref, "shardings_equal": same,
+            "sharded_outputs": sharded_outputs, "num_outputs": len(got_leaves),
+            "notes": list(lowered.notes), "has_sharding_plan": lowered.plan().sharding is not None,
+            "cache": list(step.cache_info())}
 
 
 def _peak(planned: Plan, tier: str) -> int:

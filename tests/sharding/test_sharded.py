@@ -70,3 +70,17 @@ def test_plan_on_dgx_h100_carries_the_collectives(facts: dict[str, Any], style: 
     assert planned["step_time_s"] <= planned["compute_s"] + planned["comm_s"] + 1e-12
     # per-device capacity: the placement holds one device's tensors, at least its arguments
     assert planned["peak_hbm_bytes"] >= ours["argument_bytes"]
+
+
+@pytest.mark.parametrize("style", ["dp", "fsdp", "tp"])
+def test_decorated_step_matches_jax_jit_with_output_shardings_kept(
+        facts: dict[str, Any], style: str) -> None:
+    run = facts[style]["decorated"]
+    assert run["max_abs_ref"] > 0
+    assert run["max_abs_diff"] <= 1e-4
+    assert run["shardings_equal"]
+    assert run["has_sharding_plan"]
+    assert any("sharded plan" in note for note in run["notes"])
+    if style == "fsdp":  # every updated parameter stays split over the devices
+        assert run["sharded_outputs"] >= run["num_outputs"] - 2
+    assert run["cache"][:2] == [1, 1]  # the call planned once, .lower found the plan
