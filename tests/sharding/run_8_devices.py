@@ -6,9 +6,11 @@ what XLA says and what tiermap's IR says, as one JSON object on stdout.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import tempfile
 
 if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -18,6 +20,7 @@ import jax  # noqa: E402
 
 import tiermap  # noqa: E402
 from tests.sharding.hlo_text import hlo_collective_bytes, memory_facts  # noqa: E402
+from tiermap.cli import main as cli_main  # noqa: E402
 from tiermap.examples.sharded import STYLES, GPTConfig, init_sharded, sharded_train_step  # noqa: E402
 from tiermap.frontend.lowering import lower  # noqa: E402
 from tiermap.pipeline import plan  # noqa: E402
@@ -95,9 +98,66 @@ def _peak(planned: Plan, tier: str) -> int:
     return max(by_step)
 
 
+def cli_facts(workdir: str) -> dict[str, object]:
+    """`tiermap compile` on the FSDP step given as sharded StableHLO and as a Python builder."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    fn, args = sharded_train_step("fsdp", mesh)
+    lowered = jax.jit(fn).lower(*args)
+    mlir_path = os.path.join(workdir, "fsdp.mlir")
+    with open(mlir_path, "w", encoding="utf-8") as fh:
+        fh.write(lowered.as_text())
+    compiled = lowered.compile()
+    program = tiermap.lower_mlir(mlir_path)
+    out: dict[str, object] = {
+        "mlir_program": {"num_devices": program.num_devices,
+                         "argument_bytes": sum(program.values[v].nbytes for v in program.inputs),
+                         "output_bytes": sum(program.values[v].nbytes for v in program.outputs),
+                         "collective_bytes": _collective_bytes(program)},
+        "xla": {**memory_facts(compiled, len(program.outputs)),
+                "collective_bytes": hlo_collective_bytes(compiled.as_text(), 8)},
+    }
+    runs = {}
+    for label, source in (("mlir", mlir_path), ("py", "tiermap/examples/sharded.py:build_fsdp")):
+        plan_path = os.path.join(workdir, f"{label}.json")
+        report_path = os.path.join(workdir, f"{label}.md")
+        buf = io.StringIO()
+        code = cli_main(["compile", source, "--target", "dgx-h100", "--strategy", "greedy",
+                         "--time-limit-s", "10", "-o", plan_path, "--report", report_path,
+                         "--json"], out=buf, err=io.StringIO())
+        summary = json.loads(buf.getvalue()) if code == 0 else {}
+        with open(plan_path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        with open(report_path, encoding="utf-8") as fh:
+            report = fh.read()
+        runs[label] = {"exit": code, "summary_sharding": summary.get("sharding"),
+                       "plan_collective_bytes": _kinds(saved["sharding"]["collectives"]),
+                       "report_has_devices": "## Devices and interconnect" in report,
+                       "report_lists": [k for k in ("all_gather", "all_reduce") if k in report]}
+    out["cli"] = runs
+    return out
+
+
+def _collective_bytes(program: object) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for op in program.collectives:  # type: ignore[attr-defined]
+        kind = str(op.attrs["collective"])
+        found[kind] = found.get(kind, 0) + int(op.attrs["payload_bytes"])
+    return found
+
+
+def _kinds(collectives: list[dict[str, object]]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for c in collectives:
+        found[str(c["kind"])] = found.get(str(c["kind"]), 0) + int(c["payload_bytes"])  # type: ignore[call-overload]
+    return found
+
+
 def main() -> None:
     styles = sys.argv[1:] or list(STYLES)
-    print(json.dumps({style: facts(style) for style in styles}))
+    result: dict[str, object] = {style: facts(style) for style in styles}
+    with tempfile.TemporaryDirectory() as workdir:
+        result["cli"] = cli_facts(workdir)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

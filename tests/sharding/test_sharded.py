@@ -84,3 +84,22 @@ def test_decorated_step_matches_jax_jit_with_output_shardings_kept(
     if style == "fsdp":  # every updated parameter stays split over the devices
         assert run["sharded_outputs"] >= run["num_outputs"] - 2
     assert run["cache"][:2] == [1, 1]  # the call planned once, .lower found the plan
+
+
+def test_sharded_stablehlo_reads_as_the_per_device_program(facts: dict[str, Any]) -> None:
+    got, xla = facts["cli"]["mlir_program"], facts["cli"]["xla"]
+    assert got["num_devices"] == 8
+    assert got["argument_bytes"] == xla["argument_bytes"]
+    assert got["output_bytes"] == xla["output_bytes"]
+    assert got["collective_bytes"] == xla["collective_bytes"]
+
+
+@pytest.mark.parametrize("source", ["mlir", "py"])
+def test_cli_compiles_sharded_programs(facts: dict[str, Any], source: str) -> None:
+    run, xla = facts["cli"]["cli"][source], facts["cli"]["xla"]
+    assert run["exit"] == 0
+    assert run["plan_collective_bytes"] == xla["collective_bytes"]
+    summary = run["summary_sharding"]
+    assert summary["num_devices"] == 8 and summary["argument_bytes"] == xla["argument_bytes"]
+    assert {c["kind"] for c in summary["collectives"]} == set(xla["collective_bytes"])
+    assert run["report_has_devices"] and run["report_lists"] == ["all_gather", "all_reduce"]

@@ -151,3 +151,23 @@ def init_sharded(args: Any, seed: int = 0, vocab: int | None = None) -> Any:
             value = (0.05 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
         out.append(jax.device_put(value, leaf.sharding))
     return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _mesh_of_all_devices() -> Mesh:
+    return jax.make_mesh((len(jax.devices()),), ("x",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def build_dp() -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The data-parallel step over every device (for `tiermap compile ...:build_dp`)."""
+    return sharded_train_step("dp", _mesh_of_all_devices())
+
+
+def build_fsdp() -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The FSDP-style step over every device."""
+    return sharded_train_step("fsdp", _mesh_of_all_devices())
+
+
+def build_tp() -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The tensor-parallel step over every device."""
+    return sharded_train_step("tp", _mesh_of_all_devices())

@@ -2,20 +2,23 @@
 
 `lower(fn, *args)` traces a JAX function with
 `jax.jit(fn).trace(...).lower(lowering_platforms=...)`; `lower_mlir(text_or_path)` takes a
-StableHLO module from any producer. Both build the IR with `convert.program_from_module`.
+StableHLO module from any producer. Both build the IR with `convert.program_from_module`; a
+sharded function or module is compiled and read as its per-device program (`partitioned.py`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tiermap.errors import UnsupportedProgramError, UserCodeError
 from tiermap.frontend.convert import program_from_module
-from tiermap.frontend.mlir import parse_module
+from tiermap.frontend.mlir import int_attr, parse_module, str_attr
 from tiermap.frontend.partitioned import (
     compile_lowered,
+    compile_sharded_mlir,
     has_sharded_leaf,
     num_partitions_of,
     program_from_compiled,
@@ -40,7 +43,22 @@ def lower_mlir(text_or_path: str | os.PathLike[str], name: str | None = None,
             text = fh.read()
         name = name or os.path.splitext(os.path.basename(path))[0]
     module = parse_module(text)
-    return program_from_module(module, name=name, platform=platform)
+    with module.context:
+        partitions = int_attr(module.operation, "mhlo.num_partitions", 1)
+    if partitions > 1:
+        # A sharded module: read the per-device program XLA makes of it, where it can be made.
+        compiled = compile_sharded_mlir(text, partitions)
+        if compiled is not None:
+            return program_from_compiled(compiled, name=name or str_attr(module.operation,
+                                                                         "sym_name") or "main",
+                                         platform=platform)
+    program = program_from_module(module, name=name, platform=platform)
+    if partitions > 1:
+        note = (f"frontend: {partitions} devices are needed to read the per-device program; "
+                f"run with {partitions} (e.g. XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={partitions})")
+        program = replace(program, assumptions=program.assumptions + (note,))
+    return program
 
 
 def _is_trace_error(exc: BaseException) -> bool:

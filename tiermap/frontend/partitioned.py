@@ -9,6 +9,9 @@ all-gather, reduce-scatter, all-to-all, collective-permute), after XLA's optimis
 StableHLO (`hlo_to_stablehlo`); its `mhlo.fusion`s are inlined by the walker, so the IR holds
 the unfused ops, as for a one-device program, and tiermap's own passes fuse again.
 
+A sharded StableHLO module (text or file with `mhlo.num_partitions` > 1) is compiled the same way
+(`compile_sharded_mlir`) when the default backend has that many devices.
+
 The program is XLA's *for the backend of those devices* (here: host CPU devices): partitioning
 is the same pass on every backend, but later passes (fusion, combining thresholds) are not.
 """
@@ -43,11 +46,14 @@ def has_sharded_leaf(tree: Any) -> bool:
 
 
 def partitioned_module(compiled: Any) -> Any:
-    """The partitioned HLO module of a jax `Compiled` stage, as a parsed StableHLO module."""
+    """The partitioned HLO module of a jax `Compiled` stage (or of a loaded executable), as a
+    parsed StableHLO module."""
     from jax._src.lib import _jax  # jaxlib's HLO -> StableHLO converter (no public alias)
     from jaxlib.mlir import ir
 
-    modules = compiled.runtime_executable().hlo_modules()
+    executable = (compiled.runtime_executable() if hasattr(compiled, "runtime_executable")
+                  else compiled)
+    modules = executable.hlo_modules()
     if len(modules) != 1:
         raise UnsupportedProgramError(
             f"the compiled program has {len(modules)} HLO modules; tiermap reads one "
@@ -59,18 +65,49 @@ def partitioned_module(compiled: Any) -> Any:
 
 
 def program_from_compiled(compiled: Any, name: str = "main", platform: str = "cpu") -> Program:
-    """The IR of a compiled (partitioned) jax program: one device's program."""
+    """The IR of a compiled (partitioned) jax program, or of a loaded executable: one device's
+    program."""
     module = partitioned_module(compiled)
-    devices = _num_devices(compiled)
+    with module.context:
+        devices = int_attr(module.operation, "mhlo.num_partitions", 0)
+    if devices <= 0:
+        executable = (compiled.runtime_executable()
+                      if hasattr(compiled, "runtime_executable") else compiled)
+        devices = _num_devices(executable.hlo_modules()[0].to_string())
     return program_from_module(module, name=name, platform=platform, num_devices=devices)
 
 
-def _num_devices(compiled: Any) -> int:
-    head = (compiled.as_text() or "").split("\n", 1)[0]
+def _num_devices(hlo_text: str) -> int:
+    head = hlo_text.split("\n", 1)[0]
     marker = "num_partitions="
     if marker not in head:
         return 1
     return int(head.split(marker, 1)[1].split(",")[0].split()[0])
+
+
+def compile_sharded_mlir(text: str, num_devices: int) -> Any | None:
+    """Compile a partitioned StableHLO module (`mhlo.num_partitions` = `num_devices`) with XLA on
+    the default backend's first `num_devices` devices; None when there are fewer devices."""
+    import jax.extend
+    import numpy as np
+    from jax._src import compiler  # get_compile_options: the options jax.jit compiles with
+    from jax._src.lib import xla_client
+
+    backend = jax.extend.backend.get_backend()
+    devices = backend.devices()
+    if len(devices) < num_devices:
+        return None
+    options = compiler.get_compile_options(
+        num_replicas=1, num_partitions=num_devices,
+        device_assignment=np.arange(num_devices).reshape(1, num_devices), backend=backend)
+    try:
+        return backend.compile_and_load(text, xla_client.DeviceList(tuple(devices[:num_devices])),
+                                        options)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedProgramError(
+            f"XLA could not compile the sharded module for {num_devices} devices: {first}"
+        ) from exc
 
 
 def compile_lowered(lowered: Any, fn: Any) -> Any:
