@@ -18,6 +18,7 @@ is the same pass on every backend, but later passes (fusion, combining threshold
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tiermap.errors import UnsupportedProgramError
@@ -61,7 +62,61 @@ def partitioned_module(compiled: Any) -> Any:
     bytecode = _jax.mlir.hlo_to_stablehlo(modules[0].as_serialized_hlo_module_proto())
     ctx = _ir_context()
     with ctx:
-        return ir.Module.parse(bytecode)
+        try:
+            return ir.Module.parse(bytecode)
+        except ir.MLIRError:
+            pass
+    # jaxlib's converter writes some iota replica groups as Shardy mesh axes on mhlo ops that
+    # do not verify (seen on all-to-all); listing the groups in the HLO text avoids that form.
+    # hlo_module_from_text: the HLO text parser jaxlib ships (untyped)
+    from jaxlib import _hlo  # type: ignore[attr-defined]
+
+    text = explicit_replica_groups(modules[0].to_string())
+    proto = _hlo.hlo_module_from_text(text).as_serialized_hlo_module_proto()
+    with ctx:
+        return ir.Module.parse(_jax.mlir.hlo_to_stablehlo(proto))
+
+
+_IOTA_GROUPS = re.compile(
+    r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+
+
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'([^']+)'\s*=\s*(\d+)")
+
+
+def _groups_text(rows: Any) -> str:
+    return "replica_groups={" + ",".join(
+        "{" + ",".join(str(int(x)) for x in row) + "}" for row in rows) + "}"
+
+
+def explicit_replica_groups(hlo_text: str) -> str:
+    """HLO text with every iota replica group list (`[2,4]<=[8]`, `[4,2]<=[2,4]T(1,0)`) and every
+    mesh-axes group (`mesh['a'=2,'b'=4] {'b'}`) written out as explicit groups
+    (`{{0,1,2,3},{4,5,6,7}}`)."""
+    import numpy as np
+
+    def expand_mesh(m: re.Match[str]) -> str:
+        axes = [(name, int(size)) for name, size in _MESH_AXIS.findall(m.group(1))]
+        chosen = re.findall(r"'([^']+)'", m.group(2))
+        names = [a for a, _ in axes]
+        if not axes or any(c not in names for c in chosen):
+            return m.group(0)
+        ids = np.arange(int(np.prod([d for _, d in axes]))).reshape([d for _, d in axes])
+        keep = [i for i, a in enumerate(names) if a not in chosen]
+        group_axes = [names.index(c) for c in chosen]
+        size = int(np.prod([axes[i][1] for i in group_axes])) if group_axes else 1
+        return _groups_text(ids.transpose(keep + group_axes).reshape(-1, size))
+
+    def expand(m: re.Match[str]) -> str:
+        groups, size = int(m.group(1)), int(m.group(2))
+        dims = [int(d) for d in m.group(3).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(d) for d in m.group(4).split(",")])
+        return _groups_text(ids.reshape(groups, size))
+
+    return _MESH_GROUPS.sub(expand_mesh, _IOTA_GROUPS.sub(expand, hlo_text))
 
 
 def program_from_compiled(compiled: Any, name: str = "main", platform: str = "cpu") -> Program:
