@@ -13,6 +13,10 @@ arguments, and the values of the static ones). On a miss it plans the program on
 a runnable function with `tiermap.apply.apply_plan`, and keeps both. Calls inside an outer
 JAX transformation (`jax.grad`, `jax.vmap`, an enclosing `jax.jit`) plan on the abstract values
 seen there and run the applied function under the outer trace, so the transformations compose.
+
+Arguments sharded over several devices keep their shardings in the cache key and in the planned
+structs: the plan is then the per-device plan of the partitioned program (`Plan.sharding`), and
+the applied function is the function as jax.jit partitions it (tiermap/apply/__init__.py).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class _Entry:
 
 
 def _spec(leaf: Any) -> Any:
-    """A `jax.ShapeDtypeStruct` for an array-like leaf (arrays, tracers, scalars, structs)."""
+    """A `jax.ShapeDtypeStruct` for an array-like leaf (arrays, tracers, scalars, structs); a
+    concrete array or struct sharded over several devices keeps its sharding."""
     import jax
 
     try:
@@ -66,7 +71,13 @@ def _spec(leaf: Any) -> Any:
             f"tiermap.jit: argument leaf of type {type(leaf).__name__} is not an array; pass "
             "arrays (or mark the argument static with static_argnums/static_argnames)"
         ) from exc
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+    sharding = None
+    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct) and not isinstance(leaf, jax.core.Tracer):
+        found = getattr(leaf, "sharding", None)
+        if found is not None and len(getattr(found, "device_set", ())) > 1:
+            sharding = found
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
+                                sharding=sharding)
 
 
 def _hashable(value: Any, where: str) -> Hashable:
@@ -209,7 +220,8 @@ class TiermapJitted:
         dyn_args, dyn_kw, static_pos, static_kw = self._split(args, kwargs)
         leaves, treedef = jax.tree.flatten((dyn_args, dyn_kw))
         specs = [_spec(leaf) for leaf in leaves]
-        key = (treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in specs), len(args),
+        key = (treedef, tuple((s.shape, str(s.dtype), s.weak_type, s.sharding) for s in specs),
+               len(args),
                tuple(sorted(static_pos.items())), tuple(sorted(static_kw.items())))
         with self._lock:
             entry = self._cache.get(key)

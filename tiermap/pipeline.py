@@ -17,6 +17,10 @@ building and verifying its plan (see `PlaceTiersPass.mip_time_limit_s`), so the 
 about `time_limit_s` after lowering ends. Passes that do not search (schedule, liveness, tiling,
 greedy placement, verification) are not cut short: a program too large for them to finish in
 time still gets its plan, late, with the MIP skipped (solver status "greedy_fallback").
+
+A sharded function is planned as the per-device program XLA's SPMD partitioner makes
+(tiermap/frontend/partitioned.py) on a target with as many devices; the plan's `sharding` holds
+its collectives priced on the target's interconnect and the step time with communication.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from tiermap.bounds.knapsack import program_lower_bound_s
+from tiermap.costmodel.communication import check_devices, communication_plan
 from tiermap.errors import ChoiceError
 from tiermap.frontend.lowering import lower
 from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
@@ -124,6 +129,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
     else:
         raise ChoiceError(f"plan() takes a function or a tiermap Program, not "
                           f"{type(fn_or_program).__name__}")
+    check_devices(program, tgt)
     pass_list = list(passes) if passes is not None else None
     top_bodies = loop_bodies(program, assumed_trip_count)
     # Each loop body and each planning round of the enclosing program gets a share of the time.
@@ -141,7 +147,12 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             verify_plan(planned, prog, bodies=False)
         return Plan.of(planned)
 
-    return plan_any(program, tgt)
+    planned = plan_any(program, tgt)
+    if program.num_devices > 1:
+        # One device's plan; the devices talk over the interconnect (tiermap/ir/sharding.py).
+        op_time_s = [o.predicted_time_s for o in planned.ops]
+        planned = Plan.of(replace(planned, sharding=communication_plan(program, op_time_s, tgt)))
+    return planned
 
 
 def _run_passes(program: Program, tgt: Target, pass_list: Sequence[Pass], objective: str,

@@ -226,8 +226,68 @@ def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[s
                    "body_time_s": x.body_time_s, "body_steps": x.body.num_steps}
                   for x in plan.loops],
         "warnings": list(plan.warnings),
+        **({"sharding": sharding_summary(plan)} if plan.sharding else {}),
         "outputs": dict(outputs or {}),
     }
+
+
+def sharding_summary(plan: Plan) -> dict[str, Any]:
+    """A sharded plan's devices, step time with communication and link traffic per kind."""
+    sp = plan.sharding
+    assert sp is not None
+    return {"num_devices": sp.num_devices, "interconnect": sp.interconnect,
+            "topology": sp.topology, "argument_bytes": sp.argument_bytes,
+            "output_bytes": sp.output_bytes, "step_time_s": sp.step_time_s,
+            "compute_s": sp.compute_s, "comm_s": sp.comm_s,
+            "exposed_comm_s": sp.exposed_comm_s, "overlap_fraction": sp.overlap_fraction,
+            "collectives": [{"kind": r[0], "count": r[1], "payload_bytes": r[2],
+                             "wire_bytes": r[3], "time_s": r[4], "hidden_s": r[5]}
+                            for r in collective_rows(plan)]}
+
+
+def collective_rows(plan: Plan) -> list[tuple[str, int, int, float, float, float]]:
+    """Per collective kind: (kind, count, payload bytes, wire bytes per device, link time,
+    time hidden under compute), in order of link time."""
+    by_kind: dict[str, list[float]] = {}
+    for c in plan.sharding.collectives if plan.sharding else ():
+        row = by_kind.setdefault(c.kind, [0, 0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += c.payload_bytes
+        row[2] += c.wire_bytes
+        row[3] += c.time_s
+        row[4] += c.hidden_s
+    rows = [(k, int(v[0]), int(v[1]), v[2], v[3], v[4]) for k, v in by_kind.items()]
+    return sorted(rows, key=lambda r: (-r[4], r[0]))
+
+
+def _sharding_lines(plan: Plan, top: int = 10) -> list[str]:
+    """The devices section: per-device memory, link traffic per collective, overlap."""
+    sp = plan.sharding
+    if sp is None:
+        return []
+    lines = ["## Devices and interconnect", "",
+             f"- {sp.num_devices} devices over {sp.interconnect} ({sp.topology}); every device "
+             "runs this per-device program (SPMD), so the tier table above is one device's",
+             f"- per device: arguments {fmt_bytes(sp.argument_bytes)}, outputs "
+             f"{fmt_bytes(sp.output_bytes)}",
+             f"- step time with communication: **{fmt_time_s(sp.step_time_s)}** = compute "
+             f"{fmt_time_s(sp.compute_s)} + exposed communication "
+             f"{fmt_time_s(sp.exposed_comm_s)}; communication {fmt_time_s(sp.comm_s)}, "
+             f"{100 * sp.overlap_fraction:.0f}% of it hidden under compute", ""]
+    rows = [[kind, str(n), fmt_bytes(payload), fmt_bytes(wire), fmt_time_s(t),
+             f"{100 * hidden / t:.0f}%" if t > 0 else "-"]
+            for kind, n, payload, wire, t, hidden in collective_rows(plan)]
+    lines += _md_table(["collective", "count", "payload", "link bytes per device", "link time",
+                        "hidden"], rows, align="lrrrrr")
+    costly = sorted(sp.collectives, key=lambda c: (-c.time_s, c.op_id))[:top]
+    lines += ["", f"The {len(costly)} longest of {len(sp.collectives)} collectives:", ""]
+    crows = [[f"`{c.op_id}`", c.kind, f"{c.num_groups}x{c.group_size}",
+              fmt_bytes(c.payload_bytes), fmt_time_s(c.time_s), fmt_time_s(c.start_s),
+              f"{100 * c.hidden_s / c.time_s:.0f}%" if c.time_s > 0 else "-"] for c in costly]
+    lines += _md_table(["op", "kind", "groups x devices", "payload", "link time", "starts at",
+                        "hidden"], crows, align="llrrrrr")
+    lines.append("")
+    return lines
 
 
 # --- tables for notebooks -------------------------------------------------------------------------
@@ -451,6 +511,7 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
     lines += _loop_lines(plan)
     if plan.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in plan.warnings] + [""]
+    lines += _sharding_lines(plan)
     notes = list(plan.notes)
     if plan.program is not None:
         notes += list(plan.program.assumptions)
@@ -534,6 +595,15 @@ def rich_summary(plan: Plan) -> RenderableType:
     tiled = [g for g in groups if g.tile_kind]
     if groups:
         parts.append(Text(f"{len(groups)} fusion groups, {len(tiled)} tiled"))
+    if plan.sharding is not None:
+        sp = plan.sharding
+        traffic = ", ".join(f"{kind} {n}x {fmt_bytes(payload)}"
+                            for kind, n, payload, _, _, _ in collective_rows(plan))
+        parts.append(Text(
+            f"{sp.num_devices} devices ({sp.interconnect}): step {fmt_time_s(sp.step_time_s)} "
+            f"with communication (compute {fmt_time_s(sp.compute_s)}, communication "
+            f"{fmt_time_s(sp.comm_s)}, {100 * sp.overlap_fraction:.0f}% hidden); "
+            f"per device arguments {fmt_bytes(sp.argument_bytes)}; {traffic}"))
     for loop in plan.loops:
         body = loop.body
         trips = f"{loop.trips}{'' if loop.static_trips else ' (assumed)'}"

@@ -21,11 +21,14 @@ from tiermap.hardware import (
 EXPECTED_TIERS = {
     "a100": ["smem", "hbm", "host"],
     "cpu": ["l1", "l2", "l3", "dram"],
+    "dgx-h100": ["smem", "hbm", "host"],
     "h100": ["smem", "hbm", "host"],
     "mi300x": ["lds", "hbm", "host"],
     "sn40l": ["sram", "hbm", "ddr"],
+    "sn40l-node": ["sram", "hbm", "ddr"],
     "stm32f746": ["sram", "flash"],
     "tpu-v5e": ["vmem", "hbm", "host"],
+    "tpu-v5e-8": ["vmem", "hbm", "host"],
 }
 
 # A small valid file; each mistake test edits one thing in it.

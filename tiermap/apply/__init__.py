@@ -14,6 +14,12 @@ inputs.
   inside the program;
 - everything else run as `jax.jit` runs it.
 
+A sharded plan (`plan.sharding`: the program is XLA's per-device program) is applied as the
+function as written, jitted: XLA's SPMD partitioner partitions it again, keeping the arguments'
+and the outputs' shardings, and the numbers are jax.jit's. The plan's kernel and host-tier
+choices are for one device's program and are not mapped back onto the global jaxpr (yet); the
+notes say so.
+
 Mechanism: `fn` is traced to a jaxpr; calls to `jit`-wrapped functions are inlined
 (`jaxpr.py`); attention and the backward `jax.grad` wrote for it are matched (`match.py`,
 `match_backward.py`, giving `attention_match.AttentionMatch`es); the jaxpr is re-interpreted
@@ -48,6 +54,8 @@ from tiermap.errors import TiermapError
 from tiermap.ir.plan import Plan
 
 KERNELS = ("auto", "blocked", "pallas-gpu", "pallas-tpu")
+SHARDED_NOTE = ("sharded plan: the program runs as jax.jit partitions it (shardings kept); the "
+                "plan's per-device tier and kernel choices are not applied")
 
 
 class AppliedFunction:
@@ -66,7 +74,9 @@ class AppliedFunction:
         self.kernel = kernel
         self.interpret = interpret
         self.notes: list[str] = []
-        self._host_positions = host_input_positions(plan) if plan is not None else []
+        self._sharded = plan is not None and plan.sharding is not None
+        self._host_positions = (host_input_positions(plan)
+                                if plan is not None and not self._sharded else [])
         self._jitted = jax.jit(self._inner, static_argnums=self.static_argnums,
                                static_argnames=self.static_argnames)
         self.__name__ = getattr(fn, "__name__", "applied")
@@ -89,6 +99,9 @@ class AppliedFunction:
         return leaves, rebuild
 
     def _inner(self, *args: Any, **kwargs: Any) -> Any:
+        if self._sharded:
+            self.notes = [SHARDED_NOTE]
+            return self.fn(*args, **kwargs)
         leaves, rebuild = self._split(args, kwargs)
         leaves = to_device_memory(leaves, self._host_positions)
         out_tree: list[Any] = []

@@ -127,6 +127,8 @@ class _Annotator:
                 return op
             if op.name in _CALL_KINDS:
                 block = self._callee_block(op)
+            elif op.name == "mhlo.fusion":  # inlined by the walker: the path goes straight in
+                block = op.regions[0].blocks[0]
             else:
                 region = path[i]
                 i += 1

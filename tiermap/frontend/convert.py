@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from tiermap.frontend.mlir import entry_function, int_attr, str_attr
+from tiermap.frontend.collectives import module_meshes
+from tiermap.frontend.mlir import entry_function, int_attr, op_attr, str_attr
 from tiermap.frontend.walk import Node, Walker
 from tiermap.ir.program import Op, Program, Value
 
@@ -162,10 +163,14 @@ class _Finisher:
         return tuple(bodies[best]) if bodies else (), flops, trans, 1
 
 
-def program_from_module(module: Any, name: str | None = None, platform: str = "cpu") -> Program:
+def program_from_module(module: Any, name: str | None = None, platform: str = "cpu",
+                        num_devices: int = 1) -> Program:
     """Build the IR from a parsed MLIR module (jaxlib.mlir.ir.Module).
 
-    Call it inside the module's context (`with module.context:`) or let it enter the context.
+    `num_devices` > 1: the module is the per-device program XLA's SPMD partitioner made for that
+    many devices (`partitioned.py`); its shapes are per device and its collectives move bytes
+    between devices. Call it inside the module's context (`with module.context:`) or let it enter
+    the context.
     """
     # The walk allocates many small objects and frees none; the cyclic collector would rescan
     # them again and again, so it is paused (and restored) for the duration.
@@ -173,17 +178,18 @@ def program_from_module(module: Any, name: str | None = None, platform: str = "c
     gc.disable()
     try:
         with module.context:
-            return _program_from_module(module, name, platform)
+            return _program_from_module(module, name, platform, num_devices)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _program_from_module(module: Any, name: str | None, platform: str) -> Program:
+def _program_from_module(module: Any, name: str | None, platform: str,
+                         num_devices: int) -> Program:
     main, funcs = entry_function(module)
     mod_name = str_attr(module.operation, "sym_name")
     prog_name = name or mod_name or "main"
-    walker = Walker(funcs)
+    walker = Walker(funcs, num_devices, module_meshes(module) if num_devices > 1 else {})
     block = main.regions[0].blocks[0]
     env: dict[Any, int] = {}
     input_keys = []
@@ -201,7 +207,20 @@ def _program_from_module(module: Any, name: str | None, platform: str) -> Progra
     ops = finisher.finish_block(nodes, returned, True, "op")
     assumptions = finisher.assumptions
     partitions = int_attr(module.operation, "mhlo.num_partitions", 1)
-    if partitions > 1:
+    in_shardings: tuple[str, ...] = ()
+    out_shardings: tuple[str, ...] = ()
+    if num_devices > 1:
+        in_shardings = _shardings(main, "arg_attrs", len(inputs))
+        out_shardings = _shardings(main, "res_attrs", len(returned))
+        written = op_attr(module.operation, "mhlo.spmd_output_sharding")
+        if written is not None and all(x == "{replicated}" for x in out_shardings):
+            out_shardings = _split_tuple_sharding(str_attr(module.operation,
+                                                           "mhlo.spmd_output_sharding"),
+                                                  len(returned))
+        assumptions.append(f"frontend: the per-device program of XLA's SPMD partitioner for "
+                           f"{num_devices} devices: shapes are per device, collectives move "
+                           "bytes between devices")
+    elif partitions > 1:
         assumptions.append(f"frontend: the module is partitioned over {partitions} devices; "
                            "tiermap plans it as one device holding the global shapes")
     if finisher.dropped:
@@ -212,5 +231,45 @@ def _program_from_module(module: Any, name: str | None, platform: str) -> Progra
         outputs=tuple(finisher.ids[k] for k in returned), platform=platform,
         assumptions=tuple(assumptions),
         source_mlir=module.operation.get_asm(enable_debug_info=False),
-        body_values=finisher.body_values,
+        body_values=finisher.body_values, num_devices=num_devices,
+        input_shardings=in_shardings, output_shardings=out_shardings,
     )
+
+
+def _split_tuple_sharding(text: str, count: int) -> tuple[str, ...]:
+    """The parts of an HLO tuple sharding "{{replicated}, {devices=[8,1]<=[8]}}"."""
+    inner = text.strip()
+    if inner.startswith("{{") and inner.endswith("}}"):
+        inner = inner[1:-1]
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(inner):
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                parts.append(inner[start:i + 1])
+    if len(parts) != count:  # one sharding for every output
+        parts = [text.strip()] * count
+    return tuple(parts)
+
+
+def _shardings(main: Any, key: str, count: int) -> tuple[str, ...]:
+    """The `mhlo.sharding` of each argument (`arg_attrs`) or result (`res_attrs`) of `main`;
+    "{replicated}" where none is written."""
+    from jaxlib.mlir import ir
+
+    attr = op_attr(main, key)
+    found = ["{replicated}"] * count
+    if attr is None:
+        return tuple(found)
+    for i, entry in enumerate(ir.ArrayAttr(attr)):
+        if i >= count:
+            break
+        d = ir.DictAttr(entry)
+        if "mhlo.sharding" in d:
+            found[i] = str(ir.StringAttr(d["mhlo.sharding"]).value)
+    return tuple(found)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tiermap.errors import UnsupportedProgramError
 from tiermap.frontend.mlir import int_attr, ints, op_attr, str_attr, tensor_type
-from tiermap.ir.ops import ELEMENTWISE, FREE_KINDS, MOVEMENT, TRANSCENDENTAL
+from tiermap.ir.ops import COLLECTIVES, ELEMENTWISE, FREE_KINDS, MOVEMENT, TRANSCENDENTAL
 from tiermap.ir.program import TensorType
 
 # chlo ops that XLA expands into HLO: (flops, transcendentals) per output element, measured with
@@ -211,6 +211,8 @@ def op_cost(dialect: str, short: str, op: Any, ins: list[TensorType], outs: list
         attrs["target"] = target
         notes.append(f"custom_call @{target}: opaque to tiermap; 0 flops assumed, bytes are its "
                      "operands and results")
+    elif short in COLLECTIVES:
+        pass  # bytes: operands read, results written; link bytes in attrs (collectives.py)
     elif short in MOVEMENT:
         if short in ("dynamic_slice", "slice", "real_dynamic_slice"):
             read = written + sum(t.nbytes for t in ins[1:])

@@ -5,6 +5,10 @@
 - Reducers are summarised (`costs`); `while` and `case` bodies are walked into nested nodes. A
   `while`'s trip count is static where the loop has the `i = c0; i < c1; i += c2` shape that
   `lax.scan` and `fori_loop` emit, else assumed 1 and noted.
+- An `mhlo.fusion` (in the optimised, partitioned program XLA compiled; see `partitioned.py`) is
+  inlined like a call: tiermap fuses again with its own passes.
+- Collectives (`all_reduce`, `all_gather`, ...) get their device groups and payload bytes
+  (`collectives.py`); `num_devices` is the partition count of the module.
 - Values a region reads from outside (implicit captures) are appended to the node's inputs;
   `attrs["num_operands"]` says how many inputs are real operands.
 
@@ -22,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiermap.errors import UnsupportedProgramError
+from tiermap.frontend.collectives import collective_attrs
 from tiermap.frontend.costs import compute_dtype, op_cost
 from tiermap.frontend.folds import FOLDABLE_MOVEMENT, fold, splat_value
 from tiermap.frontend.mlir import int_attr, is_true, op_attr, short_location, str_attr, tensor_type
-from tiermap.ir.ops import ELEMENTWISE, TRANSCENDENTAL
+from tiermap.ir.ops import COLLECTIVES, ELEMENTWISE, TRANSCENDENTAL
 from tiermap.ir.program import TensorType
 
 # Ops kept even when nothing reads their results.
@@ -62,8 +67,11 @@ class Node:
 class Walker:
     """Walks a module's entry function into `Node`s: inlines calls, folds, nests bodies."""
 
-    def __init__(self, funcs: dict[str, Any]) -> None:
+    def __init__(self, funcs: dict[str, Any], num_devices: int = 1,
+                 meshes: dict[str, dict[str, int]] | None = None) -> None:
         self.funcs = funcs
+        self.num_devices = num_devices
+        self.meshes = meshes or {}
         self.types: dict[int, TensorType] = {}  # value key -> type
         # Constants of the function being walked (regions see their parent's): value key ->
         # splat python value or `folds._NONSPLAT`.
@@ -107,7 +115,7 @@ class Walker:
         for index, wrapped in enumerate(block.operations):
             op = wrapped.operation
             name = op.name
-            if name == "func.return" or name == "stablehlo.return" or name == "sdy.return":
+            if name in ("func.return", "stablehlo.return", "sdy.return", "mhlo.return"):
                 alias = self.alias
                 returned = [alias.get(env[v], env[v]) for v in op.operands]
                 continue
@@ -116,6 +124,9 @@ class Walker:
                 continue
             if name == "stablehlo.composite":
                 self._inline(op, str_attr(op, "decomposition"), env, path + (index,), nodes)
+                continue
+            if name == "mhlo.fusion":
+                self._inline_block(op, op.regions[0].blocks[0], env, path + (index,), nodes)
                 continue
             if name.startswith("sdy."):
                 self._sharding_op(op, name, env, path + (index,), nodes)
@@ -139,7 +150,11 @@ class Walker:
                 f"{self._where(op)}: recursive call chain {chain}; tiermap needs a call graph "
                 "without cycles.")
         self.call_stack.append(callee)
-        inner_block = fn.regions[0].blocks[0]
+        self._inline_block(op, fn.regions[0].blocks[0], env, path, nodes)
+        self.call_stack.pop()
+
+    def _inline_block(self, op: Any, inner_block: Any, env: dict[Any, int],
+                      path: tuple[int, ...], nodes: list[Node]) -> None:
         # XLA keeps each callee a computation of its own: its parameters and the call's results
         # are values of their own (no constant folds or identities across the call), so they
         # get alias keys, which stand for the same IR value.
@@ -148,7 +163,6 @@ class Walker:
         caller_consts, self.consts = self.consts, {}
         results = self.walk_block(inner_block, inner_env, path, nodes)
         self.consts = caller_consts
-        self.call_stack.pop()
         for res, key in zip(op.results, results, strict=True):
             env[res] = self.alias_of(key)
 
@@ -244,6 +258,9 @@ class Walker:
             node = Node(kind, path, ins, [], loc=op.location)
             node.flops, node.trans, node.read, node.written, node.attrs = op_cost(
                 dialect, short, op, in_types, out_types, node.notes)
+            if short in COLLECTIVES:
+                node.attrs.update(collective_attrs(op, short, in_types, out_types,
+                                                   self.num_devices, self.meshes))
             if short == "custom_call":
                 node.side_effect = is_true(op_attr(op, "has_side_effect"))
             elif short in _SIDE_EFFECT_KINDS:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from tiermap.errors import HardwareSpecError
+from tiermap.hardware.interconnect import HINTS as MULTICHIP_HINTS
+from tiermap.hardware.interconnect import check_multichip, dumps_multichip
 from tiermap.hardware.target import Link, Target, Tier
 
 BUILTIN_DIR = Path(__file__).resolve().parent
@@ -42,6 +44,8 @@ TOP_KEYS = (
     "tiers",
     "links",
     "op_overhead_s",
+    "devices",
+    "interconnect",
 )
 COMPUTE_KEYS = (
     "peak_flops_per_s", "units", "vector_peak_fraction", "transcendental_flops",
@@ -83,6 +87,7 @@ _HINTS: dict[str, str] = {
     "src": "the name of a tier listed under [[tiers]]",
     "dst": "the name of a tier listed under [[tiers]]",
     "bytes_per_s": "the link bandwidth in bytes/s, e.g. bytes_per_s = 25e9",
+    **MULTICHIP_HINTS,
 }
 
 _DUPLICATE_PREFIX = "__tiermap_duplicate_"
@@ -454,6 +459,7 @@ class _Checker:
         model = self.compute_model(data)
         tiers = self.tiers(data)
         links = self.links(data)
+        interconnect = check_multichip(self, data)
         if self.problems:
             return None
         assert name is not None and platform is not None and peaks is not None
@@ -468,6 +474,7 @@ class _Checker:
             links=tuple(links),
             sources=tuple(sources or ()),
             op_overhead_s=op_overhead_s or 0.0,
+            interconnect=interconnect,
             path=path,
             **model,
         )
@@ -727,6 +734,7 @@ def dumps_target(target: Target) -> str:
     for link in target.links:
         out += ["", "[[links]]", f"src = {_toml_str(link.src)}", f"dst = {_toml_str(link.dst)}"]
         out.append(f"bytes_per_s = {_toml_float(link.bytes_per_s)}")
+    out.extend(dumps_multichip(target.interconnect, _toml_str, _toml_float))
     return "\n".join(out) + "\n"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tiermap.hardware.interconnect import Interconnect
+
 
 @dataclass(frozen=True)
 class Tier:
@@ -53,7 +55,15 @@ class Target:
     vector_peak_fraction: float = 1.0
     transcendental_flops: float = 1.0
     parallel_grain_elements: float = 0.0
+    # A multi-chip target: how many of this device there are and the links between them
+    # ([devices] and [interconnect], tiermap/hardware/interconnect.py); None for one device.
+    interconnect: Interconnect | None = None
     path: str | None = field(default=None, compare=False)
+
+    @property
+    def num_devices(self) -> int:
+        """How many devices the target has (1 without an [interconnect])."""
+        return self.interconnect.num_devices if self.interconnect else 1
 
     def tier(self, name: str) -> Tier:
         for t in self.tiers:

@@ -24,6 +24,13 @@ MOVEMENT = frozenset({
     "iota", "constant", "copy", "dynamic_slice", "dynamic_update_slice", "gather",
     "get_tuple_element", "tuple", "optimization_barrier", "real_dynamic_slice", "after_all",
     "create_token", "partition_id", "replica_id", "get_dimension_size", "reshape",
+    "bitcast",
 })
+# `bitcast` (mhlo, in XLA's optimised programs) reinterprets a buffer's shape, like a reshape.
 FREE_KINDS = frozenset({"reshape", "get_tuple_element", "tuple", "optimization_barrier",
-                        "after_all", "create_token", "partition_id", "replica_id"})
+                        "after_all", "create_token", "partition_id", "replica_id", "bitcast"})
+# Collectives XLA's SPMD partitioner inserts: each moves bytes between devices over the
+# interconnect (tiermap/hardware/interconnect.py prices them); `Op.attrs` holds "group_size",
+# "num_groups" and "payload_bytes" (the frontend's collectives.py).
+COLLECTIVES = frozenset({"all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+                         "collective_permute"})

@@ -40,6 +40,9 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   apart from keys that contain "wall" (every solver stops at a deterministic work limit). A
   solver stopped by its wall-clock guard instead says so in `Plan.warnings` (a v2 key added
   2026-12-07; plans written before it have none), and only then may the plan differ.
+- Sharded programs (`Plan.sharding`, an optional "sharding" key of schema v2): the program is one
+  device's program of XLA's SPMD partitioner, capacities are per device, and `ShardingPlan`
+  (tiermap/ir/sharding.py) holds its collectives and the step time with communication.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tiermap.errors import TiermapError
+from tiermap.hardware.interconnect import Interconnect
 from tiermap.hardware.target import Link, Target, Tier
+from tiermap.ir.sharding import ShardingPlan
 
 if TYPE_CHECKING:
     from tiermap.ir.program import Program
@@ -280,6 +285,8 @@ class Plan:
     attention: tuple[AttentionGroupPlan, ...] = ()
     loops: tuple[LoopPlan, ...] = ()
     warnings: tuple[str, ...] = ()
+    # A partitioned program's communication (tiermap/ir/sharding.py); None for one device.
+    sharding: ShardingPlan | None = None
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
@@ -311,6 +318,9 @@ class Plan:
                 "tiers": [_tier_dict(t) for t in tgt.tiers],
                 "links": [{"src": lk.src, "dst": lk.dst, "bytes_per_s": lk.bytes_per_s}
                           for lk in tgt.links],
+                **({"interconnect": {**tgt.interconnect.__dict__,
+                                     "shape": list(tgt.interconnect.shape)}}
+                   if tgt.interconnect else {}),
             },
             "strategy": self.strategy,
             "ops": [
@@ -361,6 +371,7 @@ class Plan:
             "notes": list(self.notes),
             "warnings": list(self.warnings),
             "loops": [loop.to_dict() for loop in self.loops],
+            **({"sharding": self.sharding.to_dict()} if self.sharding else {}),
             "pass_wall_s": dict(self.pass_wall_s),
         }
 
@@ -406,6 +417,9 @@ class Plan:
             vector_peak_fraction=float(t.get("vector_peak_fraction", 1.0)),
             transcendental_flops=float(t.get("transcendental_flops", 1.0)),
             parallel_grain_elements=float(t.get("parallel_grain_elements", 0.0)),
+            interconnect=(Interconnect(**{**t["interconnect"],
+                                          "shape": tuple(t["interconnect"]["shape"])})
+                          if t.get("interconnect") else None),
         )
         s = d["solver"]
         return cls(
@@ -452,6 +466,7 @@ class Plan:
                 for a in d.get("attention", [])),  # absent in plans written before 2026-12
             loops=tuple(LoopPlan.from_dict(x) for x in d.get("loops", [])),  # v2
             warnings=tuple(d.get("warnings", [])),  # v2, added 2026-12-07; absent before
+            sharding=ShardingPlan.from_dict(d["sharding"]) if d.get("sharding") else None,
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )
 

@@ -121,6 +121,12 @@ class Program:
     assumptions: tuple[str, ...] = ()
     source_mlir: str = field(default="", repr=False, compare=False)
     body_values: Mapping[str, Value] = field(default_factory=dict, repr=False)
+    # A partitioned program (the per-device program of XLA's SPMD partitioner): how many devices
+    # run it, and the HLO sharding of each input and output ("{replicated}",
+    # "{devices=[8,1]<=[8]}"); shapes are per device. 1 and () for a one-device program.
+    num_devices: int = 1
+    input_shardings: tuple[str, ...] = ()
+    output_shardings: tuple[str, ...] = ()
 
     # --- derived facts --------------------------------------------------------------------
 
@@ -137,6 +143,11 @@ class Program:
     def flops_one_trip(self) -> float:
         """FLOPs with each loop body (nested ones too) counted once, as XLA's cost analysis does."""
         return float(sum(op.flops_one_trip for op in self.ops))
+
+    @property
+    def collectives(self) -> tuple[Op, ...]:
+        """The top-level ops that move bytes between devices (`ir.ops.COLLECTIVES`)."""
+        return tuple(op for op in self.ops if "collective" in op.attrs)
 
     @property
     def transcendentals(self) -> float:
