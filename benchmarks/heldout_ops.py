@@ -15,8 +15,9 @@ committed before the calibrated model was tuned; the model has no per-op factors
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -71,7 +71,7 @@ def test_progress_goes_from_zero_to_one(calibrated: tuple[Target, list, float]) 
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
     assert fractions == sorted(fractions)
     labels = [label for label, _ in calls]
-    assert "peak FLOP/s (f32)" in labels and "bandwidth of DRAM" in labels
+    assert "peak FLOP/s (f32)" in labels and "bandwidth of caches and DRAM (working-set sweeps)" in labels
 
 
 def test_parse_size_bytes() -> None:

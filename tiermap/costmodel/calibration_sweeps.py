@@ -1,0 +1,309 @@
+"""The measurements behind a calibrated CPU target, taken the way programs run: through `jax.jit`.
+
+Every figure is the time of a compiled JAX call, timed by `best_call_s`: the calls of all kernels
+of a step run in rounds interleaved with each other (so a burst of noise hits one round, not one
+kernel); each batch starts when other processes leave the CPUs idle; each round times a batch of
+back-to-back calls ending in `block_until_ready`; the best per-call time over the rounds counts.
+A kernel's net time is its per-call time less the per-call time of a trivial one-element program
+(`floor_s`: Python dispatch and one launch).
+
+What is measured (what the working-set cost model, costmodel/working_set.py, needs):
+
+1. `floor_s`: `x + 1` on f32[1].
+2. Working-set sweeps over f32[n], 4n doubling from 2 KiB to `sweep_max_bytes` (`sweep_sizes`):
+   read `sum(x)` (4n bytes read), write `full((n,), s)` (4n written), copy `x + 1` (4n read and
+   4n written); bandwidth = bytes / net time; the working set is every byte the kernel touches.
+3. Transcendental throughput: `exp`, `tanh`, `erf`, `log` of f32[2^18] (elements / net time), and
+   `exp` over sizes from 2^11 to 2^18 elements (how many elements an op needs before XLA spreads
+   it over more cores: `parallel_grain_elements`).
+4. Loop (vector) throughput: a fused chain of 8 multiply-adds over f32[2^18] (16 flops/element).
+5. Matmul throughput per dtype: jitted n x n x n matmuls, n doubling from 32 (2 n^3 flops).
+6. Per-op overhead: the slope of the run time of a chain of small unfusable ops (calibration.py).
+
+Before timing, one array just under glibc's largest dynamic mmap threshold (32 MiB) is allocated
+and freed, so that later outputs below that size reuse heap memory instead of fresh pages from
+the OS (which glibc otherwise decides by the history of earlier allocations; a fresh page costs a
+page fault). Outputs of 32 MiB and more always come from fresh pages: the DRAM points of the
+write and copy sweeps measure that, as every large output pays it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ProgressFn = Callable[[str], None]
+
+TRANSCENDENTAL_KINDS = ("exponential", "tanh", "erf", "log")
+VECTOR_CHAIN_FLOPS_PER_ELEMENT = 16  # 8 x (multiply, add)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One kernel of a working-set sweep: bytes it touches, bytes it moves, the size of its
+    output, net seconds."""
+
+    working_set_bytes: int
+    moved_bytes: int
+    net_s: float
+    output_bytes: int = 0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.moved_bytes / self.net_s
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Everything the calibration measured (inputs to `calibration.build_calibrated_target`)."""
+
+    floor_s: float
+    op_overhead_s: float
+    read: tuple[SweepPoint, ...]
+    write: tuple[SweepPoint, ...]
+    copy: tuple[SweepPoint, ...]
+    transcendental_per_s: dict[str, float]
+    exp_by_elements: tuple[tuple[int, float], ...]  # (elements, elements per second)
+    vector_flops_per_s: float
+    reduce_flops_per_s: float
+    matmul_flops_per_s: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Sizes and repeats; `quick` shrinks them for tests."""
+
+    rounds: int
+    batch_s: float
+    sweep_max_bytes: int
+    matmul_max_n: int
+    matmul_call_s: float
+    quiet: bool  # wait for idle CPUs before each batch (`wait_for_quiet`)
+
+    @staticmethod
+    def make(quick: bool) -> SweepSettings:
+        if quick:
+            return SweepSettings(2, 0.001, 2**21, 256, 0.002, quiet=False)
+        return SweepSettings(9, 0.004, 2**27, 2048, 0.03, quiet=True)
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def _batch_s(fn: Callable[..., Any], args: Sequence[Any], calls: int) -> float:
+    import jax
+
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def _cpu_busy_fraction(sample_s: float) -> float | None:
+    """Fraction of all CPUs' time spent busy over `sample_s` (Linux /proc/stat), else None."""
+    def read() -> tuple[int, int] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(f) for f in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        return sum(ticks), idle
+
+    before = read()
+    time.sleep(sample_s)
+    after = read()
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return 1.0 - idle / total
+
+
+def wait_for_quiet(max_wait_s: float = 30.0, busy_fraction: float = 0.15) -> float:
+    """Wait (at most `max_wait_s`) until other processes leave the CPUs idle: over a 0.03 s
+    sample while this process sleeps, at most `busy_fraction` of CPU time is busy. Returns the
+    seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        busy = _cpu_busy_fraction(0.03)
+        if busy is None or busy <= busy_fraction:
+            break
+        time.sleep(0.2)
+    return time.perf_counter() - start
+
+
+def best_call_s(kernels: Sequence[tuple[Callable[..., Any], Sequence[Any]]], rounds: int,
+                batch_s: float, quiet: bool = True) -> list[float]:
+    """Best per-call seconds of each compiled `(fn, args)`, over interleaved timing rounds.
+
+    Each kernel runs once untimed (warm-up), then `rounds` times a batch of back-to-back calls
+    lasting about `batch_s` (at least one call, at most 2000). With `quiet`, each batch waits
+    for the CPUs to be idle first (`wait_for_quiet`): other jobs on a shared machine would
+    otherwise take cores that XLA's parallel loops and matmuls count on.
+    """
+    calls: list[int] = []
+    for fn, args in kernels:
+        _batch_s(fn, args, 1)
+        once_s = _batch_s(fn, args, 1)
+        calls.append(max(1, min(2000, int(batch_s / max(once_s, 1e-7)))))
+    best = [math.inf] * len(kernels)
+    for _ in range(rounds):
+        for i, (fn, args) in enumerate(kernels):
+            if quiet:
+                wait_for_quiet()
+            best[i] = min(best[i], _batch_s(fn, args, calls[i]))
+    return best
+
+
+def settle_allocator() -> None:
+    """Raise glibc's dynamic mmap threshold to its maximum (module docstring)."""
+    import jax.numpy as jnp
+
+    big = jnp.zeros((31 * 2**20 // 4,), jnp.float32)
+    big.block_until_ready()
+    del big
+
+
+def floor_s(rounds: int, quiet: bool = True) -> float:
+    """Per-call seconds of a trivial one-element program (dispatch plus one launch)."""
+    import jax
+    import jax.numpy as jnp
+
+    trivial = jax.jit(lambda x: x + 1.0)
+    x = jnp.ones((1,), jnp.float32)
+    return best_call_s([(trivial, [x])], max(rounds, 3), 0.01, quiet)[0]
+
+
+# --- the sweeps ----------------------------------------------------------------------------------
+
+
+FIRST_TOUCH_MIN_BYTES = 32 * 2**20  # glibc's largest dynamic mmap threshold (64-bit)
+
+
+def sweep_sizes(max_bytes: int, min_bytes: int = 2048) -> list[int]:
+    """Element counts of the f32 sweep arrays: 4n bytes from `min_bytes` doubling to `max_bytes`,
+    plus 1.5x each size from 8 MiB (so that DRAM-sized working sets with outputs below
+    `FIRST_TOUCH_MIN_BYTES` are measured too)."""
+    out = []
+    nbytes = min_bytes
+    while nbytes <= max_bytes:
+        out.append(nbytes // 4)
+        if nbytes >= 8 * 2**20 and 3 * nbytes // 2 <= max_bytes:
+            out.append(3 * nbytes // 8)
+        nbytes *= 2
+    return out
+
+
+def measure_sweeps(settings: SweepSettings, floor: float
+                   ) -> tuple[tuple[SweepPoint, ...], tuple[SweepPoint, ...],
+                              tuple[SweepPoint, ...]]:
+    """The read (sum), write (fill) and copy (`x + 1`) working-set sweeps."""
+    import jax
+    import jax.numpy as jnp
+
+    sizes = sweep_sizes(settings.sweep_max_bytes)
+    kernels: list[tuple[Callable[..., Any], Sequence[Any]]] = []
+    for n in sizes:
+        x = jnp.linspace(0.0, 1.0, n, dtype=jnp.float32)
+        s = jnp.float32(0.5)
+        kernels.append((jax.jit(jnp.sum), [x]))
+        kernels.append((jax.jit(lambda v, n=n: jnp.full((n,), v, jnp.float32)), [s]))
+        kernels.append((jax.jit(lambda v: v + 1.0), [x]))
+    times = best_call_s(kernels, settings.rounds, settings.batch_s, settings.quiet)
+    read, write, copy = [], [], []
+    for i, n in enumerate(sizes):
+        nbytes = 4 * n
+        r, w, c = (max(t - floor, 1e-8) for t in times[3 * i:3 * i + 3])
+        read.append(SweepPoint(nbytes, nbytes, r, 4))
+        write.append(SweepPoint(nbytes, nbytes, w, nbytes))
+        copy.append(SweepPoint(2 * nbytes, 2 * nbytes, c, nbytes))
+    return tuple(read), tuple(write), tuple(copy)
+
+
+def measure_elementwise(settings: SweepSettings, floor: float
+                        ) -> tuple[dict[str, float], tuple[tuple[int, float], ...], float]:
+    """(transcendental elements/s by kind, exp elements/s by size, loop flops/s)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    big_n = 2**16 if settings.rounds < 3 else 2**18
+    x = jnp.linspace(0.1, 0.9, big_n, dtype=jnp.float32)
+    fns = {"exponential": jnp.exp, "tanh": jnp.tanh, "erf": lax.erf, "log": jnp.log}
+
+    def chain(v: Any) -> Any:
+        for _ in range(VECTOR_CHAIN_FLOPS_PER_ELEMENT // 2):
+            v = v * 0.999 + 0.001
+        return v
+
+    kernels: list[tuple[Callable[..., Any], Sequence[Any]]] = [
+        (jax.jit(fns[k]), [x]) for k in TRANSCENDENTAL_KINDS]
+    kernels.append((jax.jit(chain), [x]))
+    sizes = [2**k for k in range(11, 19)] if settings.rounds >= 3 else [2**11, 2**14]
+    for n in sizes:
+        kernels.append((jax.jit(jnp.exp), [jnp.linspace(0.1, 0.9, n, dtype=jnp.float32)]))
+    times = [max(t - floor, 1e-8)
+             for t in best_call_s(kernels, settings.rounds, settings.batch_s,
+                                       settings.quiet)]
+    trans = {k: big_n / t for k, t in zip(TRANSCENDENTAL_KINDS, times, strict=False)}
+    vector = VECTOR_CHAIN_FLOPS_PER_ELEMENT * big_n / times[len(TRANSCENDENTAL_KINDS)]
+    curve = tuple((n, n / t)
+                  for n, t in zip(sizes, times[len(TRANSCENDENTAL_KINDS) + 1:], strict=True))
+    return trans, curve, vector
+
+
+def measure_matmuls(dtypes: Sequence[str], settings: SweepSettings, floor: float
+                    ) -> dict[str, tuple[tuple[int, float], ...]]:
+    """FLOP/s of n x n x n matmuls per dtype, n doubling from 32 until a call lasts
+    `matmul_call_s` or n reaches `matmul_max_n`; dtypes the backend cannot run are left out."""
+    import jax
+    import jax.numpy as jnp
+
+    names = {"f32": jnp.float32, "f64": jnp.float64, "bf16": jnp.bfloat16, "f16": jnp.float16}
+    out: dict[str, tuple[tuple[int, float], ...]] = {}
+    for dtype in dtypes:
+        points: list[tuple[int, float]] = []
+        with jax.enable_x64(dtype == "f64"):
+            matmul = jax.jit(jnp.matmul)
+            n = 32
+            try:
+                while n <= settings.matmul_max_n:
+                    a = jnp.full((n, n), 0.5, dtype=names[dtype])
+                    b = jnp.full((n, n), 0.25, dtype=names[dtype])
+                    call_s = best_call_s([(matmul, [a, b])], settings.rounds, settings.batch_s,
+                                         settings.quiet)[0]
+                    net_s = max(call_s - floor, 1e-8)
+                    points.append((n, 2.0 * n**3 / net_s))
+                    if net_s >= settings.matmul_call_s:
+                        break
+                    n *= 2
+            except Exception:  # XLA raises various errors for a dtype it cannot run: skip it
+                pass
+        if points:
+            out[dtype] = tuple(points)
+    return out
+
+
+def fit_parallel_grain(curve: Sequence[tuple[int, float]], chip_rate: float, units: int
+                       ) -> float:
+    """The `parallel_grain_elements` g that best explains `curve` (elements, elements/s):
+    rate(n) = chip_rate x min(units, max(1, n / g)) / units, least squares in log rate over a
+    log-spaced grid of g from 256 to 2^24. 0 when there is one unit or no curve."""
+    if units <= 1 or not curve or chip_rate <= 0:
+        return 0.0
+    best_g, best_err = 0.0, math.inf
+    for step in range(0, 65):
+        g = 256.0 * 2 ** (step / 4)
+        err = 0.0
+        for n, rate in curve:
+            model = chip_rate * min(units, max(1.0, n / g)) / units
+            err += math.log(model / rate) ** 2
+        if err < best_err:
+            best_g, best_err = g, err
+    return best_g

@@ -1,0 +1,165 @@
+"""The working-set (ECM-style) cost model of a calibrated CPU target.
+
+It applies to a target that sets `[compute] working_set_tiers = true` (what `tiermap calibrate`
+writes); `roofline.op_cost`, `roofline.group_cost` and `roofline.compute_time_s` defer to it then,
+and every other target keeps the plain roofline. The formulas (docs/architecture.md, "Cost
+model"), each constant a calibrated one (calibration_sweeps.py says how it is measured):
+
+- A kernel (an op, or a fused group) with working set W = Σ bytes it reads + Σ bytes it writes
+  runs its memory traffic at the *working-set tier*: the fastest tier (caches included) whose
+  whole-chip `capacity_bytes` holds W, the last tier if none does: a tensor placed in main
+  memory streams from the cache level that holds the kernel's working set (the
+  Execution-Cache-Memory model of Hager, Treibig and Wellein). Bytes placed in a tier faster
+  than that one (a scratchpad) are charged at their own tier.
+- Memory time at a tier t, with r bytes read and w written there: with a measured
+  `copy_bytes_per_s`, the bytes that pair a read with a write, p = min(r, w), move at the copy
+  rate and the rest at the read or the write rate:
+  `2p / copy_bytes_per_s + (r - p) / read_bytes_per_s + (w - p) / write_bytes_per_s`;
+  without it, `r / read_bytes_per_s + w / write_bytes_per_s`.
+- An output of at least the main tier's `first_touch_min_bytes` is written into fresh pages
+  (glibc maps blocks that large anew for every allocation, and each page faults on first
+  touch): its bytes take `first_touch_bytes_per_s` instead, added to the time above.
+- Compute time:
+  - a contraction (dot, convolution) of F flops: `F / matmul_rate(dtype, n)`, where
+    `n = (F / 2)^(1/3)` is the side of the square matmul with the same flops and the rate is
+    interpolated log-linearly in n between the calibrated sizes (clamped at both ends); the
+    dtype's peak when the target has no matmul table for it;
+  - any other op: its flops at the loop rate (`vector_peak_fraction` x the f32 peak; a reduce's
+    body flops at `reduce_flops_per_s` when measured), plus each transcendental at its measured
+    rate (`transcendental_per_s[kind]`; kinds not measured at the exponential's rate), all
+    times `units_used / units` (`parallel_grain_elements`, roofline.units_used).
+- Kernel time: `max(compute, memory) + op_overhead_s`, as in the plain roofline.
+No factor depends on which op or program is costed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tiermap.hardware.target import Target, Tier
+    from tiermap.ir.program import Op
+
+CONTRACTION_KINDS = frozenset({"stablehlo.dot_general", "stablehlo.dot",
+                               "stablehlo.convolution"})
+REDUCE_KINDS = frozenset({"stablehlo.reduce"})
+# A transcendental of a kind the calibration did not time costs what an exponential does.
+FALLBACK_TRANSCENDENTAL = "exponential"
+
+
+def applies(target: Target) -> bool:
+    """Whether `target` asks for the working-set model (`[compute] working_set_tiers`)."""
+    return target.working_set_tiers
+
+
+def working_set_tier_index(working_set_bytes: float, target: Target) -> int:
+    """Index of the fastest tier whose whole-chip capacity holds the working set (else the last)."""
+    for i, tier in enumerate(target.tiers):
+        if tier.capacity_bytes >= working_set_bytes:
+            return i
+    return len(target.tiers) - 1
+
+
+def stream_time_s(read_bytes: float, write_bytes: float, tier: Tier) -> float:
+    """Seconds to read and write these bytes at `tier` (module docstring)."""
+    paired = min(read_bytes, write_bytes) if tier.copy_bytes_per_s else 0.0
+    time_s = 2.0 * paired / tier.copy_bytes_per_s if paired and tier.copy_bytes_per_s else 0.0
+    if read_bytes > paired:
+        time_s += (read_bytes - paired) / tier.read_bytes_per_s
+    if write_bytes > paired:
+        time_s += (write_bytes - paired) / tier.write_bytes_per_s
+    return time_s
+
+
+def first_touch_bytes(write_bytes_by_tensor: Iterable[tuple[str, float]], target: Target
+                      ) -> float:
+    """Bytes of the outputs, given as (tier, bytes) per tensor, that land in fresh pages."""
+    total = 0.0
+    for name, nbytes in write_bytes_by_tensor:
+        tier = target.tier(name)
+        if tier.first_touch_min_bytes is not None and nbytes >= tier.first_touch_min_bytes:
+            total += nbytes
+    return total
+
+
+def memory_time_s(read_bytes_by_tier: Mapping[str, float],
+                  write_bytes_by_tier: Mapping[str, float], target: Target,
+                  first_touch_write_bytes: float = 0.0) -> float:
+    """Memory seconds of one kernel whose bytes are placed as given (module docstring).
+
+    `first_touch_write_bytes` of the main tier's writes go to fresh pages (`first_touch_bytes`).
+    """
+    working_set = sum(read_bytes_by_tier.values()) + sum(write_bytes_by_tier.values())
+    at = working_set_tier_index(working_set, target)
+    charged: dict[int, list[float]] = {}
+    main = target.main_tier
+    fresh = first_touch_write_bytes if main.first_touch_bytes_per_s else 0.0
+    for side, by_tier in ((0, read_bytes_by_tier), (1, write_bytes_by_tier)):
+        for name, nbytes in by_tier.items():
+            if side == 1 and name == main.name:
+                nbytes = max(0.0, nbytes - fresh)
+            if nbytes:
+                index = min(at, target.tier_index(name))
+                charged.setdefault(index, [0.0, 0.0])[side] += nbytes
+    time_s = sum(stream_time_s(r, w, target.tiers[i]) for i, (r, w) in charged.items())
+    if fresh and main.first_touch_bytes_per_s:
+        time_s += fresh / main.first_touch_bytes_per_s
+    return time_s
+
+
+def matmul_rate_flops_per_s(dtype: str, flops: float, target: Target) -> float:
+    """FLOP/s of a contraction of `flops` in `dtype`: the calibrated square-matmul rate at
+    n = (flops / 2)^(1/3), log-linear in n between points, clamped; else the dtype's peak."""
+    points = target.matmul_flops_per_s.get(dtype)
+    if not points:
+        return target.peak(dtype)
+    n = max(flops / 2.0, 1.0) ** (1.0 / 3.0)
+    if n <= points[0][0]:
+        return points[0][1]
+    if n >= points[-1][0]:
+        return points[-1][1]
+    for (n0, r0), (n1, r1) in zip(points, points[1:], strict=False):
+        if n0 <= n <= n1:
+            t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+            return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
+    return points[-1][1]
+
+
+def transcendental_rate_per_s(kind: str, target: Target) -> float | None:
+    """Elements per second of a transcendental op kind on all units, None when not measured."""
+    rates = target.transcendental_per_s
+    if not rates:
+        return None
+    short = kind.split(".", 1)[-1]
+    if short in rates:
+        return rates[short]
+    return rates.get(FALLBACK_TRANSCENDENTAL, min(rates.values()))
+
+
+def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_fraction: float
+                   ) -> float:
+    """Compute seconds of `op` under the working-set model (module docstring).
+
+    Args:
+        op: the op.
+        target: a target for which `applies` holds.
+        vector_flops_per_s: the loop rate of `op`'s dtype on all units (roofline's rule).
+        units_fraction: `units_used / units` (roofline.units_used).
+    """
+    if op.kind in CONTRACTION_KINDS:
+        if op.flops <= 0.0:
+            return 0.0
+        return op.flops / matmul_rate_flops_per_s(op.dtype, op.flops, target)
+    fraction = max(units_fraction, 1e-9)
+    flops_rate = vector_flops_per_s
+    if op.kind in REDUCE_KINDS and target.reduce_flops_per_s > 0.0:
+        flops_rate = target.reduce_flops_per_s
+    time_s = op.flops / (flops_rate * fraction) if op.flops > 0.0 else 0.0
+    if op.transcendentals > 0.0:
+        rate = transcendental_rate_per_s(op.kind, target)
+        if rate is None:
+            rate = vector_flops_per_s / max(target.transcendental_flops, 1e-9)
+        time_s += op.transcendentals / (rate * fraction)
+    return time_s
