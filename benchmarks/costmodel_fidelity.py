@@ -16,7 +16,7 @@ Run: `python benchmarks/costmodel_fidelity.py [--target FILE.toml] [--plot out/f
 4. Measurement, twice in one run (repeat 1, then repeat 2): each case compiled once, then timed
    by `calibration_sweeps.best_call_s` (best of `--rounds` interleaved rounds, each after the
    CPUs are idle); measured = best per-call time - the per-call time of a trivial one-element
-   program (measured in the same repeat) + `op_overhead_s` (that program's own kernel).
+   program (timed in the same rounds) + `op_overhead_s` (that program's own kernel).
 5. It prints per case predicted, measured (both repeats) and log2(predicted / measured), then per
    repeat the median |log2 error|, Spearman's rank correlation, the worst case and the cases
    off by more than 2x; and plots predicted against measured (`--plot`).
@@ -46,8 +46,8 @@ from heldout_ops import Case, heldout_suite  # noqa: E402
 from tiermap.costmodel import working_set  # noqa: E402
 from tiermap.costmodel.calibration_sweeps import (  # noqa: E402
     best_call_s,
-    floor_s,
     settle_allocator,
+    trivial_kernel,
 )
 from tiermap.costmodel.roofline import (  # noqa: E402
     compute_time_s,
@@ -124,9 +124,8 @@ def measure(cases: Sequence[Case], rounds: int, batch_s: float, overhead_s: floa
     for case in cases:
         fn = jax.jit(case.fn).lower(*case.args).compile()
         kernels.append((fn, _concrete(case.args)))
-    floor = floor_s(rounds)
-    best = best_call_s(kernels, rounds, batch_s)
-    return [max(b - floor + overhead_s, 1e-9) for b in best]
+    best = best_call_s([trivial_kernel(), *kernels], rounds, batch_s)
+    return [max(b - best[0] + overhead_s, 1e-9) for b in best[1:]]
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ of `jax.jit` calls, less the per-call time of a trivial program). In short:
    2 KiB to 128 MiB. Each tier's `read_bytes_per_s`, `write_bytes_per_s` and `copy_bytes_per_s`
    is the median over the sweep points whose working set falls in it: above the next faster
    level's whole-chip capacity, up to its own (DRAM: above the last cache). A level is never
-   reported slower to read than the level after it (tiers must be listed fastest first).
+   reported slower than the level after it (tiers are listed fastest first; and the tiniest
+   kernels, under a microsecond, are timed least precisely).
 3. Matmul throughput per dtype by size (`matmul_flops_per_s`; the best is `peak_flops_per_s`).
 4. Transcendental throughput (`transcendental_per_s`: exp, tanh, erf, log), the loop rate
    (`vector_peak_fraction` of the f32 peak), the reduction rate (`reduce_flops_per_s`: the best
    of the read sweep), and `parallel_grain_elements` fitted to exp over sizes; rates are stated
-   for all units (a rate measured at n elements is divided by `units_used(n) / units`).
+   for all units (a rate measured at n elements is divided by `units_used(n) / units`; the
+   median over the sizes measured).
 5. Per-op overhead: the time per op of a chain of small ops that XLA cannot fuse.
 
 Caches are `per_unit` tiers (a placement's tile budget), DRAM is the main-memory tier, and the
@@ -94,15 +96,15 @@ def calibrate(progress: ProgressFn | None = None, *, quick: bool = False) -> Tar
     units = os.cpu_count() or 1
     caches = read_cache_levels()
     settle_allocator()
-    floor = floor_s(settings.rounds, settings.quiet)
+    floor = floor_s(settings.rounds, settings.quiet)  # reported; each step times its own
     report.step("bandwidth of caches and DRAM (working-set sweeps)", 0.35)
-    read, write, copy = measure_sweeps(settings, floor)
+    read, write, copy = measure_sweeps(settings)
     report.step("transcendental and loop throughput", 0.15)
-    trans, exp_curve, vector_flops_per_s = measure_elementwise(settings, floor)
+    trans, exp_curve, vector_flops_per_s = measure_elementwise(settings)
     matmul: dict[str, tuple[tuple[int, float], ...]] = {}
     for dtype in _MEASURED_DTYPES:
         report.step(f"peak FLOP/s ({dtype})", 0.1)
-        matmul.update(measure_matmuls([dtype], settings, floor))
+        matmul.update(measure_matmuls([dtype], settings))
     if "f32" not in matmul:
         raise RuntimeError("calibration could not time an f32 matmul on the CPU backend")
     report.step("per-op overhead", 0.1)
@@ -137,8 +139,9 @@ def build_calibrated_target(m: Measurements, caches: Sequence[CacheLevel], units
                             bounds)
     fresh = [p.bytes_per_s for p in m.write if p.output_bytes >= FIRST_TOUCH_MIN_BYTES]
     first_touch = _round_sig(statistics.median(fresh)) if fresh else None
-    for i in range(len(reads) - 2, -1, -1):  # never slower to read than the next level
-        reads[i] = max(reads[i], reads[i + 1])
+    for i in range(len(reads) - 2, -1, -1):  # a level is never slower than the next one
+        for figures in (reads, writes, copies):
+            figures[i] = max(figures[i], figures[i + 1])
     tiers = [
         Tier(name=levels[i],
              capacity_bytes=bounds[i] if i < len(bounds) else dram_capacity_bytes,
@@ -153,10 +156,9 @@ def build_calibrated_target(m: Measurements, caches: Sequence[CacheLevel], units
     exp_n = m.exp_by_elements
     grain = fit_parallel_grain(exp_n, 1.0, units) if exp_n else 0.0
     grain = fit_parallel_grain(exp_n, _chip_rate(exp_n, grain, units), units) if exp_n else 0.0
-    big_n = max((n for n, _ in exp_n), default=1)
-    scale = units / _units_used(big_n, grain, units)
-    trans = {k: _round_sig(v * scale) for k, v in m.transcendental_per_s.items()}
-    vector_fraction = min(1.0, m.vector_flops_per_s * scale / peak_f32)
+    trans = {k: _round_sig(_all_units_rate(v, grain, units))
+             for k, v in m.transcendental_per_s.items() if v}
+    vector_fraction = min(1.0, _all_units_rate(m.vector_flops_per_s, grain, units) / peak_f32)
     best_read = max(m.read, key=lambda p: p.working_set_bytes / 4 / p.net_s)
     reduce_n = best_read.working_set_bytes // 4
     reduce_rate = m.reduce_flops_per_s * units / _units_used(reduce_n, grain, units)
@@ -179,6 +181,11 @@ def _units_used(elements: float, grain: float, units: int) -> float:
     if grain <= 0 or units <= 1:
         return float(units)
     return min(float(units), max(1.0, elements / grain))
+
+
+def _all_units_rate(points: Sequence[tuple[int, float]], grain: float, units: int) -> float:
+    """Median over (elements, rate) points of the rate on all units: rate x units / units_used."""
+    return statistics.median(rate * units / _units_used(n, grain, units) for n, rate in points)
 
 
 def _chip_rate(curve: Sequence[tuple[int, float]], grain: float, units: int) -> float:
@@ -306,7 +313,7 @@ def _sources(caches: list[CacheLevel], settings: SweepSettings, units: int) -> t
            else "cache sizes are defaults (the OS did not report them)")
         + "; dram from sysconf(SC_PHYS_PAGES) x SC_PAGE_SIZE",
         "read_bytes_per_s: median over the sweep points in the level of sum(x) over f32[n] "
-        "(4n bytes / net time); never below the next level's",
+        "(4n bytes / net time); never below the next level's (also for write and copy)",
         "write_bytes_per_s: the same for a fill, full((n,), s) (4n bytes written)",
         "copy_bytes_per_s: the same for x + 1 (4n read + 4n written; working set 8n); write and "
         "copy points whose output is 32 MiB or more are left out (they land in fresh pages); a "
@@ -316,12 +323,12 @@ def _sources(caches: list[CacheLevel], settings: SweepSettings, units: int) -> t
         "(blocks that large are mapped anew on every allocation, each page faults once)",
         "peak_flops_per_s, matmul_flops_per_s: jitted n x n x n matmuls per dtype, n doubling "
         f"from 32 to at most {settings.matmul_max_n}, 2 n^3 FLOP each; the peak is the best",
-        "transcendental_per_s: elements / net time of exp, tanh, erf, log over f32[2^18] "
-        "(2^16 quick), stated for all units",
-        "vector_peak_fraction: a fused chain of 8 multiply-adds over the same array "
-        "(16 FLOP per element), stated for all units, over the f32 peak",
+        "transcendental_per_s: elements / net time of exp, tanh, erf, log over f32[n], n = 2^16, "
+        "2^18, 2^20 (2^14, 2^16 quick), stated for all units, median over n",
+        "vector_peak_fraction: a fused chain of 8 multiply-adds over the same arrays "
+        "(16 FLOP per element), stated for all units, median over n, over the f32 peak",
         "reduce_flops_per_s: the best elements / net time of the read sweep's sums",
-        f"parallel_grain_elements: least-squares fit of exp over 2^11..2^18 elements to "
+        f"parallel_grain_elements: least-squares fit of exp over 2^11..2^20 elements to "
         f"rate = all-units rate x min({units}, max(1, n / grain)) / {units}",
         "op_overhead_s: slope of the run time of a chain of small ops separated by "
         "optimization barriers (so XLA cannot fuse them)",

@@ -13,10 +13,11 @@ What is measured (what the working-set cost model, costmodel/working_set.py, nee
 2. Working-set sweeps over f32[n], 4n doubling from 2 KiB to `sweep_max_bytes` (`sweep_sizes`):
    read `sum(x)` (4n bytes read), write `full((n,), s)` (4n written), copy `x + 1` (4n read and
    4n written); bandwidth = bytes / net time; the working set is every byte the kernel touches.
-3. Transcendental throughput: `exp`, `tanh`, `erf`, `log` of f32[2^18] (elements / net time), and
-   `exp` over sizes from 2^11 to 2^18 elements (how many elements an op needs before XLA spreads
-   it over more cores: `parallel_grain_elements`).
-4. Loop (vector) throughput: a fused chain of 8 multiply-adds over f32[2^18] (16 flops/element).
+3. Transcendental throughput: `exp`, `tanh`, `erf`, `log` of f32[n], n in 2^16, 2^18, 2^20
+   (elements / net time), and `exp` over sizes from 2^11 to 2^20 elements (how many elements an
+   op needs before XLA spreads it over more cores: `parallel_grain_elements`).
+4. Loop (vector) throughput: a fused chain of 8 multiply-adds over the same sizes
+   (16 flops/element).
 5. Matmul throughput per dtype: jitted n x n x n matmuls, n doubling from 32 (2 n^3 flops).
 6. Per-op overhead: the slope of the run time of a chain of small unfusable ops (calibration.py).
 
@@ -66,9 +67,9 @@ class Measurements:
     read: tuple[SweepPoint, ...]
     write: tuple[SweepPoint, ...]
     copy: tuple[SweepPoint, ...]
-    transcendental_per_s: dict[str, float]
+    transcendental_per_s: dict[str, tuple[tuple[int, float], ...]]  # (elements, elements/s)
     exp_by_elements: tuple[tuple[int, float], ...]  # (elements, elements per second)
-    vector_flops_per_s: float
+    vector_flops_per_s: tuple[tuple[int, float], ...]  # (elements, flops per second)
     reduce_flops_per_s: float
     matmul_flops_per_s: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
@@ -155,8 +156,8 @@ def best_call_s(kernels: Sequence[tuple[Callable[..., Any], Sequence[Any]]], rou
     best = [math.inf] * len(kernels)
     for _ in range(rounds):
         for i, (fn, args) in enumerate(kernels):
-            if quiet:
-                wait_for_quiet()
+            if quiet and wait_for_quiet() > 0.0:
+                _batch_s(fn, args, 1)  # the cores were idle: wake them before timing
             best[i] = min(best[i], _batch_s(fn, args, calls[i]))
     return best
 
@@ -170,14 +171,26 @@ def settle_allocator() -> None:
     del big
 
 
-def floor_s(rounds: int, quiet: bool = True) -> float:
-    """Per-call seconds of a trivial one-element program (dispatch plus one launch)."""
+def trivial_kernel() -> tuple[Callable[..., Any], list[Any]]:
+    """The trivial one-element program whose per-call time is the floor (dispatch, one launch)."""
     import jax
     import jax.numpy as jnp
 
-    trivial = jax.jit(lambda x: x + 1.0)
-    x = jnp.ones((1,), jnp.float32)
-    return best_call_s([(trivial, [x])], max(rounds, 3), 0.01, quiet)[0]
+    return jax.jit(lambda x: x + 1.0), [jnp.ones((1,), jnp.float32)]
+
+
+def floor_s(rounds: int, quiet: bool = True) -> float:
+    """Per-call seconds of the trivial program (`trivial_kernel`)."""
+    return best_call_s([trivial_kernel()], max(rounds, 3), 0.01, quiet)[0]
+
+
+def net_call_s(kernels: Sequence[tuple[Callable[..., Any], Sequence[Any]]],
+               settings: SweepSettings) -> list[float]:
+    """Net seconds of each kernel: its best per-call time less the trivial program's, timed in
+    the same interleaved rounds (so both see the same conditions); at least 10 ns."""
+    times = best_call_s([trivial_kernel(), *kernels], settings.rounds, settings.batch_s,
+                        settings.quiet)
+    return [max(t - times[0], 1e-8) for t in times[1:]]
 
 
 # --- the sweeps ----------------------------------------------------------------------------------
@@ -200,7 +213,7 @@ def sweep_sizes(max_bytes: int, min_bytes: int = 2048) -> list[int]:
     return out
 
 
-def measure_sweeps(settings: SweepSettings, floor: float
+def measure_sweeps(settings: SweepSettings
                    ) -> tuple[tuple[SweepPoint, ...], tuple[SweepPoint, ...],
                               tuple[SweepPoint, ...]]:
     """The read (sum), write (fill) and copy (`x + 1`) working-set sweeps."""
@@ -215,26 +228,29 @@ def measure_sweeps(settings: SweepSettings, floor: float
         kernels.append((jax.jit(jnp.sum), [x]))
         kernels.append((jax.jit(lambda v, n=n: jnp.full((n,), v, jnp.float32)), [s]))
         kernels.append((jax.jit(lambda v: v + 1.0), [x]))
-    times = best_call_s(kernels, settings.rounds, settings.batch_s, settings.quiet)
+    times = net_call_s(kernels, settings)
     read, write, copy = [], [], []
     for i, n in enumerate(sizes):
         nbytes = 4 * n
-        r, w, c = (max(t - floor, 1e-8) for t in times[3 * i:3 * i + 3])
+        r, w, c = times[3 * i:3 * i + 3]
         read.append(SweepPoint(nbytes, nbytes, r, 4))
         write.append(SweepPoint(nbytes, nbytes, w, nbytes))
         copy.append(SweepPoint(2 * nbytes, 2 * nbytes, c, nbytes))
     return tuple(read), tuple(write), tuple(copy)
 
 
-def measure_elementwise(settings: SweepSettings, floor: float
-                        ) -> tuple[dict[str, float], tuple[tuple[int, float], ...], float]:
-    """(transcendental elements/s by kind, exp elements/s by size, loop flops/s)."""
+def measure_elementwise(settings: SweepSettings
+                        ) -> tuple[dict[str, tuple[tuple[int, float], ...]],
+                                   tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+    """Throughput by size: (elements/s of each transcendental kind, elements/s of exp over the
+    grain-fit sizes, flops/s of the multiply-add chain); each as (elements, rate) pairs."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    big_n = 2**16 if settings.rounds < 3 else 2**18
-    x = jnp.linspace(0.1, 0.9, big_n, dtype=jnp.float32)
+    quick = not settings.quiet
+    ref_sizes = [2**14, 2**16] if quick else [2**16, 2**18, 2**20]
+    curve_sizes = [2**11, 2**14] if quick else [2**k for k in range(11, 21)]
     fns = {"exponential": jnp.exp, "tanh": jnp.tanh, "erf": lax.erf, "log": jnp.log}
 
     def chain(v: Any) -> Any:
@@ -242,23 +258,29 @@ def measure_elementwise(settings: SweepSettings, floor: float
             v = v * 0.999 + 0.001
         return v
 
+    def data(n: int) -> Any:
+        return jnp.linspace(0.1, 2.0, n, dtype=jnp.float32)
+
+    jitted = {k: jax.jit(f) for k, f in fns.items()}
+    jit_chain = jax.jit(chain)
+    plan: list[tuple[str, int]] = [(k, n) for k in TRANSCENDENTAL_KINDS if k != "exponential"
+                                   for n in ref_sizes]
+    plan += [("chain", n) for n in ref_sizes]
+    plan += [("exponential", n) for n in sorted(set(curve_sizes) | set(ref_sizes))]
     kernels: list[tuple[Callable[..., Any], Sequence[Any]]] = [
-        (jax.jit(fns[k]), [x]) for k in TRANSCENDENTAL_KINDS]
-    kernels.append((jax.jit(chain), [x]))
-    sizes = [2**k for k in range(11, 19)] if settings.rounds >= 3 else [2**11, 2**14]
-    for n in sizes:
-        kernels.append((jax.jit(jnp.exp), [jnp.linspace(0.1, 0.9, n, dtype=jnp.float32)]))
-    times = [max(t - floor, 1e-8)
-             for t in best_call_s(kernels, settings.rounds, settings.batch_s,
-                                       settings.quiet)]
-    trans = {k: big_n / t for k, t in zip(TRANSCENDENTAL_KINDS, times, strict=False)}
-    vector = VECTOR_CHAIN_FLOPS_PER_ELEMENT * big_n / times[len(TRANSCENDENTAL_KINDS)]
-    curve = tuple((n, n / t)
-                  for n, t in zip(sizes, times[len(TRANSCENDENTAL_KINDS) + 1:], strict=True))
-    return trans, curve, vector
+        (jit_chain if k == "chain" else jitted[k], [data(n)]) for k, n in plan]
+    times = net_call_s(kernels, settings)
+    rates: dict[str, list[tuple[int, float]]] = {}
+    for (kind, n), t in zip(plan, times, strict=True):
+        per = VECTOR_CHAIN_FLOPS_PER_ELEMENT if kind == "chain" else 1
+        rates.setdefault(kind, []).append((n, per * n / t))
+    trans = {k: tuple(p for p in rates[k] if k != "exponential" or p[0] in ref_sizes)
+             for k in TRANSCENDENTAL_KINDS}
+    curve = tuple(p for p in rates["exponential"] if p[0] in curve_sizes)
+    return trans, curve, tuple(rates["chain"])
 
 
-def measure_matmuls(dtypes: Sequence[str], settings: SweepSettings, floor: float
+def measure_matmuls(dtypes: Sequence[str], settings: SweepSettings
                     ) -> dict[str, tuple[tuple[int, float], ...]]:
     """FLOP/s of n x n x n matmuls per dtype, n doubling from 32 until a call lasts
     `matmul_call_s` or n reaches `matmul_max_n`; dtypes the backend cannot run are left out."""
@@ -276,9 +298,7 @@ def measure_matmuls(dtypes: Sequence[str], settings: SweepSettings, floor: float
                 while n <= settings.matmul_max_n:
                     a = jnp.full((n, n), 0.5, dtype=names[dtype])
                     b = jnp.full((n, n), 0.25, dtype=names[dtype])
-                    call_s = best_call_s([(matmul, [a, b])], settings.rounds, settings.batch_s,
-                                         settings.quiet)[0]
-                    net_s = max(call_s - floor, 1e-8)
+                    net_s = net_call_s([(matmul, [a, b])], settings)[0]
                     points.append((n, 2.0 * n**3 / net_s))
                     if net_s >= settings.matmul_call_s:
                         break

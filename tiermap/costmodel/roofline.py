@@ -151,7 +151,8 @@ def compute_time_s(op: Op, target: Target) -> float:
     peak = peak_flops_per_s(op, target)
     if working_set.applies(target) and peak > 0.0:
         return working_set.compute_time_s(op, target, peak,
-                                          units_used(op, target) / max(target.units, 1))
+                                          units_used(op, target) / max(target.units, 1),
+                                          work_elements(op))
     if peak <= 0.0:
         raise TiermapError(
             f"target '{target.name}' has peak {peak} FLOP/s for dtype {op.dtype} ({op.id}); "

@@ -20,10 +20,12 @@ model"), each constant a calibrated one (calibration_sweeps.py says how it is me
   (glibc maps blocks that large anew for every allocation, and each page faults on first
   touch): its bytes take `first_touch_bytes_per_s` instead, added to the time above.
 - Compute time:
-  - a contraction (dot, convolution) of F flops: `F / matmul_rate(dtype, n)`, where
-    `n = (F / 2)^(1/3)` is the side of the square matmul with the same flops and the rate is
-    interpolated log-linearly in n between the calibrated sizes (clamped at both ends); the
-    dtype's peak when the target has no matmul table for it;
+  - a contraction (dot, convolution) of F flops with E output elements:
+    `F / (matmul_rate(dtype, n) x units_used(E) / units_used(n^2))`, where `n = (F / 2)^(1/3)`
+    is the side of the square matmul with the same flops, the rate is interpolated log-linearly
+    in n between the calibrated sizes (clamped at both ends; the dtype's peak without a table),
+    and the units factor says that XLA splits a contraction over its output: one with fewer
+    output elements than the square of the same flops keeps fewer cores busy;
   - any other op: its flops at the loop rate (`vector_peak_fraction` x the f32 peak; a reduce's
     body flops at `reduce_flops_per_s` when measured), plus each transcendental at its measured
     rate (`transcendental_per_s[kind]`; kinds not measured at the exponential's rate), all
@@ -138,8 +140,17 @@ def transcendental_rate_per_s(kind: str, target: Target) -> float | None:
     return rates.get(FALLBACK_TRANSCENDENTAL, min(rates.values()))
 
 
-def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_fraction: float
-                   ) -> float:
+def units_for(elements: float, target: Target) -> float:
+    """Units an op with `elements` of work keeps busy: elements / grain, between 1 and all."""
+    grain = target.parallel_grain_elements
+    units = max(target.units, 1)
+    if grain <= 0.0 or units == 1:
+        return float(units)
+    return min(float(units), max(1.0, elements / grain))
+
+
+def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_fraction: float,
+                   output_elements: float | None = None) -> float:
     """Compute seconds of `op` under the working-set model (module docstring).
 
     Args:
@@ -147,19 +158,24 @@ def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_frac
         target: a target for which `applies` holds.
         vector_flops_per_s: the loop rate of `op`'s dtype on all units (roofline's rule).
         units_fraction: `units_used / units` (roofline.units_used).
+        output_elements: a contraction's output elements (roofline.work_elements).
     """
     if op.kind in CONTRACTION_KINDS:
         if op.flops <= 0.0:
             return 0.0
-        return op.flops / matmul_rate_flops_per_s(op.dtype, op.flops, target)
+        rate = matmul_rate_flops_per_s(op.dtype, op.flops, target)
+        if output_elements is not None:
+            side = max(op.flops / 2.0, 1.0) ** (1.0 / 3.0)
+            rate *= min(1.0, units_for(output_elements, target) / units_for(side**2, target))
+        return op.flops / rate
     fraction = max(units_fraction, 1e-9)
     flops_rate = vector_flops_per_s
     if op.kind in REDUCE_KINDS and target.reduce_flops_per_s > 0.0:
         flops_rate = target.reduce_flops_per_s
     time_s = op.flops / (flops_rate * fraction) if op.flops > 0.0 else 0.0
     if op.transcendentals > 0.0:
-        rate = transcendental_rate_per_s(op.kind, target)
-        if rate is None:
-            rate = vector_flops_per_s / max(target.transcendental_flops, 1e-9)
-        time_s += op.transcendentals / (rate * fraction)
+        measured = transcendental_rate_per_s(op.kind, target)
+        trans_rate = (measured if measured is not None
+                      else vector_flops_per_s / max(target.transcendental_flops, 1e-9))
+        time_s += op.transcendentals / (trans_rate * fraction)
     return time_s
