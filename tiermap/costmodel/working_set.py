@@ -10,7 +10,11 @@ model"), each constant a calibrated one (calibration_sweeps.py says how it is me
   whole-chip `capacity_bytes` holds W, the last tier if none does: a tensor placed in main
   memory streams from the cache level that holds the kernel's working set (the
   Execution-Cache-Memory model of Hager, Treibig and Wellein). Bytes placed in a tier faster
-  than that one (a scratchpad) are charged at their own tier.
+  than that one (a scratchpad) are charged at their own tier. The bandwidths used for the
+  working-set tier are interpolated log-log in W between the tiers' centers (the geometric
+  middle of each tier's working-set range, which is what its calibrated median stands for;
+  `working_set_tier`), so that a working set just past a capacity is charged between the two
+  levels rather than a whole level slower.
 - Memory time at a tier t, with r bytes read and w written there: with a measured
   `copy_bytes_per_s`, the bytes that pair a read with a write, p = min(r, w), move at the copy
   rate and the rest at the read or the write rate:
@@ -20,10 +24,12 @@ model"), each constant a calibrated one (calibration_sweeps.py says how it is me
   (glibc maps blocks that large anew for every allocation, and each page faults on first
   touch): its bytes take `first_touch_bytes_per_s` instead, added to the time above.
 - Compute time:
-  - a contraction (dot, convolution) of F flops with E output elements:
-    `F / (matmul_rate(dtype, n) x units_used(E) / units_used(n^2))`, where `n = (F / 2)^(1/3)`
-    is the side of the square matmul with the same flops, the rate is interpolated log-linearly
-    in n between the calibrated sizes (clamped at both ends; the dtype's peak without a table),
+  - a contraction (dot, convolution) of F flops with E output elements over a batch of B
+    (XLA's CPU backend runs a batched dot as B matmuls of F / B flops each):
+    `F / (matmul_rate(dtype, n) x units_used(E / B) / units_used(n^2))`, where
+    `n = (F / 2B)^(1/3)` is the side of the square matmul with the flops of one of them, the
+    rate is interpolated log-linearly in n between the calibrated sizes (clamped at both ends;
+    the dtype's peak without a table),
     and the units factor says that XLA splits a contraction over its output: one with fewer
     output elements than the square of the same flops keeps fewer cores busy;
   - any other op: its flops at the loop rate (`vector_peak_fraction` x the f32 peak; a reduce's
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,6 +69,51 @@ def working_set_tier_index(working_set_bytes: float, target: Target) -> int:
         if tier.capacity_bytes >= working_set_bytes:
             return i
     return len(target.tiers) - 1
+
+
+def tier_centers_bytes(target: Target) -> list[float]:
+    """The working set each tier's bandwidth figures stand for: the geometric middle of its range
+    (the next faster tier's capacity, its own]; the first tier's range starts at 1/8 of its
+    capacity, and the last tier stands for 1.5x the capacity of the one before it (the first
+    working set of the calibration sweep past the last cache)."""
+    caps = [float(t.capacity_bytes) for t in target.tiers]
+    out = []
+    for i, cap in enumerate(caps):
+        if i == len(caps) - 1 and i > 0:
+            out.append(1.5 * caps[i - 1])
+        else:
+            low = caps[i - 1] if i > 0 else cap / 8.0
+            out.append(math.sqrt(low * cap))
+    return out
+
+
+def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Log-log interpolation of ys over ascending xs at x, clamped at both ends."""
+    if x <= xs[0]:
+        return ys[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return ys[-1]
+
+
+def working_set_tier(working_set_bytes: float, target: Target) -> Tier:
+    """The memory a kernel with this working set streams from, as a tier: bandwidths
+    interpolated log-log in the working set between the tiers' centers (`tier_centers_bytes`),
+    so that a working set just past a cache's capacity is not charged a whole level slower."""
+    tiers = target.tiers
+    at = tiers[working_set_tier_index(working_set_bytes, target)]
+    centers = tier_centers_bytes(target)
+    if len(tiers) < 2 or any(b <= a for a, b in zip(centers, centers[1:], strict=False)):
+        return at
+    ws = max(working_set_bytes, 1.0)
+    read = _interpolate(ws, centers, [t.read_bytes_per_s for t in tiers])
+    write = _interpolate(ws, centers, [t.write_bytes_per_s for t in tiers])
+    copies = [t.copy_bytes_per_s for t in tiers]
+    copy = (_interpolate(ws, centers, [float(c) for c in copies if c is not None])
+            if all(c is not None for c in copies) else at.copy_bytes_per_s)
+    return replace(at, read_bytes_per_s=read, write_bytes_per_s=write, copy_bytes_per_s=copy)
 
 
 def stream_time_s(read_bytes: float, write_bytes: float, tier: Tier) -> float:
@@ -105,7 +157,9 @@ def memory_time_s(read_bytes_by_tier: Mapping[str, float],
             if nbytes:
                 index = min(at, target.tier_index(name))
                 charged.setdefault(index, [0.0, 0.0])[side] += nbytes
-    time_s = sum(stream_time_s(r, w, target.tiers[i]) for i, (r, w) in charged.items())
+    streaming = working_set_tier(working_set, target)
+    time_s = sum(stream_time_s(r, w, streaming if i == at else target.tiers[i])
+                 for i, (r, w) in charged.items())
     if fresh and main.first_touch_bytes_per_s:
         time_s += fresh / main.first_touch_bytes_per_s
     return time_s
@@ -163,10 +217,13 @@ def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_frac
     if op.kind in CONTRACTION_KINDS:
         if op.flops <= 0.0:
             return 0.0
-        rate = matmul_rate_flops_per_s(op.dtype, op.flops, target)
+        batch = max(float(op.attrs.get("batch", 1)), 1.0)
+        per_matrix = op.flops / batch
+        rate = matmul_rate_flops_per_s(op.dtype, per_matrix, target)
         if output_elements is not None:
-            side = max(op.flops / 2.0, 1.0) ** (1.0 / 3.0)
-            rate *= min(1.0, units_for(output_elements, target) / units_for(side**2, target))
+            side = max(per_matrix / 2.0, 1.0) ** (1.0 / 3.0)
+            rate *= min(1.0, units_for(output_elements / batch, target)
+                        / units_for(side**2, target))
         return op.flops / rate
     fraction = max(units_fraction, 1e-9)
     flops_rate = vector_flops_per_s
