@@ -25,7 +25,6 @@ working set fits in (costmodel/working_set.py). Nothing here runs at import time
 
 from __future__ import annotations
 
-import math
 import os
 import platform as platform_module
 import re
@@ -154,8 +153,7 @@ def build_calibrated_target(m: Measurements, caches: Sequence[CacheLevel], units
     peak_f32 = max(r for _, r in m.matmul_flops_per_s["f32"])
     peaks = {d: _round_sig(max(r for _, r in pts)) for d, pts in m.matmul_flops_per_s.items()}
     exp_n = m.exp_by_elements
-    grain = fit_parallel_grain(exp_n, 1.0, units) if exp_n else 0.0
-    grain = fit_parallel_grain(exp_n, _chip_rate(exp_n, grain, units), units) if exp_n else 0.0
+    grain = fit_parallel_grain(exp_n, units)
     trans = {k: _round_sig(_all_units_rate(v, grain, units))
              for k, v in m.transcendental_per_s.items() if v}
     vector_fraction = min(1.0, _all_units_rate(m.vector_flops_per_s, grain, units) / peak_f32)
@@ -186,12 +184,6 @@ def _units_used(elements: float, grain: float, units: int) -> float:
 def _all_units_rate(points: Sequence[tuple[int, float]], grain: float, units: int) -> float:
     """Median over (elements, rate) points of the rate on all units: rate x units / units_used."""
     return statistics.median(rate * units / _units_used(n, grain, units) for n, rate in points)
-
-
-def _chip_rate(curve: Sequence[tuple[int, float]], grain: float, units: int) -> float:
-    """The all-units rate that best explains `curve` for a given grain (geometric mean)."""
-    logs = [math.log(rate * units / _units_used(n, grain, units)) for n, rate in curve]
-    return math.exp(sum(logs) / len(logs))
 
 
 def _level_medians(points: Sequence[SweepPoint], bounds: Sequence[int]) -> list[float]:

@@ -310,20 +310,19 @@ def measure_matmuls(dtypes: Sequence[str], settings: SweepSettings
     return out
 
 
-def fit_parallel_grain(curve: Sequence[tuple[int, float]], chip_rate: float, units: int
-                       ) -> float:
+def fit_parallel_grain(curve: Sequence[tuple[int, float]], units: int) -> float:
     """The `parallel_grain_elements` g that best explains `curve` (elements, elements/s):
-    rate(n) = chip_rate x min(units, max(1, n / g)) / units, least squares in log rate over a
-    log-spaced grid of g from 256 to 2^24. 0 when there is one unit or no curve."""
-    if units <= 1 or not curve or chip_rate <= 0:
+    rate(n) = R x min(units, max(1, n / g)), with R (the one-unit rate) fitted for each g, by
+    least squares in log rate over a log-spaced grid of g from 256 to 2^24 (the smallest g of
+    the best fit). 0 when there is one unit or no curve."""
+    if units <= 1 or not curve:
         return 0.0
     best_g, best_err = 0.0, math.inf
     for step in range(0, 65):
         g = 256.0 * 2 ** (step / 4)
-        err = 0.0
-        for n, rate in curve:
-            model = chip_rate * min(units, max(1.0, n / g)) / units
-            err += math.log(model / rate) ** 2
-        if err < best_err:
+        logs = [math.log(rate / min(units, max(1.0, n / g))) for n, rate in curve]
+        mean = sum(logs) / len(logs)
+        err = sum((v - mean) ** 2 for v in logs)
+        if err < best_err - 1e-12:
             best_g, best_err = g, err
     return best_g
