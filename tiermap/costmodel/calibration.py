@@ -1,18 +1,26 @@
-"""Measure this machine's CPU into a schema-v1 target: peak FLOP/s, cache and DRAM bandwidth.
+"""Measure this machine's CPU into a schema-v1 target for the working-set cost model.
 
-What is measured, and how (each figure is the best of several short runs, so noise only lowers it):
+What is measured, and how: calibration_sweeps.py (every figure the best over interleaved rounds
+of `jax.jit` calls, less the per-call time of a trivial program). In short:
 
 1. Cache sizes from the OS (`/sys/devices/system/cpu/cpu0/cache/index*/`), defaults elsewhere.
-2. Peak FLOP/s per dtype (f32, f64, bf16, f16): jitted square matmuls on the CPU backend, growing
-   the size until one call takes long enough to time; the best rate over sizes and repeats.
-3. Bandwidth per cache level and DRAM, STREAM-style (McCalpin 1995): a jitted loop of
-   `x = 0.5 * x + b` over arrays sized to fit the level (12 bytes move per f32 element per pass).
-   It runs as one stream and as one stream per logical CPU at once; the larger whole-chip figure
-   counts. A level is never reported faster than the level above it (tiers must be fastest first).
-4. Per-op overhead: the time per op of a chain of small ops that XLA cannot fuse.
+2. Working-set sweeps (read: a full sum; write: a fill; copy: `x + 1`) over f32 arrays from
+   2 KiB to 128 MiB. Each tier's `read_bytes_per_s`, `write_bytes_per_s` and `copy_bytes_per_s`
+   is the median over the sweep points whose working set falls in it: above the next faster
+   level's whole-chip capacity, up to its own (DRAM: above the last cache). A level is never
+   reported slower than the level after it (tiers are listed fastest first; and the tiniest
+   kernels, under a microsecond, are timed least precisely).
+3. Matmul throughput per dtype by size (`matmul_flops_per_s`; the best is `peak_flops_per_s`).
+4. Transcendental throughput (`transcendental_per_s`: exp, tanh, erf, log), the loop rate
+   (`vector_peak_fraction` of the f32 peak), the reduction rate (`reduce_flops_per_s`: the best
+   of the read sweep), and `parallel_grain_elements` fitted to exp over sizes; rates are stated
+   for all units (a rate measured at n elements is divided by `units_used(n) / units`; the
+   median over the sizes measured).
+5. Per-op overhead: the time per op of a chain of small ops that XLA cannot fuse.
 
-Every tier but DRAM is `per_unit` (the cost model's tile budget of one core; a shared L3 is split
-evenly), so DRAM is the main-memory tier. Nothing here runs at import time.
+Caches are `per_unit` tiers (a placement's tile budget), DRAM is the main-memory tier, and the
+target sets `working_set_tiers = true`, so the cost model charges each kernel at the tier its
+working set fits in (costmodel/working_set.py). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -20,25 +28,36 @@ from __future__ import annotations
 import os
 import platform as platform_module
 import re
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tiermap.costmodel.calibration_sweeps import (
+    FIRST_TOUCH_MIN_BYTES,
+    Measurements,
+    SweepPoint,
+    SweepSettings,
+    best_call_s,
+    fit_parallel_grain,
+    floor_s,
+    measure_elementwise,
+    measure_matmuls,
+    measure_sweeps,
+    settle_allocator,
+)
 from tiermap.costmodel.roofline import CPU_MEASURED
 from tiermap.hardware import Target, Tier, dumps_target, loads_target
 
 ProgressFn = Callable[[str, float], None]
 
 CACHE_SYSFS_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
-STREAM_SOURCE = (
-    "J. D. McCalpin, Memory Bandwidth and Machine Balance in Current High Performance "
-    "Computers, IEEE TCCA Newsletter, 1995; https://www.cs.virginia.edu/stream/"
+ECM_SOURCE = (
+    "J. Hofmann, G. Hager, D. Fey, On the accuracy and usefulness of analytic energy models "
+    "for contemporary multicore processors (ECM model), ISC 2018; "
+    "https://arxiv.org/abs/1803.01618"
 )
-_BYTES_PER_ELEMENT_PASS = 12  # f32 triad x = 0.5 * x + b: read x, read b, write x
 _MEASURED_DTYPES = ("f32", "f64", "bf16", "f16")
 
 
@@ -51,23 +70,9 @@ class CacheLevel:
     sharing_cpus: int  # logical CPUs that share one instance
     from_os: bool  # False when the figure is a default
 
-
-@dataclass(frozen=True)
-class _Settings:
-    """How long and how large each measurement is; `quick` shrinks everything for tests."""
-
-    matmul_max_n: int
-    matmul_call_s: float
-    bandwidth_call_s: float
-    repeats: int
-    dram_max_bytes: int
-    overhead_chain_ops: int
-
-    @staticmethod
-    def make(quick: bool) -> _Settings:
-        if quick:
-            return _Settings(512, 0.004, 0.004, 3, 64 * 2**20, 32)
-        return _Settings(2048, 0.05, 0.08, 9, 512 * 2**20, 128)
+    def chip_bytes(self, units: int) -> int:
+        """Capacity of all instances of this level on the chip."""
+        return self.instance_bytes * max(1, -(-units // self.sharing_cpus))
 
 
 def calibrate(progress: ProgressFn | None = None, *, quick: bool = False) -> Target:
@@ -76,97 +81,130 @@ def calibrate(progress: ProgressFn | None = None, *, quick: bool = False) -> Tar
     Args:
         progress: Called as `progress(label, fraction)` before each step and with 1.0 at the end;
             `fraction` grows from 0 to 1 (for a progress bar).
-        quick: Shrink sizes and repeats (a few seconds; for tests). The full run takes well under
-            a minute on a small machine.
+        quick: Shrink sizes and repeats (a few seconds; for tests). The full run takes under a
+            minute on a small machine.
 
     Returns:
         The measured target (platform "cpu"): tiers l1, l2, ... (per_unit) then "dram".
     """
     import jax  # imported here, not at module import: nothing heavy runs at import time
 
-    if progress is not None:
-        progress("reading cache sizes", 0.0)
-    settings = _Settings.make(quick)
+    report = _Progress(progress)
+    report.step("reading cache sizes", 0.0)
+    settings = SweepSettings.make(quick)
     units = os.cpu_count() or 1
-    device = jax.devices("cpu")[0]
     caches = read_cache_levels()
-    report = _Progress(progress, levels=len(caches))
-
-    peaks: dict[str, float] = {}
+    settle_allocator()
+    floor = floor_s(settings.rounds, settings.quiet)  # reported; each step times its own
+    report.step("bandwidth of caches and DRAM (working-set sweeps)", 0.35)
+    read, write, copy = measure_sweeps(settings)
+    report.step("transcendental and loop throughput", 0.15)
+    trans, exp_curve, vector_flops_per_s = measure_elementwise(settings)
+    matmul: dict[str, tuple[tuple[int, float], ...]] = {}
     for dtype in _MEASURED_DTYPES:
-        report.step(f"peak FLOP/s ({dtype})", 0.12)
-        rate = _measure_matmul_flops_per_s(dtype, device, settings)
-        if rate is not None:
-            peaks[dtype] = _round_sig(rate)
-    if "f32" not in peaks:
+        report.step(f"peak FLOP/s ({dtype})", 0.1)
+        matmul.update(measure_matmuls([dtype], settings))
+    if "f32" not in matmul:
         raise RuntimeError("calibration could not time an f32 matmul on the CPU backend")
-
-    tiers: list[Tier] = []
-    ceiling_bytes_per_s = float("inf")
-    dram_capacity_bytes = _physical_memory_bytes()
-    with ThreadPoolExecutor(max_workers=units) as pool:
-        for cache in caches:
-            report.step(f"bandwidth of L{cache.level}", 0.06)
-            instances = max(1, -(-units // cache.sharing_cpus))
-            single_bytes = cache.instance_bytes // 2
-            each_bytes = max(4096, cache.instance_bytes // (2 * cache.sharing_cpus))
-            rate = _measure_stream_bytes_per_s(
-                single_bytes, each_bytes, units, device, pool, settings
-            )
-            ceiling_bytes_per_s = min(ceiling_bytes_per_s, _round_sig(rate))
-            tiers.append(
-                Tier(
-                    name=f"l{cache.level}",
-                    capacity_bytes=cache.instance_bytes * instances,
-                    read_bytes_per_s=ceiling_bytes_per_s,
-                    write_bytes_per_s=ceiling_bytes_per_s,
-                    per_unit=True,
-                )
-            )
-        report.step("bandwidth of DRAM", 0.1)
-        last_level_bytes = sum(t.capacity_bytes for t in tiers[-1:])
-        dram_set_bytes = min(
-            max(4 * last_level_bytes, 64 * 2**20),
-            settings.dram_max_bytes,
-            dram_capacity_bytes // 8,
-        )
-        each_bytes = max(4096, dram_set_bytes // units)
-        rate = _measure_stream_bytes_per_s(
-            dram_set_bytes, each_bytes, units, device, pool, settings
-        )
-        ceiling_bytes_per_s = min(ceiling_bytes_per_s, _round_sig(rate))
-        tiers.append(
-            Tier(
-                name="dram",
-                capacity_bytes=dram_capacity_bytes,
-                read_bytes_per_s=ceiling_bytes_per_s,
-                write_bytes_per_s=ceiling_bytes_per_s,
-            )
-        )
-
-    report.step("per-op overhead", 0.08)
-    op_overhead_s = _round_sig(_measure_op_overhead_s(device, settings), 3)
-
-    target = Target(
-        name=_target_name(),
-        description=(
-            f"{_cpu_model()} ({units} logical CPUs), measured by tiermap calibrate with "
-            f"JAX {jax.__version__} on the CPU backend"
-        ),
-        platform="cpu",
-        peak_flops_per_s=peaks,
-        units=units,
-        tiers=tuple(tiers),
-        sources=_sources(caches, settings, units),
-        op_overhead_s=op_overhead_s,
-        vector_peak_fraction=CPU_MEASURED.vector_peak_fraction,
-        transcendental_flops=CPU_MEASURED.transcendental_flops,
-        parallel_grain_elements=CPU_MEASURED.parallel_grain_elements,
-    )
+    report.step("per-op overhead", 0.1)
+    overhead_s = _measure_op_overhead_s(settings)
+    measurements = Measurements(
+        floor_s=floor, op_overhead_s=overhead_s, read=read, write=write, copy=copy,
+        transcendental_per_s=trans, exp_by_elements=exp_curve,
+        vector_flops_per_s=vector_flops_per_s,
+        reduce_flops_per_s=max(p.working_set_bytes / 4 / p.net_s for p in read),
+        matmul_flops_per_s=matmul)
+    target = build_calibrated_target(
+        measurements, caches, units, _physical_memory_bytes(), name=_target_name(),
+        description=(f"{_cpu_model()} ({units} logical CPUs), measured by tiermap calibrate "
+                     f"with JAX {jax.__version__} on the CPU backend"),
+        sources=_sources(caches, settings, units))
     # Round trip through the strict loader: what we return is exactly what a file would give.
     loaded = loads_target(target_to_toml(target), source="calibration")
     report.done()
     return loaded
+
+
+def build_calibrated_target(m: Measurements, caches: Sequence[CacheLevel], units: int,
+                            dram_capacity_bytes: int, *, name: str, description: str,
+                            sources: Sequence[str]) -> Target:
+    """The target that measurements `m` describe (module docstring, steps 2-5); no timing."""
+    bounds = [c.chip_bytes(units) for c in caches]
+    levels = [f"l{c.level}" for c in caches] + ["dram"]
+    reads = _level_medians(m.read, bounds)
+    writes = _level_medians([p for p in m.write if p.output_bytes < FIRST_TOUCH_MIN_BYTES],
+                            bounds)
+    copies = _level_medians([p for p in m.copy if p.output_bytes < FIRST_TOUCH_MIN_BYTES],
+                            bounds)
+    fresh = [p.bytes_per_s for p in m.write if p.output_bytes >= FIRST_TOUCH_MIN_BYTES]
+    first_touch = _round_sig(statistics.median(fresh)) if fresh else None
+    for i in range(len(reads) - 2, -1, -1):  # a level is never slower than the next one
+        for figures in (reads, writes, copies):
+            figures[i] = max(figures[i], figures[i + 1])
+    tiers = [
+        Tier(name=levels[i],
+             capacity_bytes=bounds[i] if i < len(bounds) else dram_capacity_bytes,
+             read_bytes_per_s=_round_sig(reads[i]), write_bytes_per_s=_round_sig(writes[i]),
+             copy_bytes_per_s=_round_sig(copies[i]), per_unit=i < len(bounds),
+             first_touch_bytes_per_s=first_touch if i == len(bounds) else None,
+             first_touch_min_bytes=(FIRST_TOUCH_MIN_BYTES
+                                    if i == len(bounds) and first_touch else None))
+        for i in range(len(levels))]
+    peak_f32 = max(r for _, r in m.matmul_flops_per_s["f32"])
+    peaks = {d: _round_sig(max(r for _, r in pts)) for d, pts in m.matmul_flops_per_s.items()}
+    exp_n = m.exp_by_elements
+    grain = fit_parallel_grain(exp_n, units)
+    trans = {k: _round_sig(_all_units_rate(v, grain, units))
+             for k, v in m.transcendental_per_s.items() if v}
+    vector_fraction = min(1.0, _all_units_rate(m.vector_flops_per_s, grain, units) / peak_f32)
+    best_read = max(m.read, key=lambda p: p.working_set_bytes / 4 / p.net_s)
+    reduce_n = best_read.working_set_bytes // 4
+    reduce_rate = m.reduce_flops_per_s * units / _units_used(reduce_n, grain, units)
+    return Target(
+        name=name, description=description, platform="cpu", peak_flops_per_s=peaks,
+        units=units, tiers=tuple(tiers), sources=tuple(sources),
+        op_overhead_s=_round_sig(m.op_overhead_s, 3),
+        vector_peak_fraction=_round_sig(vector_fraction),
+        transcendental_flops=CPU_MEASURED.transcendental_flops,
+        parallel_grain_elements=_round_sig(grain) if grain else 0.0,
+        working_set_tiers=True,
+        matmul_flops_per_s={d: tuple((n, _round_sig(r)) for n, r in pts)
+                            for d, pts in m.matmul_flops_per_s.items()},
+        transcendental_per_s=trans,
+        reduce_flops_per_s=_round_sig(reduce_rate),
+    )
+
+
+def _units_used(elements: float, grain: float, units: int) -> float:
+    if grain <= 0 or units <= 1:
+        return float(units)
+    return min(float(units), max(1.0, elements / grain))
+
+
+def _all_units_rate(points: Sequence[tuple[int, float]], grain: float, units: int) -> float:
+    """Median over (elements, rate) points of the rate on all units: rate x units / units_used."""
+    return statistics.median(rate * units / _units_used(n, grain, units) for n, rate in points)
+
+
+def _level_medians(points: Sequence[SweepPoint], bounds: Sequence[int]) -> list[float]:
+    """Median bandwidth of the points in each level: (bounds[i-1], bounds[i]], then DRAM above
+    the last bound. A level without points takes the next slower level's figure; the slowest
+    level without points takes the nearest faster level's."""
+    out: list[float | None] = []
+    lows = [0, *bounds]
+    highs = [*bounds, None]
+    for low, high in zip(lows, highs, strict=True):
+        inside = [p.bytes_per_s for p in points
+                  if p.working_set_bytes > low and (high is None or p.working_set_bytes <= high)]
+        out.append(statistics.median(inside) if inside else None)
+    known = [v for v in out if v is not None]
+    last = known[-1] if known else 1e9
+    filled: list[float] = [0.0] * len(out)
+    for i in range(len(out) - 1, -1, -1):
+        value = out[i]
+        filled[i] = value if value is not None else (filled[i + 1] if i + 1 < len(out)
+                                                      else last)
+    return filled
 
 
 def _round_sig(value: float, digits: int = 4) -> float:
@@ -253,26 +291,41 @@ def _target_name() -> str:
     return f"cpu-{host}" if host else "cpu-calibrated"
 
 
-def _sources(caches: list[CacheLevel], settings: _Settings, units: int) -> tuple[str, ...]:
+def _sources(caches: list[CacheLevel], settings: SweepSettings, units: int) -> tuple[str, ...]:
+    """Where every constant of the calibrated target comes from, by key."""
     from_os = all(c.from_os for c in caches)
+    best = f"best of {settings.rounds} interleaved rounds of jax.jit calls, less the per-call " \
+        "time of a trivial one-element program"
     return (
-        "peak_flops_per_s: best of "
-        f"{settings.repeats} runs of jitted square matmuls (n up to {settings.matmul_max_n}) "
-        "per dtype on JAX's CPU backend; 2 n^3 FLOP per matmul",
-        "read/write_bytes_per_s: STREAM-style loop x = 0.5 * x + b over f32 arrays sized to "
-        f"half of each level, 12 bytes per element per pass, best of {settings.repeats}, the "
-        f"larger of 1 stream and {units} concurrent streams; a level is capped at the level "
-        f"above it. {STREAM_SOURCE}",
+        f"method: {best} (tiermap/costmodel/calibration_sweeps.py); the cost model is the "
+        f"working-set model of tiermap/costmodel/working_set.py, after {ECM_SOURCE}",
         "capacity_bytes: "
-        + (
-            f"cache sizes from {CACHE_SYSFS_DIR}/index*/size, times the instances "
-            "(logical CPUs / shared_cpu_list)"
-            if from_os
-            else "cache sizes are defaults (the OS did not report them)"
-        )
+        + (f"cache sizes from {CACHE_SYSFS_DIR}/index*/size, times the instances on the chip "
+           "(logical CPUs / shared_cpu_list)" if from_os
+           else "cache sizes are defaults (the OS did not report them)")
         + "; dram from sysconf(SC_PHYS_PAGES) x SC_PAGE_SIZE",
+        "read_bytes_per_s: median over the sweep points in the level of sum(x) over f32[n] "
+        "(4n bytes / net time); never below the next level's (also for write and copy)",
+        "write_bytes_per_s: the same for a fill, full((n,), s) (4n bytes written)",
+        "copy_bytes_per_s: the same for x + 1 (4n read + 4n written; working set 8n); write and "
+        "copy points whose output is 32 MiB or more are left out (they land in fresh pages); a "
+        "level without points takes the next slower level's figure (the last: the faster's)",
+        "first_touch_bytes_per_s: median of the fill points whose output is at least "
+        "first_touch_min_bytes = 32 MiB, glibc's largest dynamic mmap threshold on 64-bit "
+        "(blocks that large are mapped anew on every allocation, each page faults once)",
+        "peak_flops_per_s, matmul_flops_per_s: jitted n x n x n matmuls per dtype, n doubling "
+        f"from 32 to at most {settings.matmul_max_n}, 2 n^3 FLOP each; the peak is the best",
+        "transcendental_per_s: elements / net time of exp, tanh, erf, log over f32[n], n = 2^16, "
+        "2^18, 2^20 (2^14, 2^16 quick), stated for all units, median over n",
+        "vector_peak_fraction: a fused chain of 8 multiply-adds over the same arrays "
+        "(16 FLOP per element), stated for all units, median over n, over the f32 peak",
+        "reduce_flops_per_s: the best elements / net time of the read sweep's sums",
+        f"parallel_grain_elements: least-squares fit of exp over 2^11..2^20 elements to "
+        f"rate = all-units rate x min({units}, max(1, n / grain)) / {units}",
         "op_overhead_s: slope of the run time of a chain of small ops separated by "
         "optimization barriers (so XLA cannot fuse them)",
+        "transcendental_flops: the pre-calibration CPU figure (unused when "
+        "transcendental_per_s is set)",
     )
 
 
@@ -282,12 +335,12 @@ def _sources(caches: list[CacheLevel], settings: _Settings, units: int) -> tuple
 class _Progress:
     """Turns step weights into the growing fraction that `progress(label, fraction)` expects."""
 
-    def __init__(self, callback: ProgressFn | None, levels: int) -> None:
+    def __init__(self, callback: ProgressFn | None) -> None:
         self.callback = callback
         self.done_weight = 0.0
         self.pending_weight = 0.0
         # The weights of every step `calibrate` takes, in rough proportion to their time.
-        self.total_weight = 0.12 * len(_MEASURED_DTYPES) + 0.06 * levels + 0.1 + 0.08
+        self.total_weight = 0.35 + 0.15 + 0.1 * len(_MEASURED_DTYPES) + 0.1
 
     def step(self, label: str, weight: float) -> None:
         self.done_weight += self.pending_weight
@@ -300,116 +353,7 @@ class _Progress:
             self.callback("done", 1.0)
 
 
-def _block(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call `fn(*args)` and wait for the result to be computed."""
-    return fn(*args).block_until_ready()
-
-
-def _best_time_s(run: Callable[[], Any], repeats: int) -> float:
-    """The shortest of `repeats` timed calls of `run` (after one untimed warm-up call)."""
-    run()
-    best_s = float("inf")
-    for _ in range(repeats):
-        start_s = time.perf_counter()
-        run()
-        best_s = min(best_s, time.perf_counter() - start_s)
-    return max(best_s, 1e-9)
-
-
-def _measure_matmul_flops_per_s(dtype: str, device: Any, settings: _Settings) -> float | None:
-    """Best FLOP/s of jitted n x n matmuls in `dtype`; None if the backend cannot run them."""
-    import jax
-    import jax.numpy as jnp
-
-    np_dtype = {"f32": jnp.float32, "f64": jnp.float64, "bf16": jnp.bfloat16, "f16": jnp.float16}
-    best_flops_per_s = 0.0
-    with jax.enable_x64(dtype == "f64"):
-        matmul = jax.jit(jnp.matmul)
-        n = 128
-        try:
-            while n <= settings.matmul_max_n:
-                a = jax.device_put(jnp.full((n, n), 0.5, dtype=np_dtype[dtype]), device)
-                b = jax.device_put(jnp.full((n, n), 0.25, dtype=np_dtype[dtype]), device)
-                elapsed_s = _best_time_s(partial(_block, matmul, a, b), settings.repeats)
-                best_flops_per_s = max(best_flops_per_s, 2.0 * n**3 / elapsed_s)
-                if elapsed_s >= settings.matmul_call_s:
-                    break
-                n *= 2
-        except Exception:  # XLA raises various errors for a dtype it cannot run: skip it
-            return best_flops_per_s or None
-    return best_flops_per_s or None
-
-
-def _triad_loop() -> Callable[..., Any]:
-    import jax
-    from jax import lax
-
-    @jax.jit
-    def triad(x: Any, b: Any, passes: Any) -> Any:
-        return lax.fori_loop(0, passes, lambda _, y: y * 0.5 + b, x)
-
-    return triad
-
-
-def _measure_stream_bytes_per_s(
-    single_set_bytes: int,
-    each_set_bytes: int,
-    streams: int,
-    device: Any,
-    pool: ThreadPoolExecutor,
-    settings: _Settings,
-) -> float:
-    """Whole-chip triad bandwidth: the larger of one stream and `streams` concurrent streams.
-
-    Args:
-        single_set_bytes: Working set (x and b together) of the single stream.
-        each_set_bytes: Working set of each concurrent stream.
-        streams: How many concurrent streams (one per logical CPU).
-        device: The CPU device to run on.
-        pool: Threads for the concurrent streams.
-        settings: Call length and repeats.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    triad = _triad_loop()
-
-    def arrays(set_bytes: int) -> tuple[Any, Any, int]:
-        elements = max(256, set_bytes // 8)  # two f32 arrays
-        x = jax.device_put(jnp.ones((elements,), jnp.float32), device)
-        b = jax.device_put(jnp.full((elements,), 0.1, jnp.float32), device)
-        return x, b, elements
-
-    def passes_for(x: Any, b: Any, elements: int) -> int:
-        # Time a short run, then size the pass count so one call lasts about bandwidth_call_s.
-        probe_passes = max(1, int(2e6 // elements))
-        probe_s = _best_time_s(lambda: triad(x, b, probe_passes).block_until_ready(), 1)
-        return max(1, int(probe_passes * settings.bandwidth_call_s / probe_s))
-
-    def one_stream_bytes_per_s() -> float:
-        x, b, elements = arrays(single_set_bytes)
-        passes = passes_for(x, b, elements)
-        elapsed_s = _best_time_s(lambda: triad(x, b, passes).block_until_ready(), settings.repeats)
-        return _BYTES_PER_ELEMENT_PASS * elements * passes / elapsed_s
-
-    best_bytes_per_s = one_stream_bytes_per_s()
-
-    if streams > 1:
-        sets = [arrays(each_set_bytes) for _ in range(streams)]
-        each_passes = passes_for(*sets[0])
-
-        def run_all() -> None:
-            futures = [pool.submit(_block, triad, x, b, each_passes) for x, b, _ in sets]
-            for future in futures:
-                future.result()
-
-        together_s = _best_time_s(run_all, settings.repeats)
-        moved_bytes = _BYTES_PER_ELEMENT_PASS * sets[0][2] * each_passes * streams
-        best_bytes_per_s = max(best_bytes_per_s, moved_bytes / together_s)
-    return best_bytes_per_s
-
-
-def _measure_op_overhead_s(device: Any, settings: _Settings) -> float:
+def _measure_op_overhead_s(settings: SweepSettings) -> float:
     """Seconds per op of a chain of small, unfusable ops (slope between 1 and k ops)."""
     import jax
     import jax.numpy as jnp
@@ -423,10 +367,9 @@ def _measure_op_overhead_s(device: Any, settings: _Settings) -> float:
 
         return jax.jit(run)
 
-    x = jax.device_put(jnp.full((8, 8), 0.1, jnp.float32), device)
-    long_ops = settings.overhead_chain_ops
+    x = jnp.full((8, 8), 0.1, jnp.float32)
+    long_ops = 32 if settings.rounds < 3 else 128
     short, long = chain(1), chain(long_ops + 1)
-    repeats = 5 * settings.repeats
-    short_s = _best_time_s(lambda: short(x).block_until_ready(), repeats)
-    long_s = _best_time_s(lambda: long(x).block_until_ready(), repeats)
+    short_s, long_s = best_call_s([(short, [x]), (long, [x])], 3 * settings.rounds, 0.01,
+                                  settings.quiet)
     return max(0.0, (long_s - short_s) / long_ops)

@@ -24,6 +24,9 @@ The model (docs/architecture.md, "Cost model"; tiermap/ir/plan.py fixes the time
 - A fused kernel reads each external input once (times the group's `reads_per_input`), writes each
   materialized output once, and moves nothing for its internal tensors; it pays one overhead.
 - A transfer takes bytes / `target.link_bytes_per_s(src, dst)`.
+- A target with `[compute] working_set_tiers = true` (a calibrated CPU) has its kernels' memory
+  time charged at the tier their working set fits in, contractions at the calibrated matmul rate
+  for their size and transcendentals at their measured rates: costmodel/working_set.py.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tiermap.costmodel import working_set
 from tiermap.costmodel.cost import Cost
 from tiermap.errors import TiermapError
 from tiermap.ir.program import DTYPE_BITS, Op, Program, Value
@@ -145,6 +149,10 @@ def compute_time_s(op: Op, target: Target) -> float:
     if flops <= 0.0:
         return 0.0
     peak = peak_flops_per_s(op, target)
+    if working_set.applies(target) and peak > 0.0:
+        return working_set.compute_time_s(op, target, peak,
+                                          units_used(op, target) / max(target.units, 1),
+                                          work_elements(op))
     if peak <= 0.0:
         raise TiermapError(
             f"target '{target.name}' has peak {peak} FLOP/s for dtype {op.dtype} ({op.id}); "
@@ -230,8 +238,11 @@ def memory_time_s(read_bytes_by_tier: Mapping[str, float],
 
 
 def _cost(flops_by_dtype: dict[str, float], reads: dict[str, float], writes: dict[str, float],
-          compute_s: float, target: Target) -> Cost:
-    mem_s = memory_time_s(reads, writes, target)
+          compute_s: float, target: Target, fresh_write_bytes: float = 0.0) -> Cost:
+    if working_set.applies(target):
+        mem_s = working_set.memory_time_s(reads, writes, target, fresh_write_bytes)
+    else:
+        mem_s = memory_time_s(reads, writes, target)
     moved = dict(reads)
     for tier, nbytes in writes.items():
         moved[tier] = moved.get(tier, 0.0) + nbytes
@@ -250,11 +261,13 @@ def op_cost(op: Op, program: Program, target: Target, input_tiers: Sequence[str]
     writes: dict[str, float] = {}
     for tier, nbytes in zip(input_tiers, operand_read_bytes(op, program), strict=True):
         reads[tier] = reads.get(tier, 0.0) + nbytes
-    for tier, nbytes in zip(output_tiers, result_write_bytes(op, program), strict=True):
-        writes[tier] = writes.get(tier, 0.0) + nbytes
+    written = list(zip(output_tiers, map(float, result_write_bytes(op, program)), strict=True))
+    for tier, out_bytes in written:
+        writes[tier] = writes.get(tier, 0.0) + out_bytes
     flops = op_flops(op, target)
+    fresh = working_set.first_touch_bytes(written, target) if working_set.applies(target) else 0.0
     return _cost({op.dtype: flops} if flops else {}, reads, writes, compute_time_s(op, target),
-                 target)
+                 target, fresh)
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -368,7 +381,9 @@ def group_cost(group: FusionGroup, program: Program, target: Target,
         if f:
             flops[op.dtype] = flops.get(op.dtype, 0.0) + f
         compute_s += compute_time_s(op, target)
-    return _cost(flops, reads, writes, compute_s, target)
+    fresh = (working_set.first_touch_bytes(((tier_of[v], b) for v, _, b in io.writes), target)
+             if working_set.applies(target) else 0.0)
+    return _cost(flops, reads, writes, compute_s, target, fresh)
 
 
 # --- transfers ----------------------------------------------------------------------------------

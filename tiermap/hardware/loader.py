@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from tiermap.errors import HardwareSpecError
+from tiermap.hardware.calibrated_keys import (
+    CALIBRATED_COMPUTE_KEYS,
+    dump_calibrated_compute,
+    read_calibrated_compute,
+)
 from tiermap.hardware.interconnect import HINTS as MULTICHIP_HINTS
 from tiermap.hardware.interconnect import check_multichip, dumps_multichip
 from tiermap.hardware.target import Link, Target, Tier
@@ -49,7 +54,7 @@ TOP_KEYS = (
 )
 COMPUTE_KEYS = (
     "peak_flops_per_s", "units", "vector_peak_fraction", "transcendental_flops",
-    "parallel_grain_elements",
+    "parallel_grain_elements", *CALIBRATED_COMPUTE_KEYS,
 )
 TIER_KEYS = (
     "name",
@@ -61,6 +66,9 @@ TIER_KEYS = (
     "energy_pj_per_byte",
     "read_only",
     "persistent",
+    "copy_bytes_per_s",
+    "first_touch_bytes_per_s",
+    "first_touch_min_bytes",
 )
 LINK_KEYS = ("src", "dst", "bytes_per_s")
 
@@ -532,7 +540,7 @@ class _Checker:
                 peaks[dtype] = value
         return peaks, units
 
-    def compute_model(self, data: Mapping[str, Any]) -> dict[str, float]:
+    def compute_model(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """The optional [compute] keys that say how ops use the peaks (see Target)."""
         compute = data.get("compute")
         out: dict[str, float] = {}
@@ -554,6 +562,7 @@ class _Checker:
                             hint="elements per unit before another unit joins, e.g. 50000")
         if grain is not None:
             out["parallel_grain_elements"] = float(grain)
+        out.update(read_calibrated_compute(self, compute, PEAK_DTYPES))
         return out
 
     def tiers(self, data: Mapping[str, Any]) -> list[Tier] | None:
@@ -627,6 +636,11 @@ class _Checker:
         persistent = self.boolean(table, "persistent", path)
         latency_s = self.number(table, "latency_s", path, required=False, allow_zero=True)
         energy = self.number(table, "energy_pj_per_byte", path, required=False, allow_zero=True)
+        copy_bytes_per_s = self.number(table, "copy_bytes_per_s", path, required=False,
+                                       hint="bytes read plus written per second by a copy")
+        first_touch = self.number(table, "first_touch_bytes_per_s", path, required=False,
+                                  hint="bytes per second written into fresh pages")
+        first_touch_min = self.integer(table, "first_touch_min_bytes", path, required=False)
         if len(self.problems) > before:
             return None
         assert name is not None and capacity_bytes is not None
@@ -641,6 +655,9 @@ class _Checker:
             energy_pj_per_byte=energy,
             read_only=bool(read_only),
             persistent=persistent,
+            copy_bytes_per_s=copy_bytes_per_s,
+            first_touch_bytes_per_s=first_touch,
+            first_touch_min_bytes=first_touch_min,
         )
 
     def links(self, data: Mapping[str, Any]) -> list[Link] | None:
@@ -717,6 +734,7 @@ def dumps_target(target: Target) -> str:
         out.append(f"transcendental_flops = {_toml_float(target.transcendental_flops)}")
     if target.parallel_grain_elements != 0.0:
         out.append(f"parallel_grain_elements = {_toml_float(target.parallel_grain_elements)}")
+    out += dump_calibrated_compute(target, _toml_float)
     for tier in target.tiers:
         out += ["", "[[tiers]]", f"name = {_toml_str(tier.name)}"]
         out.append(f"capacity_bytes = {tier.capacity_bytes:_}")
@@ -731,6 +749,12 @@ def dumps_target(target: Target) -> str:
             out.append("read_only = true")
         if tier.persistent is not None:
             out.append(f"persistent = {str(tier.persistent).lower()}")
+        if tier.copy_bytes_per_s is not None:
+            out.append(f"copy_bytes_per_s = {_toml_float(tier.copy_bytes_per_s)}")
+        if tier.first_touch_bytes_per_s is not None:
+            out.append(f"first_touch_bytes_per_s = {_toml_float(tier.first_touch_bytes_per_s)}")
+        if tier.first_touch_min_bytes is not None:
+            out.append(f"first_touch_min_bytes = {tier.first_touch_min_bytes:_}")
     for link in target.links:
         out += ["", "[[links]]", f"src = {_toml_str(link.src)}", f"dst = {_toml_str(link.dst)}"]
         out.append(f"bytes_per_s = {_toml_float(link.bytes_per_s)}")

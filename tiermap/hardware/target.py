@@ -21,6 +21,14 @@ class Tier:
     energy_pj_per_byte: float | None = None
     read_only: bool = False
     persistent: bool | None = None
+    # Measured bandwidth of a stream that reads and writes this tier at once (a copy), bytes of
+    # both directions per second; None: not measured (the cost model adds read and write times).
+    copy_bytes_per_s: float | None = None
+    # Outputs of at least `first_touch_min_bytes` land in fresh pages from the OS (glibc maps
+    # large blocks anew each time): they are written at `first_touch_bytes_per_s` (page faults
+    # included). None: not measured.
+    first_touch_bytes_per_s: float | None = None
+    first_touch_min_bytes: int | None = None
 
     @property
     def holds_tensors(self) -> bool:
@@ -58,6 +66,17 @@ class Target:
     # A multi-chip target: how many of this device there are and the links between them
     # ([devices] and [interconnect], tiermap/hardware/interconnect.py); None for one device.
     interconnect: Interconnect | None = None
+    # The working-set model of a calibrated CPU (costmodel/working_set.py; optional [compute]
+    # keys, all written by `tiermap calibrate`). `working_set_tiers`: charge each kernel's bytes
+    # at the fastest tier whose capacity holds its working set (caches included).
+    working_set_tiers: bool = False
+    # dtype -> ((n, FLOP/s of an n x n x n matmul), ...), n ascending.
+    matmul_flops_per_s: Mapping[str, tuple[tuple[int, float], ...]] = field(
+        default_factory=dict)
+    # transcendental op kind (short: "exponential", "tanh", "erf", "log") -> elements per second.
+    transcendental_per_s: Mapping[str, float] = field(default_factory=dict)
+    # FLOP/s of a reduce's body (a sum retires one add per element); 0: not measured.
+    reduce_flops_per_s: float = 0.0
     path: str | None = field(default=None, compare=False)
 
     @property
