@@ -22,11 +22,9 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ sys.path[:0] = [str(ROOT)]
 import jax  # noqa: E402
 
 import tiermap  # noqa: E402
+from tests.passes.helpers import busy, strip_wall  # noqa: E402
 from tiermap.bounds.capacity_lp import capacity_lower_bound  # noqa: E402
 from tiermap.costmodel.evaluate import evaluate  # noqa: E402
 from tiermap.frontend.lowering import lower  # noqa: E402
@@ -89,27 +88,6 @@ def _starved_cases() -> list[tuple[str, Build, str]]:
     ]
 
 
-@contextmanager
-def busy(processes: int) -> Iterator[None]:
-    """`processes` Python loops spinning beside the measurement."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(processes)]
-    try:
-        yield
-    finally:
-        for p in spinners:
-            p.kill()
-            p.wait()
-
-
-def _strip_wall(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _strip_wall(v) for k, v in node.items() if "wall" not in k}
-    if isinstance(node, list):
-        return [_strip_wall(v) for v in node]
-    return node
-
-
 def _name(target: str) -> str:
     return Path(target).stem if target.endswith(".toml") else target
 
@@ -132,7 +110,7 @@ def determinism() -> bool:
                 p = tiermap.plan(fn, *args, target=target)
             walls.append(time.perf_counter() - t0)
             texts.append(p.to_json())
-        same = _strip_wall(json.loads(texts[0])) == _strip_wall(json.loads(texts[1]))
+        same = strip_wall(texts[0]) == strip_wall(texts[1])
         all_same = all_same and same
         warned = sorted({w.split(":")[0] for t in texts for w in json.loads(t)["warnings"]})
         print(f"| {name} | {_name(target)} | {p.num_steps} | {walls[0]:.1f} | {walls[1]:.1f} | "

@@ -4,7 +4,10 @@ by hand from round numbers (platform "tpu", one unit, so compute = flops / 1e12)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from tiermap.hardware.target import Link, Target, Tier
@@ -72,3 +75,16 @@ def strip_wall(text: str) -> Any:
         return node
 
     return strip(json.loads(text))
+
+
+@contextmanager
+def busy(processes: int) -> Iterator[None]:
+    """`processes` Python loops spinning beside the caller (a machine under load)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()

@@ -4,31 +4,14 @@ JSON (wall-clock keys aside) however fast or busy the machine is."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-from tests.passes.helpers import strip_wall
+from tests.passes.helpers import busy, strip_wall
 from tests.placement.test_deadline import _forward_backward, _placed_state
 from tiermap.mathopt import WorkBudget, solve_parameters
 from tiermap.placement.mip_model import WINDOW_NODE_LIMIT
 from tiermap.placement.place_tiers import PlaceTiersPass
-
-
-@contextmanager
-def _busy(processes: int) -> Iterator[None]:
-    """`processes` Python processes spinning beside the test (a machine under load)."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(processes)]
-    try:
-        yield
-    finally:
-        for p in spinners:
-            p.kill()
-            p.wait()
 
 
 def _plan_json(backend: str = "highs", workers: int | None = None) -> str:
@@ -42,7 +25,7 @@ def _plan_json(backend: str = "highs", workers: int | None = None) -> str:
 
 def test_a_decomposed_plan_is_byte_identical_beside_two_busy_processes() -> None:
     quiet = _plan_json()
-    with _busy(2):
+    with busy(2):
         loaded = _plan_json()
     assert strip_wall(quiet) == strip_wall(loaded)
     assert json.loads(quiet)["warnings"] == []  # no guard fired: nothing depended on timing
