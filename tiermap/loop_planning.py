@@ -38,12 +38,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from tiermap.costmodel.roofline import LOOP_LOWER_BOUND_ATTR, LOOP_TIME_ATTR, transfer_time_s
+from tiermap.costmodel.roofline import (
+    LOOP_LOWER_BOUND_ATTR,
+    LOOP_OPERAND_BYTES_ATTR,
+    LOOP_RESULT_BYTES_ATTR,
+    LOOP_TIME_ATTR,
+    transfer_time_s,
+)
 from tiermap.errors import InfeasiblePlacementError, TiermapError
 from tiermap.hardware.target import Target
 from tiermap.ir.loops import LoopBody, loop_body
 from tiermap.ir.plan import LoopPlan, Plan, TensorPlan, occupancy_bytes
 from tiermap.ir.program import Op, Program
+from tiermap.loop_pairing import pair_loops
 
 # Rounds of planning the enclosing program and re-pricing its loops.
 MAX_ROUNDS = 3
@@ -173,7 +180,16 @@ def price_loop(op: Op, body: LoopBody, body_plan: Plan, outer: Plan | None,
         if src == inner:
             aliased.add(vid)
     reserved = reserved_bytes(body_plan, aliased, double_buffer)
-    iteration_s = max(body_plan.predicted_time_s, stream_s) + back_edge_s
+    stack_bytes = {}
+    for j, role in enumerate(body.roles):
+        if role == "xs":
+            one = sum(body.program.values[v].nbytes for v, k in body.slice_inputs.items()
+                      if k == j)
+            stack_bytes[j] = 0 if j in body.recomputed_stacks else body.trips * one
+        elif role == "ys":
+            one = body.program.values[body.operand_outputs[j]].nbytes
+            stack_bytes[j] = 0 if j in body.recomputed_stacks else body.trips * one
+    iteration_s = body_plan.predicted_time_s + back_edge_s
     time_s = prologue_s + body.trips * iteration_s + epilogue_s
     return LoopPlan(
         op_id=op.id, trips=body.trips, static_trips=body.static_trips, roles=body.roles,
@@ -182,7 +198,8 @@ def price_loop(op: Op, body: LoopBody, body_plan: Plan, outer: Plan | None,
         back_edge_s=back_edge_s, iteration_s=iteration_s, prologue_s=prologue_s,
         epilogue_s=epilogue_s, time_s=time_s,
         lower_bound_s=body.trips * body_plan.lower_bound_s, reserved_bytes=reserved,
-        double_buffer_bytes=double_buffer, source_op_ids=dict(body.source_op_ids), notes=notes)
+        double_buffer_bytes=double_buffer, source_op_ids=dict(body.source_op_ids), notes=notes,
+        stack_bytes=stack_bytes)
 
 
 def reserved_bytes(body_plan: Plan, aliased: set[str], double_buffer: Mapping[str, int]
@@ -224,9 +241,17 @@ def _priced(program: Program, loops: Mapping[str, LoopPlan]) -> Program:
     for op in program.ops:
         loop = loops.get(op.id)
         if loop is not None:
+            # The loop's time holds the body's own traffic, the prologue and the epilogue; the
+            # op's memory traffic is the stacks it streams, overlapped with the iterations.
+            stacks = loop.stack_bytes or {}
+            reads = [stacks.get(j, 0) if j < len(loop.roles) and loop.roles[j] == "xs" else 0
+                     for j in range(len(op.inputs))]
+            writes = [stacks.get(j, 0) if j < len(loop.roles) and loop.roles[j] == "ys" else 0
+                      for j in range(len(op.outputs))]
             attrs = {**op.attrs, LOOP_TIME_ATTR: loop.time_s,
-                     LOOP_LOWER_BOUND_ATTR: loop.lower_bound_s}
-            op = replace(op, attrs=attrs)
+                     LOOP_LOWER_BOUND_ATTR: loop.lower_bound_s,
+                     LOOP_OPERAND_BYTES_ATTR: tuple(reads), LOOP_RESULT_BYTES_ATTR: tuple(writes)}
+            op = replace(op, attrs=attrs, bytes_read=sum(reads), bytes_written=sum(writes))
         ops.append(op)
     return replace(program, ops=tuple(ops))
 
@@ -282,6 +307,7 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
         bodies = loop_bodies(program, assumed_trips)
     if not bodies:
         return plan_flat(program, target, target)
+    program, bodies, pairing_notes = pair_loops(program, bodies, target)
     ops = {op.id: op for op in program.ops}
     body_plans = {oid: plan_body(b.program, target) for oid, b in bodies.items()}
     notes: dict[str, list[str]] = {oid: [] for oid in bodies}
@@ -348,7 +374,7 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
                 f"({what}); fix: a target with more memory in those tiers, or a smaller body "
                 "(fewer tokens per iteration)")
         final.append(loop)
-    loop_notes = tuple(n for oid in bodies for n in notes[oid])
+    loop_notes = tuple(pairing_notes) + tuple(n for oid in bodies for n in notes[oid])
     loop_warnings = tuple(f"{loop.op_id}'s body: {w}" for loop in final for w in loop.body.warnings)
     return replace(outer, loops=tuple(final), notes=tuple(outer.notes) + loop_notes,
                    warnings=tuple(outer.warnings) + loop_warnings)

@@ -257,7 +257,8 @@ class _CapacityLp:
         another name: fold the result's accesses into the operand's (transitively, into the first
         buffer of the chain) and return the merged live ranges."""
         program = self.program
-        internal = fusion.unmaterialized() if fusion is not None else frozenset()
+        internal = program.unstored | (
+            fusion.unmaterialized() if fusion is not None else frozenset())
         root_of: dict[str, str] = {}
         ranges: dict[str, tuple[int, int]] = {}
         for op in program.ops:

@@ -136,6 +136,10 @@ def op_flops(op: Op, target: Target) -> float:
 # planned time and its lower bound stand for the op's compute.
 LOOP_TIME_ATTR = "loop_time_s"
 LOOP_LOWER_BOUND_ATTR = "loop_lower_bound_s"
+# ... and the bytes it moves of each operand and result: the stacks streamed slice by slice
+# (every other operand moves in the loop's prologue and epilogue, inside its time).
+LOOP_OPERAND_BYTES_ATTR = "loop_operand_bytes"
+LOOP_RESULT_BYTES_ATTR = "loop_result_bytes"
 
 
 def compute_time_s(op: Op, target: Target) -> float:
@@ -206,6 +210,9 @@ def operand_read_bytes(op: Op, program: Program) -> list[int]:
     Whole operands, except that slice/dynamic_slice/gather read from operand 0 only as many bytes
     as they write, and dynamic_update_slice reads the update rather than the buffer it updates.
     """
+    planned = op.attrs.get(LOOP_OPERAND_BYTES_ATTR)
+    if planned is not None:
+        return [int(b) for b in planned]
     raw = [_value(program, vid).nbytes for vid in op.inputs]
     if raw and op.kind in PARTIAL_READERS:
         written = sum(_value(program, vid).nbytes for vid in op.outputs)
@@ -217,6 +224,9 @@ def operand_read_bytes(op: Op, program: Program) -> list[int]:
 
 def result_write_bytes(op: Op, program: Program) -> list[int]:
     """Bytes `op` writes of each output, in output order; they sum to `op.bytes_written`."""
+    planned = op.attrs.get(LOOP_RESULT_BYTES_ATTR)
+    if planned is not None:
+        return [int(b) for b in planned]
     raw = [_value(program, vid).nbytes for vid in op.outputs]
     return _scale_to(raw, op.bytes_written)
 

@@ -66,6 +66,12 @@ class AttentionPattern:
         masked: a mask that depends on program data selects the logits.
         bias: a data-dependent tensor is added to the logits.
         dtype: dtype of Q.
+        row_inputs_bwd: row statistics the backward reads from outside it.
+        paired: "" for an attention whole in this program; "forward" or "backward" for one half
+            of an attention whose other half runs in another loop's body
+            (tiermap/loop_pairing.py): a forward half writes the row statistics for its
+            backward, a backward half recomputes the scores (`recomputed` are the program's
+            inputs it does not read).
         notes: what was assumed (e.g. the Q/K roles when q_len == kv_len).
     """
 
@@ -90,14 +96,18 @@ class AttentionPattern:
     bias: bool
     dtype: str
     row_inputs_bwd: frozenset[str] = frozenset()
+    paired: str = ""
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def describe(self) -> dict[str, Any]:
         """The facts a report shows: N, query length, d, batch×heads, causal, dtype."""
-        return {"kv_len": self.kv_len, "q_len": self.q_len, "head_dim": self.head_dim,
-                "v_head_dim": self.v_head_dim, "batch_heads": self.batch_heads,
-                "causal": self.causal, "masked": self.masked, "bias": self.bias,
-                "dtype": self.dtype, "backward": bool(self.bwd_op_ids)}
+        out = {"kv_len": self.kv_len, "q_len": self.q_len, "head_dim": self.head_dim,
+               "v_head_dim": self.v_head_dim, "batch_heads": self.batch_heads,
+               "causal": self.causal, "masked": self.masked, "bias": self.bias,
+               "dtype": self.dtype, "backward": bool(self.bwd_op_ids) or self.paired == "forward"}
+        if self.paired:
+            out["paired"] = self.paired
+        return out
 
 
 class _Graph:

@@ -84,6 +84,8 @@ class Candidate:
     saving_s: float
     attrs: Mapping[str, Any]
     partner: str | None = None
+    # Always chosen: half of an attention paired across loops, whose residuals are not stored.
+    pinned: bool = False
 
 
 def _splat(op: Op, program: Program) -> bool:
@@ -162,19 +164,25 @@ def _attention_candidates(program: Program, target: Target, patterns: Iterable[A
     for p in patterns:
         e = _elem_bytes(p.dtype)
         try:
-            search_forward_tiles(p.q_len, p.kv_len, p.head_dim, p.v_head_dim, fast_bytes, e,
-                                 p.causal)
+            if p.fwd_op_ids:
+                search_forward_tiles(p.q_len, p.kv_len, p.head_dim, p.v_head_dim, fast_bytes, e,
+                                     p.causal)
             if p.bwd_op_ids:
                 search_backward_tiles(p.q_len, p.kv_len, p.head_dim, p.v_head_dim, fast_bytes,
                                       e, p.causal)
         except TiermapError as exc:
+            if p.paired:
+                raise TiermapError(
+                    f"attention {p.index}: the {p.paired} half of an attention paired across "
+                    f"two loops fits no tile ({exc}); its residuals are not stored, so it must "
+                    "run tiled; fix: a target with more on-chip memory per core") from exc
             notes.append(f"attention {p.index} left unfused: {exc}")
             continue
         base: dict[str, Any] = {**p.describe(), "pattern": p.index, "q": p.q_id, "k": p.k_id,
                                 "v": p.v_id, "o": p.o_id}
-        fwd = FusionGroup(id=f"attn{p.index}", kind="attention", op_ids=p.fwd_op_ids,
-                          internal=p.fwd_internal, attrs=base)
-        groups.append(fwd)
+        if p.fwd_op_ids:
+            groups.append(FusionGroup(id=f"attn{p.index}", kind="attention",
+                                      op_ids=p.fwd_op_ids, internal=p.fwd_internal, attrs=base))
         if p.bwd_op_ids:
             battrs = {**base, "do": p.do_id, "row_inputs": tuple(sorted(p.row_inputs_bwd)),
                       "recomputed": tuple(sorted(p.recomputed))}
@@ -319,6 +327,11 @@ def candidates(program: Program, target: Target, attention: bool = True
     notes: list[str] = []
     out: list[Candidate] = []
     patterns = find_attention(program) if attention else ()
+    if program.paired_attention:  # halves of attentions split across loops: always recognised
+        claimed = {o for p in program.paired_attention for o in p.fwd_op_ids + p.bwd_op_ids}
+        own = [p for p in patterns if not claimed & set(p.fwd_op_ids + p.bwd_op_ids)]
+        patterns = tuple(replace(p, index=i) for i, p in enumerate(
+            [*own, *program.paired_attention]))
     attn_groups, attn_notes = _attention_candidates(program, target, patterns, fast_bytes, tier)
     notes.extend(attn_notes)
     tiled = tile_fusion(program, target, Fusion(groups=tuple(attn_groups))).groups
@@ -331,15 +344,17 @@ def candidates(program: Program, target: Target, attention: bool = True
         fused = sum(_fused_s(program, target, g, main) for g in gs)
         for g in gs:
             taken.update(g.op_ids)
-        if alone - fused <= 0:
+        paired = any(g.attrs.get("paired") for g in gs)
+        if alone - fused <= 0 and not paired:
             notes.append(f"attention {index_p}: fusing saves nothing under the cost model")
             continue
         keys = [g.id for g in gs]
         for g in gs:
-            share = (alone - fused) if g.kind == "attention" else 0.0
+            share = (alone - fused) if g is gs[0] else 0.0
             out.append(Candidate(g.id, g.kind, frozenset(g.op_ids), g.internal,
                                  dict(g.reads_per_input), g.working_set_bytes, share,
-                                 dict(g.attrs), next((k for k in keys if k != g.id), None)))
+                                 dict(g.attrs), next((k for k in keys if k != g.id), None),
+                                 pinned=paired))
     raw: list[tuple[str, frozenset[str], int, dict[str, Any]]] = []
     seen: set[frozenset[str]] = set()
     pass_clusters = _clusters(index, taken, through_reduce=False)
@@ -392,7 +407,7 @@ def _greedy(cands: list[Candidate]) -> list[str]:
     chosen: list[str] = []
     used: set[str] = set()
     by_key = {c.key: c for c in cands}
-    for c in sorted(cands, key=lambda c: -c.saving_s):
+    for c in sorted(cands, key=lambda c: (not c.pinned, -c.saving_s)):
         if c.key in chosen:
             continue
         pair = [c] + ([by_key[c.partner]] if c.partner in by_key else [])
@@ -416,7 +431,7 @@ def select(cands: list[Candidate], guard_s: float, seed: int, workers: int) -> S
         chosen = _greedy(cands)
         return Selection(tuple(chosen), "greedy", _value(cands, chosen), None,
                          time.perf_counter() - t0, f"OR-tools unavailable: {exc}")
-    scale = max(c.saving_s for c in cands)
+    scale = max(max(c.saving_s for c in cands), 1e-30)
     model = mo.Model(name="fuse")
     # (1) variables
     x = {c.key: model.add_binary_variable(name=c.key) for c in cands}
@@ -431,6 +446,8 @@ def select(cands: list[Candidate], guard_s: float, seed: int, workers: int) -> S
     for c in cands:
         if c.partner is not None and c.partner in x and c.key < c.partner:
             model.add_linear_constraint(x[c.key] - x[c.partner] == 0)
+        if c.pinned:
+            model.add_linear_constraint(x[c.key] == 1, name=f"pinned_{c.key}")
     # (3) objective (savings scaled to about 1 for the solver's tolerances)
     model.maximize(mo.fast_sum((c.saving_s / scale) * x[c.key] for c in cands))
     params = solve_parameters("highs", seed, workers, WorkBudget(FUSE_NODE_LIMIT, 0.0, guard_s))
@@ -449,6 +466,12 @@ def select(cands: list[Candidate], guard_s: float, seed: int, workers: int) -> S
     return Selection(tuple(chosen), status, _value(cands, chosen),
                      bound * scale if bound == bound and abs(bound) != float("inf") else None,
                      wall_s, f"HiGHS {reason.name.lower()}", fired)
+
+
+def _backward_note(group: FusionGroup) -> str:
+    if group.attrs.get("paired") == "forward":
+        return ", its backward in the paired loop (the scores recomputed there, not stored)"
+    return ", with backward " + group.id + "_bwd" if group.attrs["backward"] else ""
 
 
 def _value(cands: list[Candidate], chosen: Iterable[str]) -> float:
@@ -492,7 +515,11 @@ def fuse(program: Program, target: Target, time_limit_s: float = 10.0, seed: int
                 f"d={a['head_dim']}, batch×heads={a['batch_heads']}, "
                 f"{'causal' if a['causal'] else 'not causal'}"
                 f"{', masked' if a['masked'] else ''}{', bias' if a['bias'] else ''}, "
-                f"{a['dtype']}{', with backward ' + g.id + '_bwd' if a['backward'] else ''}")
+                f"{a['dtype']}{_backward_note(g)}")
+        elif g.kind == "attention_bwd" and g.attrs.get("paired") == "backward":
+            notes.append(f"{g.id}: backward of an attention whose forward runs in the paired "
+                         f"loop; it recomputes the scores (inputs "
+                         f"{', '.join(g.attrs.get('recomputed', ())) or 'none'} not read)")
     notes.insert(0, f"fuse: {len(cands)} candidates, {len(groups)} groups chosen; solver "
                     f"{sel.detail}, status {sel.status}{gap}; saving {sel.objective_s:.4g} s "
                     f"(node limit {FUSE_NODE_LIMIT}, time limit {time_limit_s} s, seed {seed}, "

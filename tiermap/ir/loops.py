@@ -61,6 +61,9 @@ class LoopBody:
             "counter": the next value; "ys": the slice written).
         captured: body inputs that are values of the enclosing program read directly.
         source_op_ids: body op id ("op3") → the op's id in the enclosing program ("op2.r1.5").
+        recomputed_stacks: loop operand indices of xs/ys stacks that are not stored: residuals
+            of an attention whose forward runs in one loop and whose backward, recomputing them,
+            in another (tiermap/loop_planning.py pairs them); empty as cut out.
     """
 
     op_id: str
@@ -73,6 +76,7 @@ class LoopBody:
     operand_outputs: Mapping[int, str]
     captured: tuple[str, ...]
     source_op_ids: Mapping[str, str]
+    recomputed_stacks: frozenset[int] = frozenset()
 
     def positions(self, role: str) -> tuple[int, ...]:
         return tuple(j for j, r in enumerate(self.roles) if r == role)

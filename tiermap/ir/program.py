@@ -127,6 +127,14 @@ class Program:
     num_devices: int = 1
     input_shardings: tuple[str, ...] = ()
     output_shardings: tuple[str, ...] = ()
+    # Values no memory holds (tiermap/loop_pairing.py): a loop's residual stack that the backward
+    # loop recomputes instead of reading, a scan's output buffer whose every slice the loop
+    # overwrites; no op moves their bytes and no tier holds them.
+    unstored: frozenset[str] = frozenset()
+    # Attention halves whose other half runs in another loop's body: forward in a scan, backward
+    # in jax.grad's transposed scan (`tiermap.fusion.attention.AttentionPattern`s, set by
+    # tiermap/loop_pairing.py); the fusion pass makes them attention groups, always chosen.
+    paired_attention: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     # --- derived facts --------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ def build_plan(program: Program, target: Target, strategy: str,
     if lower_bound_s is None:
         lower_bound_s = program_lower_bound_s(program, target, fusion)
     group_of = fusion.group_of() if fusion is not None else {}
-    internal = fusion.unmaterialized() if fusion is not None else frozenset()
+    internal = (fusion.unmaterialized() if fusion is not None else frozenset()) | program.unstored
     tier_rank = {t.name: i for i, t in enumerate(target.tiers)}
     ops = tuple(
         OpPlan(

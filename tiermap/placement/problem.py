@@ -172,7 +172,7 @@ class PlacementProblem:
 
     def _build_segments(self, live: Liveness) -> None:
         program = self.program
-        internal = self.fusion.unmaterialized()
+        internal = self.fusion.unmaterialized() | program.unstored
         constants = {vid for op in program.ops if op.kind == CONSTANT_KIND for vid in op.outputs}
         inputs = set(program.inputs)
         self.segments: dict[str, Segments] = {}
