@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from tiermap.costmodel.roofline import (
     LOOP_LOWER_BOUND_ATTR,
     LOOP_OPERAND_BYTES_ATTR,
+    LOOP_RESERVED_ATTR,
     LOOP_RESULT_BYTES_ATTR,
     LOOP_TIME_ATTR,
     transfer_time_s,
@@ -54,8 +55,9 @@ from tiermap.loop_pairing import pair_loops
 
 # Rounds of planning the enclosing program and re-pricing its loops.
 MAX_ROUNDS = 3
-# Relative change in a loop's time below which the rounds stop.
-TIME_TOLERANCE = 1e-9
+# Relative fall in a loop's time below which the rounds stop (the loop keeps the higher price,
+# the difference in its prologue); any rise plans the enclosing program again.
+TIME_TOLERANCE = 1e-3
 
 PlanFn = Callable[[Program, Target], Plan]
 # Plans a program on the first target; the plan is of the second (the first with less capacity).
@@ -250,7 +252,8 @@ def _priced(program: Program, loops: Mapping[str, LoopPlan]) -> Program:
                       for j in range(len(op.outputs))]
             attrs = {**op.attrs, LOOP_TIME_ATTR: loop.time_s,
                      LOOP_LOWER_BOUND_ATTR: loop.lower_bound_s,
-                     LOOP_OPERAND_BYTES_ATTR: tuple(reads), LOOP_RESULT_BYTES_ATTR: tuple(writes)}
+                     LOOP_OPERAND_BYTES_ATTR: tuple(reads), LOOP_RESULT_BYTES_ATTR: tuple(writes),
+                     LOOP_RESERVED_ATTR: dict(loop.reserved_bytes)}
             op = replace(op, attrs=attrs, bytes_read=sum(reads), bytes_written=sum(writes))
         ops.append(op)
     return replace(program, ops=tuple(ops))
@@ -280,13 +283,12 @@ def _padded(loop: LoopPlan, priced_s: float, notes: list[str]) -> LoopPlan:
     return replace(loop, prologue_s=loop.prologue_s + extra, time_s=priced_s)
 
 
-def _less(target: Target, reserve: Mapping[str, int]) -> Target:
-    """`target` with `reserve[tier]` bytes taken off each tier's capacity."""
-    if not any(reserve.values()):
-        return target
-    tiers = tuple(replace(t, capacity_bytes=max(t.capacity_bytes - int(reserve.get(t.name, 0)),
-                                                0)) for t in target.tiers)
-    return replace(target, tiers=tiers)
+def _at_least(loop: LoopPlan, reserve: Mapping[str, int]) -> LoopPlan:
+    """`loop` reserving at least `reserve` (what earlier rounds reserved), so that reserves only
+    grow from round to round (a larger reserve than the body needs is still a valid one)."""
+    merged = {t: max(int(loop.reserved_bytes.get(t, 0)), int(reserve.get(t, 0)))
+              for t in sorted(set(loop.reserved_bytes) | set(reserve))}
+    return replace(loop, reserved_bytes=merged)
 
 
 def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, plan_body: PlanFn,
@@ -318,37 +320,31 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
     loops = {oid: price_loop(ops[oid], b, body_plans[oid], None, target)
              for oid, b in bodies.items()}
     replanned: set[str] = set()
-    reserve: dict[str, int] = {}
     for round_index in range(MAX_ROUNDS + 3):
-        outer = plan_flat(_priced(program, loops), _less(target, reserve), target)
+        outer = plan_flat(_priced(program, loops), target, target)
         under = False
-        reserving = False
         for oid, b in bodies.items():
             step = ops[oid].step
-            fresh = price_loop(ops[oid], b, body_plans[oid], outer, target)
+            fresh = _at_least(price_loop(ops[oid], b, body_plans[oid], outer, target),
+                              loops[oid].reserved_bytes)
             excess = over_capacity(fresh, outer, step)
-            if excess and (not reserve or reserving):
-                reserving = True
-                # First leave the loops' room in the enclosing plan (at every step).
-                # The bodies' whole peaks: the enclosing plan may hold their operands elsewhere.
-                whole = [reserved_bytes(body_plans[k], set(), loops[k].double_buffer_bytes)
-                         for k in bodies]
-                reserve = {t.name: max(w.get(t.name, 0) for w in whole) for t in target.tiers}
-                notes[oid].append(
-                    f"{oid}: the enclosing program planned leaving the loops' reserved bytes "
-                    "free, " + ", ".join(f"{t} {n} B" for t, n in sorted(reserve.items()) if n))
-                under = True
-            elif excess and oid not in replanned:
+            if excess and oid not in replanned and round_index >= MAX_ROUNDS:
+                # The enclosing plan leaves too little room at the loop's step, round after
+                # round: plan the body into what it leaves.
                 replanned.add(oid)
                 body_plans[oid] = plan_body(b.program, _left_for_body(target, outer, step, fresh))
                 notes[oid].append(
                     f"{oid}: body planned again with what the enclosing plan leaves of "
                     + ", ".join(f"{t} ({n} bytes over)" for t, n in sorted(excess.items())))
-                fresh = price_loop(ops[oid], b, body_plans[oid], outer, target)
+                fresh = _at_least(price_loop(ops[oid], b, body_plans[oid], outer, target),
+                                  loops[oid].reserved_bytes)
                 under = True
+            if any(fresh.reserved_bytes.get(t, 0) > loops[oid].reserved_bytes.get(t, 0)
+                   for t in fresh.reserved_bytes):
+                under = True  # the body needs more room than the enclosing plan left it
             priced = loops[oid].time_s
             settling = round_index >= MAX_ROUNDS  # from here on prices only rise, so rounds end
-            if fresh.time_s > priced * (1.0 + TIME_TOLERANCE):
+            if fresh.time_s > priced * (1.0 + 1e-12):  # the enclosing plan charged too little
                 under = True
                 loops[oid] = fresh
             elif fresh.time_s < priced * (1.0 - TIME_TOLERANCE) and not settling:
@@ -360,8 +356,8 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
             break
         if round_index == MAX_ROUNDS + 2:
             raise TiermapError(
-                f"the loops of '{program.name}' did not settle in {MAX_ROUNDS} planning rounds; "
-                "fix: plan with fusion off or report the program")
+                f"the loops of '{program.name}' did not settle in {MAX_ROUNDS + 3} planning "
+                "rounds; fix: plan with fusion off or report the program")
     final = []
     for oid in bodies:
         step = ops[oid].step

@@ -140,6 +140,9 @@ LOOP_LOWER_BOUND_ATTR = "loop_lower_bound_s"
 # (every other operand moves in the loop's prologue and epilogue, inside its time).
 LOOP_OPERAND_BYTES_ATTR = "loop_operand_bytes"
 LOOP_RESULT_BYTES_ATTR = "loop_result_bytes"
+# ... and, tier → bytes, what its body holds while it runs beyond the enclosing plan's tensors
+# (`LoopPlan.reserved_bytes`): placement leaves that much of each tier free at the op's step.
+LOOP_RESERVED_ATTR = "loop_reserved_bytes"
 
 
 def compute_time_s(op: Op, target: Target) -> float:

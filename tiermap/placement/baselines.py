@@ -39,8 +39,7 @@ def naive_assignment(problem: PlacementProblem, start: Mapping[str, Choice] | No
     Raises:
         InfeasiblePlacementError: some tensor fits no tier over its whole live range.
     """
-    n = problem.num_steps
-    occ = np.zeros((len(problem.tier_names), n), dtype=np.int64)
+    occ = problem.reserved.copy()  # a loop body's bytes while it runs
     out: Assignment = {}
     for vid, choice in (start or {}).items():
         seg = problem.segments[vid]

@@ -24,9 +24,7 @@ class CostState:
 
     def __init__(self, problem: PlacementProblem, assignment: Mapping[str, Choice]) -> None:
         self.p = problem
-        n = problem.num_steps
-        num_tiers = len(problem.tier_names)
-        self.occ = np.zeros((num_tiers, n), dtype=np.int64)
+        self.occ = problem.reserved.copy()  # a loop body's bytes while it runs (problem.py)
         self.links: dict[tuple[int, int], np.ndarray] = {}
         self.kernel_mem_s = np.zeros(len(problem.kernels))
         self.energy_pj = 0.0

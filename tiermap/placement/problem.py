@@ -54,7 +54,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tiermap.bounds.knapsack import best_spread_span
-from tiermap.costmodel.roofline import compute_time_s, program_kernels
+from tiermap.costmodel.roofline import LOOP_RESERVED_ATTR, compute_time_s, program_kernels
 from tiermap.errors import InfeasiblePlacementError, TiermapError
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
@@ -113,6 +113,13 @@ class PlacementProblem:
         self.read_bw = np.array([t.read_bytes_per_s for t in tiers], dtype=float)
         self.write_bw = np.array([t.write_bytes_per_s for t in tiers], dtype=float)
         self.capacity = np.array([t.capacity_bytes for t in tiers], dtype=np.int64)
+        # Bytes held at a step beyond the program's tensors: a planned loop's body while it runs
+        # (LOOP_RESERVED_ATTR on the `while` op); every capacity check counts them.
+        self.reserved = np.zeros((len(tiers), program.num_steps), dtype=np.int64)
+        for op in program.ops:
+            for name, nbytes in dict(op.attrs.get(LOOP_RESERVED_ATTR, {})).items():
+                if name in self.tier_names:
+                    self.reserved[self.tier_names.index(name), op.step] += int(nbytes)
         self.energy_pj = np.array([t.energy_pj_per_byte or 0.0 for t in tiers], dtype=float)
         self.read_only = tuple(t.read_only for t in tiers)
         self.writable = tuple(i for i, t in enumerate(tiers) if t.holds_tensors and not t.read_only)
@@ -309,8 +316,9 @@ class PlacementProblem:
             if not seg.homes:
                 writable_only[seg.first] += seg.nbytes
                 writable_only[seg.last + 1] -= seg.nbytes
-        total = np.cumsum(total[:n])
-        writable_only = np.cumsum(writable_only[:n])
+        held = self.reserved.sum(axis=0)
+        total = np.cumsum(total[:n]) + held
+        writable_only = np.cumsum(writable_only[:n]) + held
         self.live_bytes = total
         cap_w = int(sum(int(self.capacity[k]) for k in self.writable))
         cap_all = cap_w + int(sum(int(self.capacity[k]) for k in self.homes))
@@ -358,7 +366,7 @@ class PlacementProblem:
                 self.pinned[seg.vid] = Choice.whole(seg, k0)
         if not self.dominates(k0) or n == 0:
             return
-        pressure = (self.live_bytes > self.capacity[k0]).astype(np.int64)
+        pressure = (self.live_bytes + self.reserved[k0] > self.capacity[k0]).astype(np.int64)
         before = np.concatenate([[0], np.cumsum(pressure)])
 
         def calm(vid: str) -> bool:

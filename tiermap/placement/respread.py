@@ -43,7 +43,7 @@ def respread_moves(problem: PlacementProblem,
     ev = evaluate(problem.program, problem.target, before[0], before[1], problem.fusion)
     op_s = np.array(ev.op_time_s)
     names = problem.tier_names
-    occupancy = {k: np.array(ev.occupancy_bytes[names[k]], dtype=np.int64)
+    occupancy = {k: np.array(ev.occupancy_bytes[names[k]], dtype=np.int64) + problem.reserved[k]
                  for k in range(len(names)) if names[k] in ev.occupancy_bytes}
     entries = []
     loads: dict[tuple[int, int], np.ndarray] = {}
@@ -93,8 +93,9 @@ def respread_moves(problem: PlacementProblem,
         _chunk_moves(problem, layouts, entries, loads, op_s, occupancy, chunks)
     after = problem._parts(layouts, chunks)
     ev_after = evaluate(problem.program, problem.target, after[0], after[1], problem.fusion)
-    fits = all(max(ev_after.occupancy_bytes.get(t.name, (0,)), default=0) <= t.capacity_bytes
-               for t in problem.target.tiers)
+    fits = all((np.array(ev_after.occupancy_bytes.get(t.name, (0,) * problem.num_steps))
+                + problem.reserved[k]).max(initial=0) <= t.capacity_bytes
+               for k, t in enumerate(problem.target.tiers))
     if not fits or ev_after.predicted_time_s >= ev.predicted_time_s:
         layouts.update(saved)
         if chunks is not None:
