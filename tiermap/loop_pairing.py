@@ -19,7 +19,7 @@ forward lies in the first body and whose backward lies in the second becomes two
 - the backward body's group recomputes the scores from Q and K, tiled by the FlashAttention
   backward rule, so their slices are never read (`Program.unstored` inputs of the body);
 - in the enclosing program the score stacks are `unstored`: no tier holds them and neither loop
-  moves their bytes (`LoopBody.recomputed_stacks`, `LoopPlan.stack_bytes` 0).
+  moves their bytes (`LoopBody.recomputed_stacks`, `LoopPlan.operand_bytes` and `result_bytes` 0).
 
 This is the plan the unrolled program gets from the same recognition (one attention, forward
 and backward fused, the scores recomputed). A target whose on-chip budget fits no attention tile

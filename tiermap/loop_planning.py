@@ -1,36 +1,39 @@
 """Loops planned as steady states: each `while` body planned once, the loop priced around it.
 
 `plan_with_loops` cuts every top-level `while` with a recognisable body out as a program of its
-own (tiermap/ir/loops.py) and plans it with the whole pipeline: schedule, liveness, fusion,
-tiling, attention recognition, placement and verification all work inside the body, and a loop
-inside the body is planned the same way, one level down. The enclosing program then keeps the
-`while` as one op whose compute time is the loop's time:
+own (tiermap/ir/loops.py), pairs attention split across jax.grad's two scans
+(tiermap/loop_pairing.py), and plans each body with the whole pipeline: schedule, liveness,
+fusion, tiling, attention recognition, placement and verification all work inside the body, and
+a loop inside the body is planned the same way, one level down. The enclosing program then
+keeps the `while` as one op:
 
-    time_s      = prologue_s + trips × iteration_s + epilogue_s
-    iteration_s = max(body_time_s, stream_s) + back_edge_s
+    compute     = trips × iteration_s,   iteration_s = body_time_s + back_edge_s
+    traffic     = the op's operands and results: each xs / ys stack trips × its slices (slice by
+                  slice), each carry, invariant and the counter once in (and a carry's result
+                  once out)
+    op time     = max(compute, traffic / the bandwidth of the tiers they live in) + overhead
 
 - `body_time_s`: the body plan's predicted time (one iteration, its own transfers included).
-- `stream_s`: an `xs` slice the body reads in another tier than the stack's (or a `ys` slice it
-  writes in another tier) is streamed: the next iteration's slice moves during this one (double
-  buffering), so it costs only where the links are busier than the body; its second buffer is
-  counted in the body tier's capacity.
+- Streams: an `xs` slice the body reads in another tier than its stack's (or a `ys` slice it
+  writes) moves during the iteration before (double buffering): the roofline's max overlaps
+  the stacks' traffic with the iterations, and the second buffer is counted in the body tier's
+  capacity. A stack in the body's own tier is read in place. `stream_s` shows the per-iteration
+  link time.
 - `back_edge_s`: a carry whose body output sits in another tier than the next iteration reads it
   from moves across the back edge, not overlapped.
-- `prologue_s`: what the first iteration reads in another tier than the enclosing plan holds it
-  in (carries, invariants, captures, the first slices) moves in first; `epilogue_s`: the carried
-  results (and the last `ys` slices) move back to where the enclosing plan keeps them.
 
-The lower bound of the loop is trips × the body's lower bound. Capacity: while the loop runs, a
-tier holds the enclosing plan's tensors at the loop's step plus the loop's `reserved_bytes` (the
-body's peak less the loop operands it uses in place, plus the second buffers). The prologue and
-epilogue depend on where the enclosing plan puts the loop's operands, and the enclosing plan on
-the loop's time, so the two are planned in turn until the loop's time stops changing (after
-`MAX_ROUNDS` rounds a price may only rise, so the rounds end; a loop priced above what its final
-tiers need keeps the higher price, the difference added to its prologue, and a note says so).
-A body whose peak does not fit beside the enclosing plan is handled in two steps: first the
-enclosing program is planned again leaving the bodies' whole peaks free (at every step; its
-lower bound is then recomputed on the real target), then, if it still does not fit, the body is
-planned again with what is left of each tier.
+So the loop's price does not depend on where the enclosing plan keeps its operands: the
+enclosing placement sees that as the op's traffic, like any op's. The lower bound of the loop
+is trips × the body's lower bound.
+
+Capacity: while the loop runs, a tier holds the enclosing plan's tensors at the loop's step plus
+the loop's `reserved_bytes` (the body's peak less the loop operands it uses in place, plus the
+second buffers), and placement leaves that room at the loop's step (`LOOP_RESERVED_ATTR`). What
+the body uses in place depends on the enclosing plan, so the enclosing program is planned in up
+to `MAX_ROUNDS` rounds: first leaving each body the most it can need (its whole peak and a second
+buffer for every slice), then the reserve that plan showed it needs; a round is valid when every
+body's need fits what its round left it, and the best valid round is kept. A body that does not
+fit beside its enclosing plan is planned again with what that plan leaves of each tier.
 """
 
 from __future__ import annotations
@@ -46,18 +49,15 @@ from tiermap.costmodel.roofline import (
     LOOP_TIME_ATTR,
     transfer_time_s,
 )
-from tiermap.errors import InfeasiblePlacementError, TiermapError
+from tiermap.errors import InfeasiblePlacementError
 from tiermap.hardware.target import Target
 from tiermap.ir.loops import LoopBody, loop_body
 from tiermap.ir.plan import LoopPlan, Plan, TensorPlan, occupancy_bytes
 from tiermap.ir.program import Op, Program
 from tiermap.loop_pairing import pair_loops
 
-# Rounds of planning the enclosing program and re-pricing its loops.
-MAX_ROUNDS = 3
-# Relative fall in a loop's time below which the rounds stop (the loop keeps the higher price,
-# the difference in its prologue); any rise plans the enclosing program again.
-TIME_TOLERANCE = 1e-3
+# Rounds of planning the enclosing program with the loops' reserves (module docstring).
+MAX_ROUNDS = 2
 
 PlanFn = Callable[[Program, Target], Plan]
 # Plans a program on the first target; the plan is of the second (the first with less capacity).
@@ -105,9 +105,12 @@ def _outer_tiers(op: Op, body: LoopBody, outer: Plan) -> _Tiers:
 
 
 def price_loop(op: Op, body: LoopBody, body_plan: Plan, outer: Plan | None,
-               target: Target, notes: tuple[str, ...] = ()) -> LoopPlan:
-    """The loop's record: its times and reserved bytes, given where the enclosing plan holds its
-    operands (`outer`; None: where the body reads them, so no prologue or epilogue)."""
+               target: Target, notes: tuple[str, ...] = (), aliased: bool = False) -> LoopPlan:
+    """The loop's record: its time, the bytes the `while` op moves of each operand and result,
+    and its reserve, given where the enclosing plan holds its operands (`outer`; None: not yet
+    known, so the reserve assumes the body uses none of them in place and streams every slice).
+
+    The time (trips × (body + back edge)) does not depend on `outer`; only the reserve does."""
     bt = _tensors(body_plan)
     last = max(body_plan.num_steps - 1, 0)
     order = {t.name: i for i, t in enumerate(target.tiers)}
@@ -129,79 +132,69 @@ def price_loop(op: Op, body: LoopBody, body_plan: Plan, outer: Plan | None,
             return 0.0
         return transfer_time_s(nbytes, src, dst, target)
 
-    stream_s = back_edge_s = prologue_s = epilogue_s = 0.0
+    stream_s = back_edge_s = 0.0
     double_buffer: dict[str, int] = {}
-    aliased: set[str] = set()  # body tensors that are the enclosing plan's buffers
+    in_place = aliased
+    aliased_ids: set[str] = set()  # body tensors that are the enclosing plan's buffers
+    operand_bytes: dict[int, int] = {}
+    result_bytes: dict[int, int] = {}
 
-    def stream(vid: str, inner: str | None, outer: str | None, inbound: bool) -> float:
-        """A slice moved between its stack's tier (`outer`) and the body's (`inner`) each
-        iteration, double-buffered; returns one move's time (0 when it is read in place)."""
-        if outer == inner:
-            aliased.add(vid)
-            return 0.0
-        nbytes = body_plan.tensor(vid).nbytes
+    def nbytes_of(vid: str) -> int:
+        return body.program.values[vid].nbytes
+
+    def stream(vid: str, inner: str | None, outer_tier: str | None, inbound: bool) -> None:
+        """A slice moved between its stack's tier and the body's each iteration, into a second
+        buffer (double buffering); read in place when the two are the same tier."""
+        nonlocal stream_s
+        if (tiers is not None and outer_tier == inner) or (tiers is None and in_place):
+            aliased_ids.add(vid)
+            return
         if inner is not None:
-            double_buffer[inner] = double_buffer.get(inner, 0) + nbytes
-        return move_s(nbytes, outer, inner) if inbound else move_s(nbytes, inner, outer)
+            double_buffer[inner] = double_buffer.get(inner, 0) + nbytes_of(vid)
+        if tiers is not None:
+            stream_s += (move_s(nbytes_of(vid), outer_tier, inner) if inbound
+                         else move_s(nbytes_of(vid), inner, outer_tier))
 
     for j, role in enumerate(body.roles):
         outer_in = tiers.operand[j] if tiers else None
         outer_out = tiers.result[j] if tiers else None
         if role == "xs":
-            for vid, k in body.slice_inputs.items():
-                if k == j:
-                    inner = first_tier(vid)
-                    one_s = stream(vid, inner, outer_in if tiers else inner, inbound=True)
-                    stream_s += one_s
-                    prologue_s += one_s  # the first slice arrives before the first iteration
+            slices = [vid for vid, k in body.slice_inputs.items() if k == j]
+            operand_bytes[j] = (0 if j in body.recomputed_stacks
+                                else body.trips * sum(nbytes_of(v) for v in slices))
+            for vid in slices:
+                stream(vid, first_tier(vid), outer_in, inbound=True)
         elif role == "ys":
             vid = body.operand_outputs[j]
-            inner = end_tier(vid)
-            one_s = stream(vid, inner, outer_out if tiers else inner, inbound=False)
-            stream_s += one_s
-            epilogue_s += one_s  # the last slice leaves after the last iteration
+            result_bytes[j] = 0 if j in body.recomputed_stacks else body.trips * nbytes_of(vid)
+            stream(vid, end_tier(vid), outer_out, inbound=False)
         else:
             vin = body.operand_inputs[j]
-            inner = first_tier(vin)
-            src = outer_in if tiers else inner
-            prologue_s += move_s(body_plan.tensor(vin).nbytes, src, inner)
-            if src == inner:
-                aliased.add(vin)
+            operand_bytes[j] = nbytes_of(vin)  # moved in before the first iteration
+            if in_place or (tiers is not None and outer_in == first_tier(vin)):
+                aliased_ids.add(vin)
             vout = body.operand_outputs.get(j)
             if vout is not None:
+                result_bytes[j] = nbytes_of(vout)  # moved out after the last
                 out_tier = end_tier(vout)
-                back_edge_s += move_s(body_plan.tensor(vout).nbytes, out_tier, inner)
-                dst = outer_out if tiers else out_tier
-                epilogue_s += move_s(body_plan.tensor(vout).nbytes, out_tier, dst)
-                if dst == out_tier:
-                    aliased.add(vout)
+                back_edge_s += move_s(nbytes_of(vout), out_tier, first_tier(vin))
+                if in_place or (tiers is not None and outer_out == out_tier):
+                    aliased_ids.add(vout)
     for vid in body.captured:
-        inner = first_tier(vid)
-        src = tiers.captured.get(vid) if tiers else inner
-        prologue_s += move_s(body_plan.tensor(vid).nbytes, src, inner)
-        if src == inner:
-            aliased.add(vid)
-    reserved = reserved_bytes(body_plan, aliased, double_buffer)
-    stack_bytes = {}
-    for j, role in enumerate(body.roles):
-        if role == "xs":
-            one = sum(body.program.values[v].nbytes for v, k in body.slice_inputs.items()
-                      if k == j)
-            stack_bytes[j] = 0 if j in body.recomputed_stacks else body.trips * one
-        elif role == "ys":
-            one = body.program.values[body.operand_outputs[j]].nbytes
-            stack_bytes[j] = 0 if j in body.recomputed_stacks else body.trips * one
+        if in_place or (tiers is not None and tiers.captured.get(vid) == first_tier(vid)):
+            aliased_ids.add(vid)
+    reserved = reserved_bytes(body_plan, aliased_ids, double_buffer)
     iteration_s = body_plan.predicted_time_s + back_edge_s
-    time_s = prologue_s + body.trips * iteration_s + epilogue_s
+    time_s = body.trips * iteration_s
     return LoopPlan(
         op_id=op.id, trips=body.trips, static_trips=body.static_trips, roles=body.roles,
         operand_inputs=dict(body.operand_inputs), operand_outputs=dict(body.operand_outputs),
         body=body_plan, body_time_s=body_plan.predicted_time_s, stream_s=stream_s,
-        back_edge_s=back_edge_s, iteration_s=iteration_s, prologue_s=prologue_s,
-        epilogue_s=epilogue_s, time_s=time_s,
-        lower_bound_s=body.trips * body_plan.lower_bound_s, reserved_bytes=reserved,
-        double_buffer_bytes=double_buffer, source_op_ids=dict(body.source_op_ids), notes=notes,
-        stack_bytes=stack_bytes)
+        back_edge_s=back_edge_s, iteration_s=iteration_s, prologue_s=0.0, epilogue_s=0.0,
+        time_s=time_s, lower_bound_s=body.trips * body_plan.lower_bound_s,
+        reserved_bytes=reserved, double_buffer_bytes=double_buffer,
+        source_op_ids=dict(body.source_op_ids), notes=notes, operand_bytes=operand_bytes,
+        result_bytes=result_bytes)
 
 
 def reserved_bytes(body_plan: Plan, aliased: set[str], double_buffer: Mapping[str, int]
@@ -245,11 +238,8 @@ def _priced(program: Program, loops: Mapping[str, LoopPlan]) -> Program:
         if loop is not None:
             # The loop's time holds the body's own traffic, the prologue and the epilogue; the
             # op's memory traffic is the stacks it streams, overlapped with the iterations.
-            stacks = loop.stack_bytes or {}
-            reads = [stacks.get(j, 0) if j < len(loop.roles) and loop.roles[j] == "xs" else 0
-                     for j in range(len(op.inputs))]
-            writes = [stacks.get(j, 0) if j < len(loop.roles) and loop.roles[j] == "ys" else 0
-                      for j in range(len(op.outputs))]
+            reads = [(loop.operand_bytes or {}).get(j, 0) for j in range(len(op.inputs))]
+            writes = [(loop.result_bytes or {}).get(j, 0) for j in range(len(op.outputs))]
             attrs = {**op.attrs, LOOP_TIME_ATTR: loop.time_s,
                      LOOP_LOWER_BOUND_ATTR: loop.lower_bound_s,
                      LOOP_OPERAND_BYTES_ATTR: tuple(reads), LOOP_RESULT_BYTES_ATTR: tuple(writes),
@@ -271,16 +261,10 @@ def _left_for_body(target: Target, outer: Plan, step: int, loop: LoopPlan) -> Ta
     return replace(target, tiers=tuple(tiers))
 
 
-def _padded(loop: LoopPlan, priced_s: float, notes: list[str]) -> LoopPlan:
-    """`loop` priced at `priced_s` (at least its own time): the difference is added to its
-    prologue, with a note, so the enclosing plan's price is what the record says."""
-    if priced_s <= loop.time_s:
-        return loop
-    extra = priced_s - loop.time_s
-    if extra > TIME_TOLERANCE * priced_s:
-        notes.append(f"{loop.op_id}: priced at {priced_s:.6g} s, {extra:.3g} s above what its "
-                     "final operand tiers need (the planning rounds' largest price)")
-    return replace(loop, prologue_s=loop.prologue_s + extra, time_s=priced_s)
+def _covers(priced: LoopPlan, need: LoopPlan) -> bool:
+    """Whether the reserve the enclosing plan left (`priced`) holds what the body needs."""
+    return all(int(priced.reserved_bytes.get(t, 0)) >= int(n)
+               for t, n in need.reserved_bytes.items())
 
 
 def _at_least(loop: LoopPlan, reserve: Mapping[str, int]) -> LoopPlan:
@@ -317,52 +301,60 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
         if not b.static_trips:
             notes[oid].append(f"{oid}: the loop's trip count is not static; planned for "
                               f"{b.trips} trips (the assumed_trip_count option)")
+    # Round 1 leaves each body its whole peak and a second buffer for every slice (the most it
+    # can need); each later round the reserve the last enclosing plan showed it needs. A round
+    # is valid when every loop's need fits what its enclosing plan left it; the best valid
+    # round is kept.
     loops = {oid: price_loop(ops[oid], b, body_plans[oid], None, target)
              for oid, b in bodies.items()}
+    best: tuple[Plan, dict[str, LoopPlan]] | None = None
     replanned: set[str] = set()
-    for round_index in range(MAX_ROUNDS + 3):
-        outer = plan_flat(_priced(program, loops), target, target)
-        under = False
+    for round_index in range(MAX_ROUNDS):
+        try:
+            outer = plan_flat(_priced(program, loops), target, target)
+        except InfeasiblePlacementError:
+            if round_index == 0:  # the most a body can need does not fit: try what it needs
+                loops = {oid: price_loop(ops[oid], b, body_plans[oid], None, target, aliased=True)
+                         for oid, b in bodies.items()}
+                continue
+            raise
+        fresh = {oid: price_loop(ops[oid], b, body_plans[oid], outer, target)
+                 for oid, b in bodies.items()}
         for oid, b in bodies.items():
             step = ops[oid].step
-            fresh = _at_least(price_loop(ops[oid], b, body_plans[oid], outer, target),
-                              loops[oid].reserved_bytes)
-            excess = over_capacity(fresh, outer, step)
-            if excess and oid not in replanned and round_index >= MAX_ROUNDS:
-                # The enclosing plan leaves too little room at the loop's step, round after
-                # round: plan the body into what it leaves.
+            excess = over_capacity(_at_least(fresh[oid], loops[oid].reserved_bytes), outer, step)
+            if excess and oid not in replanned:
+                # The enclosing plan leaves the body too little: plan it into what is left.
                 replanned.add(oid)
-                body_plans[oid] = plan_body(b.program, _left_for_body(target, outer, step, fresh))
+                body_plans[oid] = plan_body(b.program, _left_for_body(target, outer, step,
+                                                                      fresh[oid]))
                 notes[oid].append(
                     f"{oid}: body planned again with what the enclosing plan leaves of "
                     + ", ".join(f"{t} ({n} bytes over)" for t, n in sorted(excess.items())))
-                fresh = _at_least(price_loop(ops[oid], b, body_plans[oid], outer, target),
-                                  loops[oid].reserved_bytes)
-                under = True
-            if any(fresh.reserved_bytes.get(t, 0) > loops[oid].reserved_bytes.get(t, 0)
-                   for t in fresh.reserved_bytes):
-                under = True  # the body needs more room than the enclosing plan left it
-            priced = loops[oid].time_s
-            settling = round_index >= MAX_ROUNDS  # from here on prices only rise, so rounds end
-            if fresh.time_s > priced * (1.0 + 1e-12):  # the enclosing plan charged too little
-                under = True
-                loops[oid] = fresh
-            elif fresh.time_s < priced * (1.0 - TIME_TOLERANCE) and not settling:
-                under = True
-                loops[oid] = fresh
-            else:
-                loops[oid] = _padded(fresh, priced, notes[oid])
-        if not under:
-            break
-        if round_index == MAX_ROUNDS + 2:
-            raise TiermapError(
-                f"the loops of '{program.name}' did not settle in {MAX_ROUNDS + 3} planning "
-                "rounds; fix: plan with fusion off or report the program")
+                fresh[oid] = price_loop(ops[oid], b, body_plans[oid], outer, target)
+        valid = all(_covers(loops[oid], fresh[oid]) for oid in bodies)
+        if valid:
+            kept = {oid: replace(fresh[oid], reserved_bytes=dict(loops[oid].reserved_bytes))
+                    for oid in bodies}
+            if best is None or outer.predicted_time_s < best[0].predicted_time_s:
+                best = (outer, kept)
+            if all(_covers(fresh[oid], loops[oid]) for oid in bodies):
+                break  # the reserve is exactly what the body needs: nothing to tighten
+        loops = fresh if valid else {oid: _at_least(fresh[oid], loops[oid].reserved_bytes)
+                                     for oid in bodies}
+    if best is None:
+        what = "; ".join(f"{oid}: " + ", ".join(
+            f"{t} {n} B" for t, n in sorted(loops[oid].reserved_bytes.items()) if n)
+            for oid in bodies)
+        raise InfeasiblePlacementError(
+            f"the loops of '{program.name}' do not fit beside the rest of the program (they "
+            f"need {what}); fix: a target with more memory in those tiers, or a smaller body "
+            "(fewer tokens per iteration)")
+    outer, kept = best
     final = []
     for oid in bodies:
-        step = ops[oid].step
-        loop = replace(loops[oid], notes=tuple(notes[oid]))
-        excess = over_capacity(loop, outer, step)
+        loop = replace(kept[oid], notes=tuple(notes[oid]))
+        excess = over_capacity(loop, outer, ops[oid].step)
         if excess:
             what = ", ".join(f"{t}: {n} bytes over" for t, n in sorted(excess.items()))
             raise InfeasiblePlacementError(

@@ -33,8 +33,9 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   its body has a plan of its own (`LoopPlan.body`, one steady-state iteration, steps of its own),
   and the op's compute time is the loop's time, `prologue_s + trips × iteration_s + epilogue_s`
   (tiermap/ir/loops.py says how a body is cut out; tiermap/loop_planning.py how it is priced);
-  its memory traffic is the xs and ys stacks it streams (`LoopPlan.stack_bytes`), so its time is
-  max(loop time, stack bytes / bandwidth of the tiers the stacks live in) + overhead.
+  its memory traffic is what it moves of its operands (`LoopPlan.operand_bytes`, `result_bytes`:
+  the xs and ys stacks slice by slice, the carries and invariants once), so its time is
+  max(loop time, those bytes / bandwidth of the tiers they live in) + overhead.
   While the loop runs, each tier holds what the enclosing plan keeps there at the loop's step
   plus `LoopPlan.reserved_bytes` (the body's own peak, less the loop operands it uses in place,
   plus the second buffer of each slice streamed between tiers).
@@ -191,15 +192,16 @@ class LoopPlan:
         operand_outputs: loop operand index → the body output that leaves it.
         body: the plan of one iteration (its own steps, tensors and transfers).
         body_time_s: the body plan's predicted time.
-        stream_s: per iteration, the time of the slices streamed between the stack's tier and
-            the body's (the next iteration's slice moves during this one: double buffering).
+        stream_s: per iteration, the link time of the slices streamed between the stack's tier
+            and the body's (the next iteration's slice moves during this one: double buffering);
+            shown for explanation, the op's memory traffic pays for it.
         back_edge_s: per iteration, moving carried state whose body output lives in another tier
             than the next iteration reads it from (not overlapped).
         iteration_s: body_time_s + back_edge_s. The streams are not in it: the `while` op
-            moves its stacks (`stack_bytes`) as its memory traffic, so the enclosing plan
-            charges max(loop time, stack bytes / their tiers' bandwidth), the roofline's overlap
-            of the double-buffered streams with the iterations. (Plans written before
-            `stack_bytes` existed have none and count max(body_time_s, stream_s) + back_edge_s.)
+            moves its operands (`operand_bytes`, `result_bytes`) as its memory traffic, so the
+            enclosing plan charges max(loop time, those bytes / their tiers' bandwidth), the
+            roofline's overlap of the double-buffered streams with the iterations. (Plans
+            without `operand_bytes` count max(body_time_s, stream_s) + back_edge_s.)
         prologue_s: before the first iteration, loading what the body reads in another tier than
             the enclosing plan holds it in.
         epilogue_s: after the last, writing the carried results back where the enclosing plan
@@ -208,9 +210,13 @@ class LoopPlan:
         lower_bound_s: trips × the body's lower bound.
         reserved_bytes: tier → bytes the loop holds beyond the enclosing plan's tensors.
         double_buffer_bytes: tier → bytes of the second slice buffers (part of reserved_bytes).
-        stack_bytes: loop operand index → bytes the `while` op moves of that xs or ys stack over
-            the whole loop (trips × its slices; 0 for a stack nobody stores, a residual the
-            backward loop recomputes).
+        operand_bytes, result_bytes: loop operand index → bytes the `while` op reads of that
+            operand and writes of that result, its own memory traffic: an xs or ys stack
+            trips × its slices (0 for a stack nobody stores, a residual the backward loop
+            recomputes); a carry, an invariant or the counter once (moved in before the first
+            iteration, a carry's result out after the last). None in plans written before
+            2026-12-07's second v2 revision, which priced those moves in `prologue_s`,
+            `epilogue_s` and the iteration; 0 prologue and epilogue since.
         source_op_ids: body op id → the op's id inside the `while` of the enclosing program.
         notes: how the loop was planned (assumed trips, re-planned for capacity, ...).
     """
@@ -234,7 +240,8 @@ class LoopPlan:
     double_buffer_bytes: Mapping[str, int]
     source_op_ids: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
-    stack_bytes: Mapping[int, int] | None = None
+    operand_bytes: Mapping[int, int] | None = None
+    result_bytes: Mapping[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,8 +256,10 @@ class LoopPlan:
             "reserved_bytes": dict(self.reserved_bytes),
             "double_buffer_bytes": dict(self.double_buffer_bytes),
             "source_op_ids": dict(self.source_op_ids), "notes": list(self.notes),
-            **({} if self.stack_bytes is None else {"stack_bytes": {
-                str(k): v for k, v in sorted(self.stack_bytes.items())}}),
+            **({} if self.operand_bytes is None else {
+                "operand_bytes": {str(k): v for k, v in sorted(self.operand_bytes.items())},
+                "result_bytes": {str(k): v for k, v in sorted((self.result_bytes or {}).items())},
+            }),
             "body": self.body.to_dict(),
         }
 
@@ -269,8 +278,10 @@ class LoopPlan:
             reserved_bytes={k: int(v) for k, v in d["reserved_bytes"].items()},
             double_buffer_bytes={k: int(v) for k, v in d["double_buffer_bytes"].items()},
             source_op_ids=dict(d.get("source_op_ids", {})), notes=tuple(d.get("notes", [])),
-            stack_bytes=({int(k): int(v) for k, v in d["stack_bytes"].items()}
-                         if "stack_bytes" in d else None))
+            operand_bytes=({int(k): int(v) for k, v in d["operand_bytes"].items()}
+                           if "operand_bytes" in d else None),
+            result_bytes=({int(k): int(v) for k, v in d["result_bytes"].items()}
+                          if "result_bytes" in d else None))
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,15 @@ when given, the Program) and checks the semantics fixed in tiermap/ir/plan.py:
    ≥ `lower_bound_s`; a "mip" plan is no worse than its baselines (1e-9 relative);
 9. the JSON round trip reproduces the plan;
 10. loops (`Plan.loops`): each body plan passes 1-9 on its own; the `while` op's compute time is
-    the loop's time, which is prologue + trips × iteration + epilogue, with iteration the
-    body's time plus the back edge, and the op's traffic its stacks' bytes (`stack_bytes`; a
-    plan without them: iteration ≥ the body's time and ≥ its streams, plus the back edge); at
-    the loop's step every tier holds the enclosing plan's bytes plus the loop's reserved bytes
-    within its capacity, and the reserve
-    covers the body's peak less at most its inputs and outputs (which may be the enclosing plan's
-    own buffers), plus the double buffers; carried state meets across the back edge (a carry
-    whose body output sits in another tier than its input is paid for in `back_edge_s`); the
-    lower bound is trips × the body's.
+    the loop's time, trips × iteration (+ prologue + epilogue in plans without operand bytes),
+    iteration being the body's time plus the back edge, and the op's traffic its operands'
+    bytes (`operand_bytes`, `result_bytes`; a plan without them: iteration ≥ the body's time
+    and ≥ its streams, plus the back edge); at the loop's step every tier holds the enclosing
+    plan's bytes plus the loop's reserved bytes within its capacity, and the reserve covers the
+    body's peak less at most its inputs and outputs (which may be the enclosing plan's own
+    buffers), plus the double buffers; carried state meets across the back edge (a carry whose
+    body output sits in another tier than its input is paid for in `back_edge_s`); the lower
+    bound is trips × the body's.
 
 Every failure raises `PassError("verify", ...)` naming the tensor, op, step, tier and numbers.
 """
@@ -439,17 +439,18 @@ def _check_loop(plan: Plan, loop: LoopPlan, body_too: bool = True) -> None:
             loop.body_time_s, body.predicted_time_s):
         _fail(f"{where}: body time {loop.body_time_s} s, its plan predicts "
               f"{body.predicted_time_s} s")
-    if loop.stack_bytes is None:  # written before the stacks were the op's own traffic
+    if loop.operand_bytes is None:  # written before the operands were the op's own traffic
         iteration = max(loop.body_time_s, loop.stream_s) + loop.back_edge_s
     else:
         iteration = loop.body_time_s + loop.back_edge_s
         moved = sum(op.bytes_by_tier.values())
-        want_bytes = sum(loop.stack_bytes.values())
+        want_bytes = sum(loop.operand_bytes.values()) + sum((loop.result_bytes or {}).values())
         if abs(moved - want_bytes) > REL_TOL * max(want_bytes, 1) + 1.0:
-            _fail(f"{where}: the op moves {moved:.0f} bytes, its stacks are {want_bytes} bytes")
-        for j in loop.stack_bytes:
-            if not 0 <= j < len(loop.roles) or loop.roles[j] not in ("xs", "ys"):
-                _fail(f"{where}: stack_bytes names operand {j}, which is not an xs or ys stack")
+            _fail(f"{where}: the op moves {moved:.0f} bytes, its operands and results "
+                  f"{want_bytes} bytes")
+        if loop.prologue_s or loop.epilogue_s:
+            _fail(f"{where}: a prologue or epilogue beside operand bytes (the op's traffic "
+                  "already moves its operands)")
     total = loop.prologue_s + loop.trips * iteration + loop.epilogue_s
     for name, got, want in (("iteration", loop.iteration_s, iteration),
                             ("time", loop.time_s, total), ("op compute", op.compute_time_s,
