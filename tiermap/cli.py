@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_compile.add_argument("--mlir", metavar="OUT.mlir", help="write the annotated StableHLO")
     p_compile.add_argument("--trace", metavar="TRACE.json",
                            help="write the predicted timeline (Chrome/Perfetto trace JSON)")
+    p_compile.add_argument("--trace-iterations", choices=("first", "all"), default="first",
+                           help="loops in the trace: the first iteration expanded (default) "
+                                "or every one")
     p_compile.add_argument("--report", metavar="REPORT.md", help="write the markdown report")
     p_compile.add_argument("--plots", metavar="DIR", help="write the charts (PNG) into DIR")
     p_compile.add_argument("--out-dir", metavar="DIR", help=(
@@ -472,7 +475,7 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         written: dict[str, str] = {}
         writers: dict[str, Callable[[], str]] = {
             "plan": plan.to_json, "mlir": plan.annotated_mlir,
-            "trace": lambda: _trace_json(plan), "report": plan.report,
+            "trace": lambda: trace_json(plan, ns.trace_iterations), "report": plan.report,
         }
         for kind, make in writers.items():
             if kind in paths:
@@ -491,10 +494,6 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     for kind, where in written.items():
         console.print(f"wrote {kind:<15} {where}")
     return EXIT_OK
-
-
-def _trace_json(plan: Plan) -> str:
-    return trace_json(plan)
 
 
 def cmd_calibrate(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:

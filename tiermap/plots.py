@@ -8,6 +8,7 @@ display or a global backend (figures render with Agg); notebooks show the return
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiermap.costmodel import io_bounds as bounds
+from tiermap.errors import ChoiceError
 from tiermap.formatting import fmt_bytes, fmt_rate_bytes_per_s, fmt_time_s, write_atomic
 from tiermap.hardware.loader import load_target
 from tiermap.ir.plan import occupancy_bytes
@@ -248,7 +250,7 @@ def _shape_text(tensor: Any) -> str:
 # --- placement timeline --------------------------------------------------------------------------
 
 
-def placement_timeline(plan: Plan, top_tensors: int = 24) -> Figure:
+def placement_timeline(plan: Plan, top_tensors: int = 24, title: str | None = None) -> Figure:
     """The tensors with the largest footprint (bytes × resident steps) as rows, in order of
     creation, one bar per residency interval coloured by tier; a transfer is a black-edged
     hatched bar over its steps with a triangle pointing to a faster (▲) or slower (▼) tier."""
@@ -285,10 +287,24 @@ def placement_timeline(plan: Plan, top_tensors: int = 24) -> Figure:
     handles.append(Patch(fill=False, hatch="///", edgecolor="k",
                          label="transfer (▲ to a faster tier, ▼ to a slower one)"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"Placement of the {len(tensors)} largest footprints: {plan.program_name} on "
-                 f"{plan.target.name} ({plan.strategy})", fontsize=10)
+    ax.set_title(title or f"Placement of the {len(tensors)} largest footprints: "
+                 f"{plan.program_name} on {plan.target.name} ({plan.strategy})", fontsize=10)
     ax.grid(True, axis="x", alpha=0.2)
     return fig
+
+
+def loop_iteration(plan: Plan, op_id: str, top_tensors: int = 24) -> Figure:
+    """The placement timeline of one steady-state iteration of the loop `op_id` of `plan` (its
+    body plan), titled with the trip count and the loop's time."""
+    loop = next((x for x in plan.loops if x.op_id == op_id), None)
+    if loop is None:
+        raise ChoiceError(f"plan '{plan.program_name}' has no loop {op_id!r}; its loops: "
+                          f"{', '.join(x.op_id for x in plan.loops) or 'none'}")
+    trips = f"{loop.trips}{'' if loop.static_trips else ' (assumed)'}"
+    return placement_timeline(loop.body, top_tensors, title=(
+        f"Loop {op_id}: one iteration of {trips} ({loop.body.num_steps} steps, "
+        f"{loop.iteration_s * 1e6:.3g} us each; loop {loop.time_s * 1e6:.4g} us) on "
+        f"{plan.target.name}"))
 
 
 # --- traffic by strategy -------------------------------------------------------------------------
@@ -408,7 +424,8 @@ PLOT_FILES = ("roofline.png", "occupancy.png", "timeline.png", "traffic.png")
 
 def save_plots(plan: Plan, out_dir: str | os.PathLike[str],
                compare: Mapping[str, Plan] | None = None) -> dict[str, Path]:
-    """Write roofline.png, occupancy.png, timeline.png and traffic.png into `out_dir`.
+    """Write roofline.png, occupancy.png, timeline.png and traffic.png into `out_dir`, and
+    loop_OP.png (one iteration, `loop_iteration`) for each loop of the plan.
 
     `compare` adds other plans of the same program (e.g. {"naive": ..., "greedy": ...}) to the
     traffic chart; without it, the chart shows this plan alone.
@@ -423,11 +440,14 @@ def save_plots(plan: Plan, out_dir: str | os.PathLike[str],
         "timeline.png": lambda: placement_timeline(plan),
         "traffic.png": lambda: traffic_comparison(plans),
     }
+    for loop in plan.loops:  # one steady-state iteration of each loop
+        makers[f"loop_{loop.op_id}.png"] = functools.partial(loop_iteration, plan, loop.op_id)
     return {name: save_figure(make(), folder / name) for name, make in makers.items()}
 
 
 __all__ = [
-    "PLOT_FILES", "attention_traffic", "new_figure", "occupancy", "placement_timeline",
+    "PLOT_FILES", "attention_traffic", "loop_iteration", "new_figure", "occupancy",
+    "placement_timeline",
     "png_base64", "png_bytes", "roofline", "save_figure", "save_plots", "tier_colours",
     "traffic_comparison",
 ]

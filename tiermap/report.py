@@ -530,19 +530,26 @@ def _loop_lines(plan: Plan, depth: int = 0) -> list[str]:
     rows = []
     for loop in plan.loops:
         trips = f"{loop.trips}" + ("" if loop.static_trips else " (assumed)")
+        op = next((o for o in plan.ops if o.id == loop.op_id), None)
+        moved = (sum((loop.operand_bytes or {}).values())
+                 + sum((loop.result_bytes or {}).values()))
         rows.append([f"`{loop.op_id}`", trips, fmt_time_s(loop.time_s),
+                     fmt_time_s(op.predicted_time_s) if op is not None else "-",
                      fmt_time_s(loop.iteration_s), fmt_time_s(loop.body_time_s),
                      fmt_time_s(loop.stream_s), fmt_time_s(loop.back_edge_s),
-                     fmt_time_s(loop.prologue_s), fmt_time_s(loop.epilogue_s),
-                     str(loop.body.num_steps),
+                     fmt_bytes(moved), str(loop.body.num_steps),
                      ", ".join(f"{t} {fmt_bytes(b)}" for t, b in loop.reserved_bytes.items()
                                if b) or "-"])
-    lines += _md_table(["loop", "trips", "loop time", "iteration", "body", "stream",
-                        "back edge", "prologue", "epilogue", "body steps", "reserved"], rows,
-                       align="lrrrrrrrrrl")
-    lines += ["", "loop time = prologue + trips × iteration + epilogue; iteration = max(body, "
-              "stream) + back edge (stream: the slices moved between the stacks' tier and the "
-              "body's, double-buffered).", ""]
+    lines += _md_table(["loop", "trips", "loop time", "op time", "iteration", "body",
+                        "stream", "back edge", "operands moved", "body steps", "reserved"],
+                       rows, align="lrrrrrrrrrl")
+    lines += ["", "loop time = trips × iteration; iteration = body + back edge; op time = "
+              "max(loop time, operands moved / their tiers' bandwidth) + overhead (the stacks "
+              "stream slice by slice during the iterations, double-buffered; stream: one "
+              "iteration's slice moves over the links).", ""]
+    paired = [n for n in plan.notes if "attention forward in" in n]
+    if paired:
+        lines += [f"- {n}" for n in paired] + [""]
     for loop in plan.loops:
         body = loop.body
         roles = ", ".join(f"{j}: {r}" for j, r in enumerate(loop.roles))
@@ -609,9 +616,10 @@ def rich_summary(plan: Plan) -> RenderableType:
         trips = f"{loop.trips}{'' if loop.static_trips else ' (assumed)'}"
         parts.append(Text(
             f"loop {loop.op_id}: {trips} trips × {fmt_time_s(loop.iteration_s)} per iteration "
-            f"(body {fmt_time_s(loop.body_time_s)}, stream {fmt_time_s(loop.stream_s)}) + "
-            f"prologue/epilogue {fmt_time_s(loop.prologue_s + loop.epilogue_s)} = "
-            f"{fmt_time_s(loop.time_s)}; body {body.num_steps} steps, "
+            f"(body {fmt_time_s(loop.body_time_s)}, stream {fmt_time_s(loop.stream_s)})"
+            + (f" + prologue/epilogue {fmt_time_s(loop.prologue_s + loop.epilogue_s)}"
+               if loop.prologue_s or loop.epilogue_s else "")
+            + f" = {fmt_time_s(loop.time_s)}; body {body.num_steps} steps, "
             f"{len(body.attention)} attention, {len(body.tiles)} tiled groups"))
     for warning in plan.warnings:
         parts.append(Text(f"warning: {warning}", style="bold yellow"))

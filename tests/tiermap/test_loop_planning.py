@@ -136,6 +136,32 @@ def test_scanned_training_step_against_its_unrolled_twin() -> None:
     assert loop.num_steps < flat.num_steps / 2
 
 
+def test_attention_paired_across_the_two_scans() -> None:
+    """jax.grad's forward scan and transposed scan share each attention: its forward half runs
+    tiled in the first body, its backward half recomputes the scores in the second, and the
+    score-shaped residual stacks live in no tier and cost neither loop a byte."""
+    plan = tiermap.plan(*_args(transformer_train(layers=2, seq=64, batch=2, scan=True)),
+                        target="sn40l", time_limit_s=10)
+    forward, backward = plan.loops
+    fwd_groups = {o.fusion_group for o in forward.body.ops if o.fusion_group}
+    bwd_groups = {o.fusion_group for o in backward.body.ops if o.fusion_group}
+    assert any(g.startswith("attn") and not g.endswith("_bwd") for g in fwd_groups)
+    assert any(g.startswith("attn") and g.endswith("_bwd") for g in bwd_groups)
+    assert any("attention forward in" in n for n in plan.notes)
+    by_id = {t.id: t for t in plan.tensors}
+    outer = {o.id: o for o in plan.ops}
+    dropped = [j for j, b in (forward.result_bytes or {}).items()
+               if b == 0 and forward.roles[j] == "ys"]
+    assert dropped, "no score stack left unstored"
+    for j in dropped:
+        stack = by_id[outer[forward.op_id].outputs[j]]
+        assert not stack.materialized and stack.residency == ()
+    # The backward body never reads the score slices: they are unstored inputs of its program.
+    unread = [t for t in backward.body.tensors if t.producer_step < 0 and not t.materialized]
+    assert len(unread) >= len(dropped)
+    verify_plan(plan)
+
+
 def _args(built: tuple[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
     fn, args = built
     return (fn, *args)

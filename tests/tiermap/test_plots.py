@@ -8,6 +8,7 @@ import pytest
 
 from tests.tiermap.tiermap_fakes import fake_plan
 from tiermap import plots, sweep
+from tiermap.errors import ChoiceError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,3 +65,23 @@ def test_attention_traffic_chart_draws_flash_against_the_bound() -> None:
     assert any(label.startswith("IO lower bound") for label in labels)
     assert any(label.startswith("FlashAttention rule: Bc=") for label in labels)
     assert plots.png_bytes(fig).startswith(PNG_MAGIC)
+
+
+def test_loops_get_a_chart_of_one_iteration(tmp_path: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import tiermap
+
+    def rnn(ws: jax.Array, x: jax.Array) -> jax.Array:
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+    plan = tiermap.plan(rnn, jnp.ones((3, 32, 32)), jnp.ones((8, 32)), target="h100",
+                        time_limit_s=5)
+    (loop,) = plan.loops
+    fig = plots.loop_iteration(plan, loop.op_id)
+    assert "one iteration of 3" in fig.axes[0].get_title()
+    written = plots.save_plots(plan, tmp_path)
+    assert f"loop_{loop.op_id}.png" in written
+    with pytest.raises(ChoiceError, match="no loop"):
+        plots.loop_iteration(plan, "op999")

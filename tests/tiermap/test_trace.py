@@ -53,3 +53,40 @@ def test_transfers_sit_on_a_track_per_link_and_last_bytes_over_bandwidth() -> No
 def test_counters_track_resident_bytes_per_tier() -> None:
     counters = [e for e in _events("C") if e["name"] == "ddr resident bytes"]
     assert [c["args"]["bytes"] for c in counters] == [4 << 20, 256 * 1024, 0]
+
+
+def _scan_plan() -> object:
+    import jax
+    import jax.numpy as jnp
+
+    import tiermap
+
+    def rnn(ws: jax.Array, x: jax.Array) -> jax.Array:
+        def body(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+            return jnp.tanh(h @ w), None
+
+        return jax.lax.scan(body, x, ws)[0]
+
+    return tiermap.plan(rnn, jnp.ones((5, 32, 32)) * 0.05, jnp.ones((8, 32)), target="h100",
+                        time_limit_s=5)
+
+
+def test_loops_show_as_loops_one_iteration_or_all() -> None:
+    plan = _scan_plan()
+    (loop,) = plan.loops  # type: ignore[attr-defined]
+    first = trace_events(plan)["traceEvents"]  # type: ignore[arg-type]
+    names = [e["args"]["name"] for e in first if e["ph"] == "M" and e["name"] == "thread_name"]
+    assert f"loop {loop.op_id} (5 trips)" in names
+    body = [e for e in first if e.get("cat") == "loop body"]
+    assert len(body) == loop.body.num_steps and {e["args"]["iteration"] for e in body} == {0}
+    op = next(e for e in first if e.get("cat") == "op" and e["args"]["id"] == loop.op_id)
+    assert op["args"]["trips"] == 5
+    # The first iteration starts with the loop, and the body sits inside the loop's op.
+    assert min(e["ts"] for e in body) == pytest.approx(op["ts"])
+    assert max(e["ts"] + e["dur"] for e in body) <= op["ts"] + op["dur"] + 1e-6
+    every = [e for e in trace_events(plan, "all")["traceEvents"]  # type: ignore[arg-type]
+             if e.get("cat") == "loop body"]
+    assert len(every) == 5 * loop.body.num_steps
+    assert max(e["ts"] + e["dur"] for e in every) <= op["ts"] + op["dur"] + 1e-6
+    with pytest.raises(Exception, match="first"):
+        trace_events(plan, "some")  # type: ignore[arg-type]
