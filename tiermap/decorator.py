@@ -251,7 +251,11 @@ class TiermapJitted:
         plan = pipeline.plan(merged, spec_args, spec_kw, target=self.target,
                              strategy=self.strategy, time_limit_s=self.time_limit_s,
                              seed=self.seed, objective=self.objective,
-                             assumed_trip_count=self.assumed_trip_count)
+                             assumed_trip_count=self.assumed_trip_count,
+                             pair_loop_attention=False)
+        # pair_loop_attention=False: the applied program runs jax.grad's scans as XLA does (an
+        # attention split across the two loops is not yet replaced by the paired kernels), so
+        # the plan keeps the score residuals stored: it predicts what runs.
         applied = _apply(merged, plan)
         run_dynamic = jax.jit(applied)
         static_nums = {j for j in range(num_args)

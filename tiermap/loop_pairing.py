@@ -234,11 +234,12 @@ def _unread_inits(program: Program, bodies: Mapping[str, LoopBody]) -> set[str]:
     return out
 
 
-def pair_loops(program: Program, bodies: Mapping[str, LoopBody], target: Target
-               ) -> tuple[Program, dict[str, LoopBody], list[str]]:
+def pair_loops(program: Program, bodies: Mapping[str, LoopBody], target: Target,
+               attention: bool = True) -> tuple[Program, dict[str, LoopBody], list[str]]:
     """(the enclosing program with its unstored values, the bodies with their attention halves
-    and recomputed stacks, notes); see the module docstring."""
-    links = _links(program, bodies)
+    and recomputed stacks, notes); see the module docstring. `attention=False` pairs no
+    attention (the unread output buffers are still found)."""
+    links = _links(program, bodies) if attention else []
     by_pair: dict[tuple[str, str], list[_Link]] = {}
     for link in links:
         by_pair.setdefault((link.first, link.second), []).append(link)

@@ -276,14 +276,15 @@ def _at_least(loop: LoopPlan, reserve: Mapping[str, int]) -> LoopPlan:
 
 
 def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, plan_body: PlanFn,
-                    assumed_trips: int = 1, bodies: Mapping[str, LoopBody] | None = None
-                    ) -> Plan:
+                    assumed_trips: int = 1, bodies: Mapping[str, LoopBody] | None = None,
+                    pair_attention: bool = True) -> Plan:
     """Plan `program` with its loops planned as steady states (module docstring).
 
     `plan_flat(program, planned_on, target)` plans a program whose loops are priced ops on
     `planned_on` (the target less the loops' room, or the target itself) and returns a plan of
     `target`; `plan_body` plans a loop body (and handles the loops inside it); `bodies`: the
-    program's `loop_bodies`, when the caller has them. Returns the enclosing plan with
+    program's `loop_bodies`, when the caller has them; `pair_attention`: pair attention split
+    across two loops (tiermap/loop_pairing.py). Returns the enclosing plan with
     `Plan.loops` set.
 
     Raises:
@@ -293,7 +294,7 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
         bodies = loop_bodies(program, assumed_trips)
     if not bodies:
         return plan_flat(program, target, target)
-    program, bodies, pairing_notes = pair_loops(program, bodies, target)
+    program, bodies, pairing_notes = pair_loops(program, bodies, target, pair_attention)
     ops = {op.id: op for op in program.ops}
     body_plans = {oid: plan_body(b.program, target) for oid, b in bodies.items()}
     notes: dict[str, list[str]] = {oid: [] for oid in bodies}

@@ -87,7 +87,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
          strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
          objective: str = "time", backend: str = "highs", workers: int | None = None,
          fusion: bool = True, passes: Sequence[Pass] | None = None,
-         capacity_bound: bool = False, assumed_trip_count: int = 1, **kwargs: Any) -> Plan:
+         capacity_bound: bool = False, assumed_trip_count: int = 1,
+         pair_loop_attention: bool = True, **kwargs: Any) -> Plan:
     """Plan where every tensor of a JAX function (or Program) lives on `target`.
 
     Args:
@@ -108,6 +109,10 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             taken out of the time limit.
         assumed_trip_count: the trip count a `while` whose bound is not static (a loop until a
             data-dependent condition) is planned for; the plan's notes say it was assumed.
+        pair_loop_attention: plan an attention whose forward runs in one loop and backward in
+            jax.grad's transposed loop as one, the scores recomputed (tiermap/loop_pairing.py);
+            False keeps the score residuals stored, as a program that does not run the pair's
+            kernels does.
         **kwargs: keyword arguments of the function.
 
     Raises:
@@ -142,7 +147,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:
         planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count,
-                                  top_bodies if prog is program else None)
+                                  top_bodies if prog is program else None,
+                                  pair_loop_attention)
         if planned.loops:  # the passes verified the plan and each body; now with its loops
             verify_plan(planned, prog, bodies=False)
         return Plan.of(planned)

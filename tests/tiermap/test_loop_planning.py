@@ -160,6 +160,13 @@ def test_attention_paired_across_the_two_scans() -> None:
     unread = [t for t in backward.body.tensors if t.producer_step < 0 and not t.materialized]
     assert len(unread) >= len(dropped)
     verify_plan(plan)
+    # Unpaired (what tiermap.jit plans, since it runs jax.grad's scans as XLA does): the score
+    # stacks are stored and streamed, and the plan is no faster.
+    kept = tiermap.plan(*_args(transformer_train(layers=2, seq=64, batch=2, scan=True)),
+                        target="sn40l", time_limit_s=10, pair_loop_attention=False)
+    assert not any("attention forward in" in n for n in kept.notes)
+    assert all(b > 0 for b in (kept.loops[0].result_bytes or {}).values())
+    assert kept.predicted_time_s >= plan.predicted_time_s * (1 - 1e-9)
 
 
 def _args(built: tuple[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
