@@ -248,15 +248,25 @@ class TiermapJitted:
 
         merged.__name__ = getattr(fn, "__name__", "fn")
         merged.__qualname__ = getattr(fn, "__qualname__", merged.__name__)
-        plan = pipeline.plan(merged, spec_args, spec_kw, target=self.target,
-                             strategy=self.strategy, time_limit_s=self.time_limit_s,
-                             seed=self.seed, objective=self.objective,
-                             assumed_trip_count=self.assumed_trip_count,
-                             pair_loop_attention=False)
-        # pair_loop_attention=False: the applied program runs jax.grad's scans as XLA does (an
-        # attention split across the two loops is not yet replaced by the paired kernels), so
-        # the plan keeps the score residuals stored: it predicts what runs.
+        def planned(pair: bool) -> Plan:
+            return pipeline.plan(merged, spec_args, spec_kw, target=self.target,
+                                 strategy=self.strategy, time_limit_s=self.time_limit_s,
+                                 seed=self.seed, objective=self.objective,
+                                 assumed_trip_count=self.assumed_trip_count,
+                                 pair_loop_attention=pair)
+
+        plan = planned(True)
         applied = _apply(merged, plan)
+        wanted = sum(PAIRED_PLAN_NOTE in n for n in plan.notes)
+        if wanted:
+            # The plan pairs attention split across jax.grad's two scans; trace the applied
+            # program to see that it runs every pair, else plan again without pairing, so the
+            # plan predicts what runs.
+            jax.eval_shape(applied, spec_args, spec_kw)
+            ran = sum(PAIRED_APPLY_NOTE in n for n in getattr(applied, "notes", ()))
+            if ran < wanted:
+                plan = planned(False)
+                applied = _apply(merged, plan)
         run_dynamic = jax.jit(applied)
         static_nums = {j for j in range(num_args)
                        for i in self.static_argnums if j == (i + num_args if i < 0 else i)}
@@ -268,6 +278,12 @@ class TiermapJitted:
 
         functools.update_wrapper(run_user, fn)
         return _Entry(plan=plan, applied=applied, run_dynamic=run_dynamic, run_user=run_user)
+
+
+# How the plan (tiermap/loop_pairing.py) and the applied program (tiermap/apply/rewrite.py) say
+# that an attention split across jax.grad's two scans is paired.
+PAIRED_PLAN_NOTE = "attention forward in"
+PAIRED_APPLY_NOTE = "split across jax.grad's two scans"
 
 
 def _apply(fn: Callable[..., Any], plan: Plan) -> Callable[..., Any]:

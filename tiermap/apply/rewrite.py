@@ -13,10 +13,13 @@ for the plan's target on the spot, and the notes say so. The kernel
 is JAX's Pallas flash attention on GPU and TPU where it accepts the pattern, and the blocked JAX
 kernel of `tiermap/kernels/blocked_attention.py` everywhere else. A matched backward is replaced,
 with its forward, by `jax.vjp` of the kernel (its recomputing, tiled `custom_vjp` backward).
+An attention split across jax.grad's two scans (forward in one, backward in the transposed
+one) is run as the paired kernels of `tiermap/apply/scan_pairs.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from jax.extend import core as jcore
 from tiermap.apply.attention_match import AttentionMatch, NoMatch
 from tiermap.apply.jaxpr import bind_env, bind_eqn, inline_calls, is_literal
 from tiermap.apply.match import Matcher
+from tiermap.apply.scan_pairs import ScanPair, find_scan_pairs, run_backward_scan, run_forward_scan
 from tiermap.errors import TiermapError
 from tiermap.fusion.tiling import search_forward_tiles, tile_budget_bytes
 from tiermap.ir.plan import LoopPlan, Plan
@@ -141,6 +145,12 @@ def _attention_kernel(q: Any, k: Any, v: Any, sides: list[Any], transform: Logit
                              backward_blocks=(tiles.bwd_block_q, tiles.bwd_block_k))
 
 
+def _paired_kernel(m: AttentionMatch, read: Callable[[Any], Any], qkv: tuple[Any, Any, Any],
+                   tiles: _Tiles, kernel: str, interpret: bool, notes: list[str]) -> Any:
+    """The tiled kernel of an attention paired across two scans (`scan_pairs`)."""
+    return _run_match(m, read, tiles, kernel, interpret, notes, qkv)
+
+
 # --- the rewriter -------------------------------------------------------------------------------
 
 
@@ -227,6 +237,7 @@ class Rewriter:
                      if live[i] and e.primitive.name in ("scan", "while")]
         loop_ordinal = {i: n for n, i in enumerate(loop_eqns)} if top else {}
         vjps: dict[int, Any] = {}
+        pairs_a, pairs_b = self.scan_pairs(jaxpr, consts, loop_ordinal) if top else ({}, {})
         for idx, eqn in enumerate(jaxpr.eqns):
             if idx in at_d2:
                 m = at_d2[idx]
@@ -270,7 +281,11 @@ class Rewriter:
             if idx in skip or not live[idx]:
                 continue
             invals = [read(v) for v in eqn.invars]
-            if eqn.primitive.name == "scan":
+            if idx in pairs_a:
+                outs = run_forward_scan(pairs_a[idx], eqn, invals, pairs_a[idx].kernel)
+            elif idx in pairs_b:
+                outs = run_backward_scan(pairs_b[idx], eqn, invals)
+            elif eqn.primitive.name == "scan":
                 outs = self._scan(eqn, invals, loop_ordinal.get(idx))
             else:
                 outs = bind_eqn(eqn, invals)
@@ -296,6 +311,51 @@ class Rewriter:
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
+
+    def scan_pairs(self, jaxpr: Any, consts: Sequence[Any], loop_ordinal: dict[int, int]
+                   ) -> tuple[dict[int, ScanPair], dict[int, ScanPair]]:
+        """Attention split across jax.grad's two scans (tiermap/apply/scan_pairs.py), by the
+        index of the forward scan and of the transposed one; each pair's kernel gets the tiles
+        of the forward loop's body plan."""
+        if not any(e.primitive.name == "scan" for e in jaxpr.eqns):
+            return {}, {}
+        try:
+            pairs, notes = find_scan_pairs(jaxpr, Matcher(jaxpr, consts))
+        except (NoMatch, ValueError, KeyError, IndexError) as exc:
+            self.notes.append(f"scans: an attention split across two scans was not paired "
+                              f"({type(exc).__name__}: {exc}); they run as written")
+            return {}, {}
+        self.notes.extend(notes)
+        by_a, by_b = {}, {}
+        for pair in pairs:
+            length = int(jaxpr.eqns[pair.a].params["length"])
+            loop = self.loop_plan(loop_ordinal.get(pair.a), length)
+            back = self.loop_plan(loop_ordinal.get(pair.b), length)
+            body = pair.body_a.jaxpr
+            dots = [i for i, e in enumerate(body.eqns) if e.primitive.name == "dot_general"]
+            ordinals = (dots.index(pair.match.d1), dots.index(pair.match.d2))
+            outer_plan, outer_where = self.plan, self.where
+            self.plan = loop.body if loop is not None else outer_plan
+            self.where = f"loop {loop.op_id}'s body" if loop is not None else outer_where
+            try:
+                tiles = self.tiles_for(pair.match, ordinals if loop is not None else None)
+            finally:
+                self.plan, self.where = outer_plan, outer_where
+            notes_k: list[str] = []
+            pair.kernel = functools.partial(_paired_kernel, tiles=tiles, kernel=self.kernel,
+                                            interpret=self.interpret, notes=notes_k)
+            m = pair.match
+            loops = (f" (loops {loop.op_id} and {back.op_id})"
+                     if loop is not None and back is not None else "")
+            self.notes.append(
+                f"attention {self.count}: Nq={m.q_len} Nk={m.kv_len} d={m.head_dim}, split "
+                f"across jax.grad's two scans{loops}: "
+                f"forward blocks {tiles.block_q}x{tiles.block_k} ({tiles.source}), the "
+                "transposed scan runs the kernel's recomputing backward; "
+                f"{len(pair.dropped_ys)} residual stack(s) of its insides are not stored")
+            self.count += 1
+            by_a[pair.a], by_b[pair.b] = pair, pair
+        return by_a, by_b
 
     def loop_plan(self, ordinal: int | None, trips: int) -> LoopPlan | None:
         """The plan's `ordinal`-th top-level `while` op as a loop, if it is planned as one with
