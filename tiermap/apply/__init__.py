@@ -29,7 +29,8 @@ placed by `memory.py`.
 Differentiating the applied function uses the kernel's `custom_vjp` (a recomputing, tiled
 backward). Where `fn` differentiates a scan over attention layers, the attention split across
 jax.grad's two scans runs as the paired kernels (`scan_pairs.py`): the forward scan stacks the
-kernel's residuals instead of the probabilities, the transposed scan runs its backward. When `fn` itself differentiates (`jax.grad`, `jax.vjp` inside it), the backward JAX
+kernel's residuals instead of the probabilities, the transposed scan runs its backward.
+When `fn` itself differentiates (`jax.grad`, `jax.vjp` inside it), the backward JAX
 wrote out is matched too and replaced, with the forward, by `jax.vjp` of the kernel. Left to XLA
 (with a note in `.notes`): attention whose probabilities are scaled by data (dropout), a backward
 that differentiates a bias, and anything else outside these patterns.
