@@ -338,6 +338,14 @@ class Rewriter:
             self.plan = loop.body if loop is not None else outer_plan
             self.where = f"loop {loop.op_id}'s body" if loop is not None else outer_where
             try:
+                if loop is not None:
+                    # The body plan counts its dots in its own order; where that differs from
+                    # the jaxpr's, the body's one attention of this size is the same one.
+                    same = [a for a in loop.body.attention
+                            if (a.q_len, a.kv_len, a.head_dim) == (
+                                pair.match.q_len, pair.match.kv_len, pair.match.head_dim)]
+                    if not any(a.matmul_ordinals == ordinals for a in same) and len(same) == 1:
+                        ordinals = tuple(same[0].matmul_ordinals)  # type: ignore[assignment]
                 tiles = self.tiles_for(pair.match, ordinals if loop is not None else None)
             finally:
                 self.plan, self.where = outer_plan, outer_where
