@@ -216,8 +216,8 @@ def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, seed: int,
               backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES,
-              max_sweeps: int = MAX_SWEEPS, incumbent_spread_s: float | None = None
-              ) -> MipOutcome:
+              max_sweeps: int = MAX_SWEEPS, incumbent_spread_s: float | None = None,
+              single_window_nodes: int = SINGLE_WINDOW_NODE_LIMIT) -> MipOutcome:
     """Improve `incumbent` (the greedy assignment) with the MIP, window by window.
 
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
@@ -280,7 +280,8 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, 
                 continue
             label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
             res = _solve_window(p, state, assignment, free, c0, c1, backend,
-                                _budget(backend, weights[i], len(windows) == 1, left_s), seed,
+                                _budget(backend, weights[i], len(windows) == 1, left_s,
+                                        single_window_nodes), seed,
                                 workers, label, RELATIVE_GAP if len(windows) == 1
                                 else WINDOW_RELATIVE_GAP)
             solved_any = solved_any or res.solved
@@ -329,11 +330,12 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, 
                       detail, warnings)
 
 
-def _budget(backend: str, binaries: float, whole: bool, guard_s: float) -> WorkBudget:
-    """A window's work limit: WINDOW_NODE_LIMIT nodes (SINGLE_WINDOW_NODE_LIMIT when the window
+def _budget(backend: str, binaries: float, whole: bool, guard_s: float,
+            single_window_nodes: int = SINGLE_WINDOW_NODE_LIMIT) -> WorkBudget:
+    """A window's work limit: WINDOW_NODE_LIMIT nodes (`single_window_nodes` when the window
     is the whole program), or CP-SAT's deterministic time by the window's binaries; the guard
     is what is left of the MIP's."""
-    nodes = SINGLE_WINDOW_NODE_LIMIT if whole else WINDOW_NODE_LIMIT
+    nodes = single_window_nodes if whole else WINDOW_NODE_LIMIT
     det = max(CPSAT_DETERMINISTIC_TIME_PER_BINARY * binaries, CPSAT_MIN_DETERMINISTIC_TIME)
     return WorkBudget(None if backend == "cpsat" else nodes, det, max(guard_s, 0.05))
 

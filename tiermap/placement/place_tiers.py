@@ -40,6 +40,7 @@ from tiermap.placement.mip_model import (
     RESERVE_FRACTION,
     RESERVE_PER_PLAN_BUILD,
     RESERVE_S,
+    SINGLE_WINDOW_NODE_LIMIT,
     default_workers,
     solver_workers,
 )
@@ -68,6 +69,9 @@ class PlaceTiersPass:
         max_window_binaries: decompose programs whose MIP has more binaries than this.
         max_sweeps: at most this many fix-and-optimise sweeps over a decomposed program (more
             may find a better plan, in more time: see MAX_SWEEPS).
+        single_window_node_limit: the branch-and-bound nodes of a program that is one window
+            (SINGLE_WINDOW_NODE_LIMIT; the enclosing program of loops gets fewer, see
+            `pipeline.LOOP_ROUND_NODE_LIMIT`).
         capacity_bound: also solve the capacity LP (tiermap/bounds/capacity_lp.py) for a lower bound
             that holds tier capacities over time (15-50 s on a 4k-op program where a tier binds;
             off by default).
@@ -81,6 +85,7 @@ class PlaceTiersPass:
     workers: int | None = None
     max_window_binaries: int = MAX_WINDOW_BINARIES
     max_sweeps: int = MAX_SWEEPS
+    single_window_node_limit: int = SINGLE_WINDOW_NODE_LIMIT
     capacity_bound: bool = False
 
     def __post_init__(self) -> None:
@@ -208,7 +213,8 @@ class PlaceTiersPass:
         guard_s = self.mip_time_limit_s(state, plan_build_s)
         if guard_s >= MIN_MIP_TIME_S:
             outcome = solve_mip(problem, greedy, guard_s, self.seed, self.backend, workers,
-                                self.max_window_binaries, self.max_sweeps, spread_s)
+                                self.max_window_binaries, self.max_sweeps, spread_s,
+                                self.single_window_node_limit)
             warnings.extend(outcome.warnings)
         else:
             outcome = MipOutcome(None, "greedy_fallback", None, None, None, 0,
