@@ -27,7 +27,9 @@ leaves the loops unpaired.
 
 `pair_loops` also leaves a scan's output buffer unstored when nothing reads its first contents:
 the initial value of a `ys` stack that a constant fills (zeros) and the loop overwrites slice by
-slice, every slice, before anything reads it.
+slice, every slice, before anything reads it; and a loop result that only passes an `xs` or
+invariant operand through (the operand's own buffer in XLA's in-place while) when nothing
+reads it.
 """
 
 from __future__ import annotations
@@ -234,6 +236,22 @@ def _unread_inits(program: Program, bodies: Mapping[str, LoopBody]) -> set[str]:
     return out
 
 
+def _unread_pass_throughs(program: Program, bodies: Mapping[str, LoopBody]) -> set[str]:
+    """Results of `xs` and invariant operands (the operand itself, passed through the loop
+    unchanged: the same buffer) that nothing reads."""
+    readers = _readers(program)
+    outputs = set(program.outputs)
+    out = set()
+    for oid, body in bodies.items():
+        op = program.op(oid)
+        for j, role in enumerate(body.roles):
+            if role in ("xs", "invariant") and j < len(op.outputs):
+                vid = op.outputs[j]
+                if vid not in outputs and not readers.get(vid):
+                    out.add(vid)
+    return out
+
+
 def pair_loops(program: Program, bodies: Mapping[str, LoopBody], target: Target,
                attention: bool = True) -> tuple[Program, dict[str, LoopBody], list[str]]:
     """(the enclosing program with its unstored values, the bodies with their attention halves
@@ -272,7 +290,8 @@ def pair_loops(program: Program, bodies: Mapping[str, LoopBody], target: Target,
                          f"{b}'s; {len(dropped)} score-shaped residual stack(s) recomputed, "
                          "not stored")
     inits = _unread_inits(program, bodies)
-    if not halves and not inits:
+    passed = _unread_pass_throughs(program, bodies)
+    if not halves and not inits and not passed:
         return program, dict(bodies), notes
     out: dict[str, LoopBody] = {}
     for oid, body in bodies.items():
@@ -292,5 +311,9 @@ def pair_loops(program: Program, bodies: Mapping[str, LoopBody], target: Target,
     if inits:
         notes.append(f"{len(inits)} scan output buffer(s) whose every slice the loop overwrites "
                      "are not stored: " + ", ".join(sorted(inits)))
-    outer = replace(program, ops=tuple(ops), unstored=program.unstored | unstored | inits)
+    if passed:
+        notes.append(f"{len(passed)} loop result(s) that pass an operand through unchanged (the "
+                     "operand's own buffer) and that nothing reads are not stored")
+    outer = replace(program, ops=tuple(ops),
+                    unstored=program.unstored | unstored | inits | passed)
     return outer, out, notes
