@@ -103,3 +103,14 @@ def test_cli_compiles_sharded_programs(facts: dict[str, Any], source: str) -> No
     assert summary["num_devices"] == 8 and summary["argument_bytes"] == xla["argument_bytes"]
     assert {c["kind"] for c in summary["collectives"]} == set(xla["collective_bytes"])
     assert run["report_has_devices"] and run["report_lists"] == ["all_gather", "all_reduce"]
+
+
+def test_shard_map_is_planned_per_device(facts: dict[str, Any]) -> None:
+    """A `jax.shard_map` step: the IR holds one device's rows, its psum is an all-reduce of the
+    bytes XLA's partitioned HLO moves, and the decorated step equals jax.jit's."""
+    sm = facts["shard_map"]
+    assert sm["num_devices"] == 8
+    assert sm["input_shapes"] == [[128, 512], [512, 256]]
+    assert sm["collective_bytes"] == sm["xla_collective_bytes"] == {"all_reduce": 1024}
+    assert sm["plan_collective_bytes"] == {"all_reduce": 1024}
+    assert sm["max_abs_diff"] <= 1e-4 and sm["shardings_equal"]
