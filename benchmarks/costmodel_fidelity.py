@@ -22,7 +22,9 @@ The check itself lives in the package (tiermap/costmodel/fidelity.py; `tiermap c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -91,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suite", action="append", choices=(*SUITES, "dev"),
                         help="suite to run (repeatable; default: tuned)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--json", help="also write predictions and measurements here (JSON)")
     args = parser.parse_args(argv)
+    saved: dict[str, object] = {}
     load_before = os.getloadavg()[0]
     target = _target(args)
     print(f"# {datetime.datetime.now(datetime.UTC).isoformat(timespec='minutes')} "
@@ -114,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{s.spearman:.3f}  worst {s.worst} ({s.worst_log2:+.2f}, "
                   f"{2 ** abs(s.worst_log2):.2f}x)  cases off by > 2x: {s.over_2x}  "
                   f"goals {'met' if s.meets() else 'NOT met'}")
+        saved[name] = {"cases": [c.label for c in result.cases],
+                       "predicted_s": [p.time_s for p in result.predictions],
+                       "measured_s": [list(run) for run in result.measured_s],
+                       "stats": [dataclasses.asdict(s) for s in result.stats]}
         if args.plot:
             from tiermap.plots import fidelity as fidelity_plot
             from tiermap.plots import save_figure
@@ -122,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = path.with_name(f"{path.stem}_{name}{path.suffix}")
             save_figure(fidelity_plot(result), path)
             print(f"plot: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"target": target.name, "rounds": args.rounds,
+                                               "suites": saved}, indent=1))
     return 0
 
 

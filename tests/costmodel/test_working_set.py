@@ -125,27 +125,6 @@ def test_compute_times_use_the_measured_rates() -> None:
     assert working_set.compute_time_s(reduce, t, vector, 1.0) == pytest.approx(1e6 / 2e10)
 
 
-def test_transcendentals_at_the_rate_measured_for_their_size() -> None:
-    t = _target(transcendental_by_elements={"exponential": ((2**16, 2e9), (2**20, 4e9))})
-    vector = 0.5 * 2e11
-
-    def exp_s(n: float, fraction: float = 0.5) -> float:
-        return working_set.compute_time_s(_op("stablehlo.exponential", transcendentals=n), t,
-                                          vector, fraction)
-
-    # at the measured sizes: their rates, whatever the units factor (it is in the rate)
-    assert exp_s(2**16) == pytest.approx(2**16 / 2e9)
-    assert exp_s(2**20, 1.0) == pytest.approx(2**20 / 4e9)
-    # 2^18 is halfway in log size: the geometric middle of the rates; outside: clamped
-    assert exp_s(2**18) == pytest.approx(2**18 / (2e9 * 2**0.5))
-    assert exp_s(2**12) == pytest.approx(2**12 / 2e9)
-    assert exp_s(2**24) == pytest.approx(2**24 / 4e9)
-    # a kind not in the table takes the exponential's; flops stay at the loop rate
-    tanh = _op("stablehlo.tanh", flops=2**16, transcendentals=2**16)
-    assert working_set.compute_time_s(tanh, t, vector, 0.5) == pytest.approx(
-        2**16 / (vector * 0.5) + 2**16 / 2e9)
-
-
 def test_batched_dot_is_costed_per_matrix() -> None:
     t = _target()
     one = _op("stablehlo.dot_general", flops=2 * 64**3, batch=1, m=64, n=64, k=64)

@@ -17,7 +17,6 @@ def _calibrated_text() -> str:
                         first_touch_min_bytes=32 * 2**20)
     t = replace(t, tiers=tuple(tiers), working_set_tiers=True, reduce_flops_per_s=3e10,
                 transcendental_per_s={"exponential": 4.7e9, "erf": 3.9e9}, convolution_units=1,
-                transcendental_by_elements={"exponential": ((65536, 2.4e9), (1048576, 3.1e9))},
                 matmul_flops_per_s={"f32": ((64, 3e10), (512, 3e11)), "bf16": ((64, 1e10),)})
     return dumps_target(t)
 
@@ -30,8 +29,6 @@ def test_calibrated_keys_round_trip() -> None:
     assert target.transcendental_per_s == {"exponential": 4.7e9, "erf": 3.9e9}
     assert target.tiers[-1].first_touch_min_bytes == 32 * 2**20
     assert target.convolution_units == 1
-    assert target.transcendental_by_elements == {
-        "exponential": ((65536, 2.4e9), (1048576, 3.1e9))}
     assert loads_target(dumps_target(target)) == target
     assert "[compute.matmul_flops_per_s]" in text
 
@@ -50,14 +47,11 @@ def test_bad_calibrated_keys_are_all_reported() -> None:
             .replace("bf16 = [[64, 1e+10]]", "bf17 = [[64, 1e+10]]")
             .replace("erf = 3.9e+09", 'erf = "fast"')
             .replace("working_set_tiers = true", "working_set_tiers = 1")
-            .replace("convolution_units = 1", "convolution_units = 1.5")
-            .replace("exponential = [[65536, 2.4e+09], [1048576, 3.1e+09]]",
-                     "exponential = [[1048576, 3.1e+09], [65536, 2.4e+09]]"))
+            .replace("convolution_units = 1", "convolution_units = 1.5"))
     with pytest.raises(HardwareSpecError) as info:
         loads_target(text)
     message = str(info.value)
     for key in ("compute.reduce_flops_per_s", "compute.matmul_flops_per_s.f32",
                 "compute.matmul_flops_per_s.bf17", "compute.transcendental_per_s.erf",
-                "compute.working_set_tiers", "compute.convolution_units",
-                "compute.transcendental_by_elements.exponential"):
+                "compute.working_set_tiers", "compute.convolution_units"):
         assert key in message

@@ -11,8 +11,7 @@ of `jax.jit` calls, less the per-call time of a trivial program). In short:
    reported slower than the level after it (tiers are listed fastest first; and the tiniest
    kernels, under a microsecond, are timed least precisely).
 3. Matmul throughput per dtype by size (`matmul_flops_per_s`; the best is `peak_flops_per_s`).
-4. Transcendental throughput (`transcendental_per_s`: exp, tanh, erf, log; and by size,
-   `transcendental_by_elements`), the loop rate
+4. Transcendental throughput (`transcendental_per_s`: exp, tanh, erf, log), the loop rate
    (`vector_peak_fraction` of the f32 peak), the reduction rate (`reduce_flops_per_s`: the best
    of the read sweep), and `parallel_grain_elements` fitted to exp over sizes; rates are stated
    for all units (a rate measured at n elements is divided by `units_used(n) / units`; the
@@ -177,8 +176,6 @@ def build_calibrated_target(m: Measurements, caches: Sequence[CacheLevel], units
         matmul_flops_per_s={d: tuple((n, _round_sig(r)) for n, r in pts)
                             for d, pts in m.matmul_flops_per_s.items()},
         transcendental_per_s=trans,
-        transcendental_by_elements={k: tuple((n, _round_sig(r)) for n, r in v)
-                                    for k, v in m.transcendental_per_s.items() if v},
         reduce_flops_per_s=_round_sig(reduce_rate),
         convolution_units=m.convolution_units,
     )
@@ -326,8 +323,6 @@ def _sources(caches: list[CacheLevel], settings: SweepSettings, units: int) -> t
         f"from 32 to at most {settings.matmul_max_n}, 2 n^3 FLOP each; the peak is the best",
         "transcendental_per_s: elements / net time of exp, tanh, erf, log over f32[n], n = 2^16, "
         "2^18, 2^20 (2^14, 2^16 quick), stated for all units, median over n",
-        "transcendental_by_elements: the same rates as measured at each n (the cores XLA used "
-        "at that size included); the cost model uses these when present",
         "vector_peak_fraction: a fused chain of 8 multiply-adds over the same arrays "
         "(16 FLOP per element), stated for all units, median over n, over the f32 peak",
         "reduce_flops_per_s: the best elements / net time of the read sweep's sums",

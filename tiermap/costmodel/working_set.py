@@ -37,13 +37,9 @@ model"), each constant a calibrated one (calibration_sweeps.py says how it is me
     calibration measured how many units a convolution keeps busy (XLA's CPU backend runs its
     convolutions on one thread while its matmuls use every core);
   - any other op: its flops at the loop rate (`vector_peak_fraction` x the f32 peak; a reduce's
-    body flops at `reduce_flops_per_s` when measured), times `units_used / units`
-    (`parallel_grain_elements`, roofline.units_used), plus its transcendentals: with
-    `transcendental_by_elements`, at the rate measured for an op of that many elements
-    (log-linear in the count between the measured sizes, clamped; how many cores XLA uses at
-    that size is in the measured rate, so no units factor); else at the all-units rate
-    `transcendental_per_s[kind]` times `units_used / units`; kinds not measured take the
-    exponential's rate.
+    body flops at `reduce_flops_per_s` when measured), plus each transcendental at its measured
+    rate (`transcendental_per_s[kind]`; kinds not measured at the exponential's rate), all
+    times `units_used / units` (`parallel_grain_elements`, roofline.units_used).
 - Kernel time: `max(compute, memory) + op_overhead_s`, as in the plain roofline.
 No factor depends on which op or program is costed.
 """
@@ -192,29 +188,6 @@ def matmul_rate_flops_per_s(dtype: str, flops: float, target: Target) -> float:
     return points[-1][1]
 
 
-def _log_linear(x: float, points: tuple[tuple[int, float], ...]) -> float:
-    """Rate at size x from ascending (size, rate) points: log-linear in the size, clamped."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, r0), (x1, r1) in zip(points, points[1:], strict=False):
-        if x <= x1:
-            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
-    return points[-1][1]
-
-
-def transcendental_rate_at_size(kind: str, elements: float, target: Target) -> float | None:
-    """Elements per second of a transcendental op of `elements` as measured at that size
-    (`transcendental_by_elements`, log-linear in the size between the measured sizes, clamped;
-    kinds not measured: the exponential's), None without the table."""
-    table = target.transcendental_by_elements
-    if not table:
-        return None
-    short = kind.split(".", 1)[-1]
-    points = table.get(short) or table.get(FALLBACK_TRANSCENDENTAL) or next(iter(table.values()))
-    return _log_linear(max(elements, 1.0), points)
-
-
 def transcendental_rate_per_s(kind: str, target: Target) -> float | None:
     """Elements per second of a transcendental op kind on all units, None when not measured."""
     rates = target.transcendental_per_s
@@ -265,9 +238,6 @@ def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_frac
         flops_rate = target.reduce_flops_per_s
     time_s = op.flops / (flops_rate * fraction) if op.flops > 0.0 else 0.0
     if op.transcendentals > 0.0:
-        at_size = transcendental_rate_at_size(op.kind, op.transcendentals, target)
-        if at_size is not None:  # measured at this size: its units are in the rate
-            return time_s + op.transcendentals / at_size
         measured = transcendental_rate_per_s(op.kind, target)
         trans_rate = (measured if measured is not None
                       else vector_flops_per_s / max(target.transcendental_flops, 1e-9))

@@ -13,9 +13,6 @@ transcendental_per_s = { exponential = 4.7e9, tanh = 4.1e9, erf = 3.9e9, log = 4
 
 [compute.matmul_flops_per_s]                # [n, FLOP/s of an n x n x n matmul] by dtype
 f32 = [[64, 3.1e10], [256, 1.6e11], [1024, 3.5e11]]
-
-[compute.transcendental_by_elements]        # [elements, elements/s of an op that size]
-exponential = [[65536, 2.4e9], [1048576, 3.1e9]]
 ```
 and per tier, `copy_bytes_per_s` (bytes read plus written per second by a copy).
 """
@@ -27,13 +24,11 @@ from typing import Any, Protocol
 
 CALIBRATED_COMPUTE_KEYS = (
     "working_set_tiers", "reduce_flops_per_s", "transcendental_per_s", "matmul_flops_per_s",
-    "convolution_units", "transcendental_by_elements",
+    "convolution_units",
 )
 
 _MATMUL_HINT = "a table of [n, FLOP/s] pairs by dtype, e.g. matmul_flops_per_s = " \
     "{ f32 = [[64, 3e10], [512, 3e11]] }"
-_BY_ELEMENTS_HINT = "a table of [elements, elements/s] pairs by op kind, e.g. " \
-    "transcendental_by_elements = { exponential = [[65536, 2.4e9], [1048576, 3.1e9]] }"
 _TRANS_HINT = "elements per second by op kind, e.g. transcendental_per_s = { exponential = 4e9 }"
 
 
@@ -86,47 +81,34 @@ def read_calibrated_compute(checker: Checker, compute: Mapping[str, Any],
         table = _matmul_table(checker, matmul, peak_dtypes)
         if table is not None:
             out["matmul_flops_per_s"] = table
-    by_elements = compute.get("transcendental_by_elements")
-    if by_elements is not None:
-        table = _size_table(checker, by_elements, "compute.transcendental_by_elements",
-                            None, _BY_ELEMENTS_HINT, "elements")
-        if table is not None:
-            out["transcendental_by_elements"] = table
     return out
 
 
 def _matmul_table(checker: Checker, value: Any, peak_dtypes: frozenset[str]
                   ) -> dict[str, tuple[tuple[int, float], ...]] | None:
-    return _size_table(checker, value, "compute.matmul_flops_per_s", peak_dtypes, _MATMUL_HINT,
-                       "n", "FLOP/s")
-
-
-def _size_table(checker: Checker, value: Any, path: str, known_keys: frozenset[str] | None,
-                hint: str, size: str, rate: str = "elements/s"
-                ) -> dict[str, tuple[tuple[int, float], ...]] | None:
-    """A table of [size, rate] lists by key (dtype or op kind), sizes ascending."""
+    path = "compute.matmul_flops_per_s"
     if not isinstance(value, dict) or not value:
-        checker.add(path, "must be a non-empty table", hint)
+        checker.add(path, "must be a non-empty table", _MATMUL_HINT)
         return None
     out: dict[str, tuple[tuple[int, float], ...]] = {}
-    for key, points in value.items():
-        key_path = f"{path}.{key}"
-        if known_keys is not None and key not in known_keys:
+    for dtype, points in value.items():
+        key_path = f"{path}.{dtype}"
+        if dtype not in peak_dtypes:
             checker.add(key_path, "unknown dtype", "use an IR dtype name such as f32 or bf16")
             continue
         good = isinstance(points, list) and bool(points) and all(
             isinstance(p, list) and len(p) == 2 and _positive_int(p[0]) and _positive_num(p[1])
             for p in points)
         if not good:
-            checker.add(key_path, f"must be a non-empty list of [{size}, {rate}] pairs, {size} "
-                        f"an integer > 0 and {rate} > 0", hint)
+            checker.add(key_path, "must be a non-empty list of [n, FLOP/s] pairs, n an integer "
+                        "> 0 and FLOP/s > 0", _MATMUL_HINT)
             continue
         sizes = [int(p[0]) for p in points]
         if sizes != sorted(set(sizes)):
             checker.add(key_path, f"sizes must be distinct and ascending, got {sizes}",
-                        f"list the [{size}, {rate}] pairs by {size}, smallest first")
+                        "list the [n, FLOP/s] pairs by n, smallest first")
             continue
-        out[str(key)] = tuple((int(p[0]), float(p[1])) for p in points)
+        out[str(dtype)] = tuple((int(p[0]), float(p[1])) for p in points)
     return out
 
 
@@ -156,9 +138,4 @@ def dump_calibrated_compute(target: Any, fmt: Callable[[float], str]) -> list[st
         for dtype, points in target.matmul_flops_per_s.items():
             pairs = ", ".join(f"[{n}, {fmt(rate)}]" for n, rate in points)
             out.append(f"{dtype} = [{pairs}]")
-    if target.transcendental_by_elements:
-        out += ["", "[compute.transcendental_by_elements]  # [elements, elements/s]"]
-        for kind, points in target.transcendental_by_elements.items():
-            pairs = ", ".join(f"[{n}, {fmt(rate)}]" for n, rate in points)
-            out.append(f"{kind} = [{pairs}]")
     return out

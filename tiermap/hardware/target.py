@@ -75,10 +75,6 @@ class Target:
         default_factory=dict)
     # transcendental op kind (short: "exponential", "tanh", "erf", "log") -> elements per second.
     transcendental_per_s: Mapping[str, float] = field(default_factory=dict)
-    # kind -> ((elements, elements per second of an op of that many), ...), elements ascending:
-    # the rate as measured at each size (how many cores XLA spreads it over included).
-    transcendental_by_elements: Mapping[str, tuple[tuple[int, float], ...]] = field(
-        default_factory=dict)
     # FLOP/s of a reduce's body (a sum retires one add per element); 0: not measured.
     reduce_flops_per_s: float = 0.0
     # Units one convolution keeps busy (XLA's CPU backend runs it on one thread; measured by
