@@ -1,10 +1,12 @@
-"""The `tiermap` command: `targets`, `compile` and `calibrate`.
+"""The `tiermap` command: `targets`, `compile` and `calibrate` (with `--check`).
 
 Exit codes: 0 success; 2 bad input (usage, a missing file or function, an unknown target or a
 target file with mistakes, a malformed --arg, an unsupported program, an exception raised by the
 user's own code, any other deliberate tiermap error, which names the fix); 3 infeasible (the
-program does not fit the target); 1 a failed compiler pass (an internal error of tiermap). Errors
-print one "tiermap: error: ..." message on stderr, without a traceback.
+program does not fit the target); 4 `calibrate --check --strict` ran but a fidelity goal was
+not met (without `--strict` the check exits 0 whatever its figures); 1 a failed compiler pass (an
+internal error of tiermap). Errors print one "tiermap: error: ..." message on stderr, without a
+traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -26,7 +29,10 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import tiermap
 from tiermap import __version__
+from tiermap.costmodel import fidelity
 from tiermap.costmodel.calibration import calibrate, target_to_toml
+from tiermap.costmodel.fidelity import GOALS
+from tiermap.costmodel.fidelity_suites import SUITES, suite
 from tiermap.errors import (
     HardwareSpecError,
     InfeasiblePlacementError,
@@ -35,9 +41,16 @@ from tiermap.errors import (
     UnsupportedProgramError,
     UserCodeError,
 )
-from tiermap.formatting import fmt_bytes, fmt_flops_per_s, fmt_rate_bytes_per_s, write_atomic
+from tiermap.formatting import (
+    fmt_bytes,
+    fmt_flops_per_s,
+    fmt_rate_bytes_per_s,
+    fmt_time_s,
+    write_atomic,
+)
 from tiermap.options import OBJECTIVES, STRATEGIES
-from tiermap.plots import save_plots
+from tiermap.plots import fidelity as fidelity_plot
+from tiermap.plots import save_figure, save_plots
 from tiermap.report import plan_summary, rich_summary
 from tiermap.trace import trace_json
 
@@ -52,6 +65,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_INFEASIBLE = 3
+EXIT_CHECK_FAILED = 4
 
 # Short dtype names accepted by --arg, and the numpy/jax names they stand for.
 ARG_DTYPES: dict[str, str] = {
@@ -141,7 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the target file here (default: print it)")
     p_cal.add_argument("--quick", action="store_true",
                        help="small sizes and few repeats (seconds; rough figures)")
+    p_cal.add_argument("--check", action="store_true", help=(
+        "then run the held-out op suite on the calibrated target and print predicted vs "
+        "measured per op (the cost model's fidelity)"))
+    p_cal.add_argument("--target", metavar="FILE.toml", help=(
+        "with --check: check this calibrated target file instead of calibrating now"))
+    p_cal.add_argument("--suite", choices=SUITES, default="blind",
+                       help="with --check: the op suite (default blind)")
+    p_cal.add_argument("--rounds", type=_positive_int, default=9, metavar="N",
+                       help="with --check: best of N timing rounds (default 9)")
+    p_cal.add_argument("--repeats", type=_positive_int, default=2, metavar="N",
+                       help="with --check: measure the suite N times (default 2)")
+    p_cal.add_argument("--no-wait", action="store_true", help=(
+        "with --check: do not wait for idle CPUs before each timing batch (faster, noisier)"))
+    p_cal.add_argument("--plot", metavar="FILE.png",
+                       help="with --check: plot predicted against measured")
+    p_cal.add_argument("--strict", action="store_true", help=(
+        f"with --check: exit {EXIT_CHECK_FAILED} when a goal (median |log2 err| <= "
+        f"{GOALS.median_abs_log2}, Spearman >= {GOALS.spearman}, none off by > 2x) fails"))
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -497,32 +539,89 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 
 def cmd_calibrate(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    """`tiermap calibrate`: measure this CPU into a schema-v1 target file."""
-    if _is_tty(err):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("{task.description:<32}"), BarColumn(),
-                      TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                      console=Console(file=err, stderr=True), transient=True) as bar:
-            task = bar.add_task("calibrating", total=1.0)
-
-            def progress(label: str, fraction: float) -> None:
-                bar.update(task, description=label, completed=fraction)
-
-            target = calibrate(progress=progress, quick=ns.quick)
-    else:
-        target = calibrate(quick=ns.quick)
+    """`tiermap calibrate`: measure this CPU into a schema-v1 target file; with `--check`, then
+    run the fidelity check on it (or on `--target`)."""
+    check_only = ("--target", "--plot", "--strict", "--no-wait") if not ns.check else ()
+    for flag in check_only:
+        if getattr(ns, flag.lstrip("-").replace("-", "_")):
+            raise UsageError(f"{flag} needs --check; fix: add --check or leave {flag} out")
+    if ns.check and ns.target:
+        if ns.output:
+            raise UsageError("-o and --target exclude each other: --target checks a file "
+                             "calibrated before; fix: leave one of them out")
+        return _calibrate_check(tiermap.target(ns.target), ns, out, err)
+    target = _measure_target(ns, err)
     text = target_to_toml(target)
     if not ns.output:
-        out.write(text)
-        return EXIT_OK
-    write_atomic(ns.output, text)
-    tiers = ", ".join(f"{t.name} {fmt_bytes(t.capacity_bytes)} at "
-                      f"{fmt_rate_bytes_per_s(t.read_bytes_per_s)}" for t in target.tiers)
-    peaks = ", ".join(f"{k} {v:.3g}" for k, v in target.peak_flops_per_s.items())
-    out.write(f"wrote {ns.output}: target {target.name!r}; peak FLOP/s {peaks}; tiers {tiers}\n")
-    return EXIT_OK
+        if not ns.check:
+            out.write(text)
+            return EXIT_OK
+    else:
+        write_atomic(ns.output, text)
+        tiers = ", ".join(f"{t.name} {fmt_bytes(t.capacity_bytes)} at "
+                          f"{fmt_rate_bytes_per_s(t.read_bytes_per_s)}" for t in target.tiers)
+        peaks = ", ".join(f"{k} {v:.3g}" for k, v in target.peak_flops_per_s.items())
+        out.write(f"wrote {ns.output}: target {target.name!r}; peak FLOP/s {peaks}; "
+                  f"tiers {tiers}\n")
+    return _calibrate_check(target, ns, out, err) if ns.check else EXIT_OK
+
+
+def _measure_target(ns: argparse.Namespace, err: IO[str]) -> Target:
+    if not _is_tty(err):
+        return calibrate(quick=ns.quick)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<32}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                  console=Console(file=err, stderr=True), transient=True) as bar:
+        task = bar.add_task("calibrating", total=1.0)
+
+        def progress(label: str, fraction: float) -> None:
+            bar.update(task, description=label, completed=fraction)
+
+        return calibrate(progress=progress, quick=ns.quick)
+
+
+def _calibrate_check(target: Target, ns: argparse.Namespace, out: IO[str], err: IO[str]
+                     ) -> int:
+    """`calibrate --check`: the held-out suite predicted on `target` and measured here."""
+    from rich.table import Table
+
+    if target.platform != "cpu":
+        raise UsageError(f"target {target.name!r} is for platform {target.platform!r}; the "
+                         "check measures this CPU; fix: give a target from tiermap calibrate")
+    with _Steps(err, enabled=_is_tty(err)) as steps:
+        result = fidelity.check(target, suite(ns.suite), suite=ns.suite, rounds=ns.rounds,
+                                repeats=ns.repeats, quiet=not ns.no_wait,
+                                progress=steps.step)
+    console = _console(out)
+    if not target.working_set_tiers:
+        console.print(f"note: {target.name!r} is not a calibrated target (no "
+                      "working_set_tiers): it is checked with the plain roofline")
+    table = Table(title=f"cost model fidelity: {ns.suite} suite on {target.name}, best of "
+                        f"{ns.rounds} rounds")
+    for head in ("op", "shape", "predicted"):
+        table.add_column(head)
+    for r in range(ns.repeats):
+        table.add_column(f"measured {r + 1}", justify="right")
+        table.add_column(f"log2 err {r + 1}", justify="right")
+    table.add_column("bound")
+    for i, (case, pred) in enumerate(zip(result.cases, result.predictions, strict=True)):
+        cells = [case.op, case.shape, fmt_time_s(pred.time_s)]
+        for run in result.measured_s:
+            cells += [fmt_time_s(run[i]), f"{math.log2(pred.time_s / run[i]):+.2f}"]
+        table.add_row(*cells, pred.bound)
+    console.print(table)
+    for r, stat in enumerate(result.stats):
+        console.print(
+            f"repeat {r + 1}: median |log2 err| {stat.median_abs_log2:.3f} (goal <= "
+            f"{GOALS.median_abs_log2}), Spearman {stat.spearman:.3f} (goal >= {GOALS.spearman}),"
+            f" worst {stat.worst} {2 ** abs(stat.worst_log2):.2f}x (goal <= 2x), "
+            f"{stat.over_2x} off by > 2x: goals {'met' if stat.meets() else 'NOT met'}")
+    if ns.plot:
+        console.print(f"wrote plot {save_figure(fidelity_plot(result), ns.plot)}")
+    return EXIT_CHECK_FAILED if ns.strict and not result.meets() else EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, IO[str], IO[str]], int]] = {

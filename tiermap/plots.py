@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from tiermap.costmodel.fidelity import CheckResult
     from tiermap.hardware.target import Target
     from tiermap.ir.plan import Plan
 
@@ -417,6 +418,40 @@ def attention_traffic(n: int = 1024, d: int = 64, elem_bytes: int = 2,
     return fig
 
 
+# --- cost-model fidelity --------------------------------------------------------------------------
+
+
+def fidelity(result: CheckResult, title: str | None = None) -> Figure:
+    """Predicted against measured seconds per case of a fidelity check (log-log), every repeat,
+    with the line of equality and the 2x band (`tiermap calibrate --check --plot`)."""
+    import numpy as np
+
+    fig = new_figure(7.0, 6.5)
+    ax = fig.add_subplot()
+    predicted = [p.time_s for p in result.predictions]
+    for r, (run, marker) in enumerate(zip(result.measured_s, "oxs^", strict=False)):
+        ax.scatter(run, predicted, marker=marker, label=f"repeat {r + 1}", alpha=0.8)
+    for case, pred, meas in zip(result.cases, predicted, result.measured_s[0], strict=True):
+        ax.annotate(case.label, (meas, pred), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
+    low = min(min(predicted), *(min(r) for r in result.measured_s)) / 2
+    high = max(max(predicted), *(max(r) for r in result.measured_s)) * 2
+    grid = np.geomspace(low, high, 10)
+    ax.plot(grid, grid, "k-", lw=0.8, label="predicted = measured")
+    ax.plot(grid, grid * 2, "k:", lw=0.6, label="2x off")
+    ax.plot(grid, grid / 2, "k:", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (s)")
+    ax.set_ylabel("predicted (s)")
+    first = result.stats[0]
+    ax.set_title(title or (f"cost model vs measured, {result.suite} suite: median |log2 err| "
+                           f"{first.median_abs_log2:.2f}, Spearman {first.spearman:.3f} "
+                           "(repeat 1)"), fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
 # --- all of them ---------------------------------------------------------------------------------
 
 PLOT_FILES = ("roofline.png", "occupancy.png", "timeline.png", "traffic.png")
@@ -446,7 +481,7 @@ def save_plots(plan: Plan, out_dir: str | os.PathLike[str],
 
 
 __all__ = [
-    "PLOT_FILES", "attention_traffic", "loop_iteration", "new_figure", "occupancy",
+    "PLOT_FILES", "attention_traffic", "fidelity", "loop_iteration", "new_figure", "occupancy",
     "placement_timeline",
     "png_base64", "png_bytes", "roofline", "save_figure", "save_plots", "tier_colours",
     "traffic_comparison",

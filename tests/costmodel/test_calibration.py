@@ -142,7 +142,8 @@ def _measurements() -> Measurements:
         vector_flops_per_s=((2**16, 8e10), (2**18, 8e10)),
         reduce_flops_per_s=2.5e10,
         matmul_flops_per_s={"f32": ((32, 1e10), (256, 1.5e11), (1024, 2e11)),
-                            "bf16": ((32, 5e9), (256, 1e11))})
+                            "bf16": ((32, 5e9), (256, 1e11))},
+        convolution_units=1)
 
 
 def test_build_calibrated_target_from_measurements() -> None:
@@ -170,6 +171,7 @@ def test_build_calibrated_target_from_measurements() -> None:
     assert target.transcendental_per_s["exponential"] == pytest.approx(2.2e9)
     assert target.vector_peak_fraction == pytest.approx(0.4)
     assert target.reduce_flops_per_s == pytest.approx(2.5e10)
+    assert target.convolution_units == 1
     assert target.tiers == load_target_text(target).tiers
 
 
@@ -187,4 +189,5 @@ def test_quick_calibration_asks_for_the_working_set_model(
     assert "f32" in target.matmul_flops_per_s
     assert set(target.transcendental_per_s) == {"exponential", "tanh", "erf", "log"}
     assert target.reduce_flops_per_s > 0
+    assert 1 <= target.convolution_units <= target.units
     assert all(t.copy_bytes_per_s for t in target.tiers)

@@ -135,6 +135,25 @@ def test_batched_dot_is_costed_per_matrix() -> None:
         16 * 2 * 64**3 / 5e10)
 
 
+def test_convolution_is_an_implicit_gemm_on_the_measured_units() -> None:
+    # 1x16x16 output, 3x3 window, 32 -> 32 channels: F = 2 x 256 x 32 x 9 x 32 = 4.72 MFLOP,
+    # the square matmul of the same flops has side (F / 2)^(1/3) = 133, between the table's
+    # 64 (5e10) and 512 (2e11): rate 5e10 x 4^(log(133/64) / log(8)).
+    flops = 2.0 * 256 * 32 * 9 * 32
+    conv = _op("stablehlo.convolution", flops=flops, n=1, out_spatial=256, cout=32)
+    side = (flops / 2) ** (1 / 3)
+    rate = 5e10 * 4 ** (math.log(side / 64) / math.log(8))
+    output = 256.0 * 32
+    on_all = working_set.compute_time_s(conv, _target(), 1e11, 1.0, output)
+    assert on_all == pytest.approx(flops / rate)
+    one_unit = _target(convolution_units=1)  # XLA's CPU convolutions: one thread of two
+    assert working_set.compute_time_s(conv, one_unit, 1e11, 1.0, output) == pytest.approx(
+        2 * flops / rate)
+    dot = _op("stablehlo.dot_general", flops=flops, batch=1, m=256, n=32, k=288)
+    assert working_set.compute_time_s(dot, one_unit, 1e11, 1.0, output) == pytest.approx(
+        on_all)  # matmuls keep every unit
+
+
 def test_op_cost_of_a_lowered_exp() -> None:
     t = _target()
     n = 8192

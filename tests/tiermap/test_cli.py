@@ -270,6 +270,56 @@ def test_calibrate_writes_a_loadable_target(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _calibrated_cpu(tmp_path: Path, **changes: object) -> Path:
+    """The built-in cpu target as a calibrated one (working-set model), with `changes`."""
+    from dataclasses import replace
+
+    from tiermap.hardware import dumps_target
+
+    target = replace(tiermap.target("cpu"), name="cpu-test", working_set_tiers=True,
+                     **changes)  # type: ignore[arg-type]
+    path = tmp_path / "cpu-test.toml"
+    path.write_text(dumps_target(target))
+    return path
+
+
+CHECK_FAST = ("--suite", "smoke", "--rounds", "1", "--repeats", "2", "--no-wait")
+
+
+def test_calibrate_check_prints_predicted_vs_measured_and_plots(tmp_path: Path) -> None:
+    plot = tmp_path / "fidelity.png"
+    code, out, err = run("calibrate", "--check", "--target", str(_calibrated_cpu(tmp_path)),
+                         *CHECK_FAST, "--plot", str(plot))
+    assert code == 0, err
+    for needle in ("cost model fidelity: smoke suite on cpu-test", "predicted", "measured 1",
+                   "log2 err 2", "matmul", "64x128x32", "softmax", "sum rows",
+                   "repeat 1: median |log2 err|", "repeat 2: median |log2 err|", "Spearman",
+                   "worst", "goals"):
+        assert needle in out, needle
+    assert plot.stat().st_size > 0
+
+
+def test_calibrate_check_strict_exits_4_when_a_goal_fails(tmp_path: Path) -> None:
+    slow = _calibrated_cpu(tmp_path, peak_flops_per_s={"f32": 1e6})  # 10^5 x too slow
+    code, out, err = run("calibrate", "--check", "--target", str(slow), *CHECK_FAST)
+    assert code == 0, err  # without --strict the check reports and exits 0
+    assert "goals NOT met" in out
+    code, out, err = run("calibrate", "--check", "--target", str(slow), *CHECK_FAST, "--strict")
+    assert code == 4, err
+    assert "goals NOT met" in out
+
+
+def test_calibrate_check_flags_need_check_and_a_cpu_target(tmp_path: Path) -> None:
+    code, _, err = run("calibrate", "--target", "cpu")
+    assert code == 2 and "--target needs --check" in err
+    code, _, err = run("calibrate", "--check", "--target", "h100", *CHECK_FAST)
+    assert code == 2 and "platform 'cuda'" in err
+    code, _, err = run("calibrate", "--check", "--target", "cpu", "-o", str(tmp_path / "x"))
+    assert code == 2 and "exclude each other" in err
+    code, _, err = run("calibrate", "--check", "--target", "cpu", "--rounds", "0")
+    assert code == 2 and "expected a number >= 1" in err
+
+
 # --- compile: success and infeasible ------------------------------------------------------------
 
 FAST = ("--time-limit-s", "2")

@@ -17,6 +17,8 @@ of `jax.jit` calls, less the per-call time of a trivial program). In short:
    for all units (a rate measured at n elements is divided by `units_used(n) / units`; the
    median over the sizes measured).
 5. Per-op overhead: the time per op of a chain of small ops that XLA cannot fuse.
+6. Units one convolution keeps busy (`convolution_units`): CPU time over wall time while a
+   convolution runs (XLA's CPU backend runs convolutions on one thread).
 
 Caches are `per_unit` tiers (a placement's tile budget), DRAM is the main-memory tier, and the
 target sets `working_set_tiers = true`, so the cost model charges each kernel at the tier its
@@ -42,6 +44,7 @@ from tiermap.costmodel.calibration_sweeps import (
     best_call_s,
     fit_parallel_grain,
     floor_s,
+    measure_convolution_units,
     measure_elementwise,
     measure_matmuls,
     measure_sweeps,
@@ -108,12 +111,14 @@ def calibrate(progress: ProgressFn | None = None, *, quick: bool = False) -> Tar
         raise RuntimeError("calibration could not time an f32 matmul on the CPU backend")
     report.step("per-op overhead", 0.1)
     overhead_s = _measure_op_overhead_s(settings)
+    report.step("threads of a convolution", 0.05)
+    conv_units = measure_convolution_units(settings, units)
     measurements = Measurements(
         floor_s=floor, op_overhead_s=overhead_s, read=read, write=write, copy=copy,
         transcendental_per_s=trans, exp_by_elements=exp_curve,
         vector_flops_per_s=vector_flops_per_s,
         reduce_flops_per_s=max(p.working_set_bytes / 4 / p.net_s for p in read),
-        matmul_flops_per_s=matmul)
+        matmul_flops_per_s=matmul, convolution_units=conv_units)
     target = build_calibrated_target(
         measurements, caches, units, _physical_memory_bytes(), name=_target_name(),
         description=(f"{_cpu_model()} ({units} logical CPUs), measured by tiermap calibrate "
@@ -172,6 +177,7 @@ def build_calibrated_target(m: Measurements, caches: Sequence[CacheLevel], units
                             for d, pts in m.matmul_flops_per_s.items()},
         transcendental_per_s=trans,
         reduce_flops_per_s=_round_sig(reduce_rate),
+        convolution_units=m.convolution_units,
     )
 
 
@@ -324,6 +330,9 @@ def _sources(caches: list[CacheLevel], settings: SweepSettings, units: int) -> t
         f"rate = all-units rate x min({units}, max(1, n / grain)) / {units}",
         "op_overhead_s: slope of the run time of a chain of small ops separated by "
         "optimization barriers (so XLA cannot fuse them)",
+        "convolution_units: this process's CPU time over wall time while a jitted 3x3 "
+        "convolution of f32[2,40,40,48] (48 output channels) runs back to back, rounded "
+        "(calibration_sweeps.measure_convolution_units)",
         "transcendental_flops: the pre-calibration CPU figure (unused when "
         "transcendental_per_s is set)",
     )
@@ -340,7 +349,7 @@ class _Progress:
         self.done_weight = 0.0
         self.pending_weight = 0.0
         # The weights of every step `calibrate` takes, in rough proportion to their time.
-        self.total_weight = 0.35 + 0.15 + 0.1 * len(_MEASURED_DTYPES) + 0.1
+        self.total_weight = 0.35 + 0.15 + 0.1 * len(_MEASURED_DTYPES) + 0.1 + 0.05
 
     def step(self, label: str, weight: float) -> None:
         self.done_weight += self.pending_weight

@@ -72,6 +72,7 @@ class Measurements:
     vector_flops_per_s: tuple[tuple[int, float], ...]  # (elements, flops per second)
     reduce_flops_per_s: float
     matmul_flops_per_s: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    convolution_units: int = 0  # 0: not measured
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,45 @@ def measure_matmuls(dtypes: Sequence[str], settings: SweepSettings
         if points:
             out[dtype] = tuple(points)
     return out
+
+
+def busy_units(fn: Callable[..., Any], args: Sequence[Any], duration_s: float,
+               quiet: bool = True) -> float:
+    """Units a compiled call keeps busy: this process's CPU time (user + system) over the wall
+    time while `fn(*args)` runs back to back for about `duration_s` (with `quiet`, after the
+    CPUs are idle)."""
+    import resource
+
+    import jax
+
+    def cpu_s() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    jax.block_until_ready(fn(*args))
+    if quiet:
+        wait_for_quiet()
+    wall0, cpu0 = time.perf_counter(), cpu_s()
+    while time.perf_counter() - wall0 < duration_s:
+        jax.block_until_ready(fn(*args))
+    return (cpu_s() - cpu0) / (time.perf_counter() - wall0)
+
+
+def measure_convolution_units(settings: SweepSettings, units: int) -> int:
+    """Units one convolution keeps busy (module docstring, step 7): `busy_units` of a 3x3
+    convolution of f32[2, 40, 40, 48] with 48 output channels, rounded, between 1 and `units`."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def conv(x: Any, w: Any) -> Any:
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    args = [jnp.full((2, 40, 40, 48), 0.5, jnp.float32),
+            jnp.full((3, 3, 48, 48), 0.25, jnp.float32)]
+    busy = busy_units(jax.jit(conv), args, 0.4 if settings.quiet else 0.05, settings.quiet)
+    return max(1, min(units, round(busy)))
 
 
 def fit_parallel_grain(curve: Sequence[tuple[int, float]], units: int) -> float:

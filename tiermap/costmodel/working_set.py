@@ -32,6 +32,10 @@ model"), each constant a calibrated one (calibration_sweeps.py says how it is me
     the dtype's peak without a table),
     and the units factor says that XLA splits a contraction over its output: one with fewer
     output elements than the square of the same flops keeps fewer cores busy;
+    a convolution is costed as its implicit GEMM (F = 2 x output elements x window x input
+    channels, the frontend's count) at that rate, times `convolution_units / units` when the
+    calibration measured how many units a convolution keeps busy (XLA's CPU backend runs its
+    convolutions on one thread while its matmuls use every core);
   - any other op: its flops at the loop rate (`vector_peak_fraction` x the f32 peak; a reduce's
     body flops at `reduce_flops_per_s` when measured), plus each transcendental at its measured
     rate (`transcendental_per_s[kind]`; kinds not measured at the exponential's rate), all
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
 
 CONTRACTION_KINDS = frozenset({"stablehlo.dot_general", "stablehlo.dot",
                                "stablehlo.convolution"})
+CONVOLUTION_KINDS = frozenset({"stablehlo.convolution"})
 REDUCE_KINDS = frozenset({"stablehlo.reduce"})
 # A transcendental of a kind the calibration did not time costs what an exponential does.
 FALLBACK_TRANSCENDENTAL = "exponential"
@@ -224,6 +229,8 @@ def compute_time_s(op: Op, target: Target, vector_flops_per_s: float, units_frac
             side = max(per_matrix / 2.0, 1.0) ** (1.0 / 3.0)
             rate *= min(1.0, units_for(output_elements / batch, target)
                         / units_for(side**2, target))
+        if op.kind in CONVOLUTION_KINDS and target.convolution_units:
+            rate *= min(1.0, target.convolution_units / max(target.units, 1))
         return op.flops / rate
     fraction = max(units_fraction, 1e-9)
     flops_rate = vector_flops_per_s

@@ -8,6 +8,7 @@ before. Schema (units in the names; docs/architecture.md, "Target files"):
 [compute]
 working_set_tiers = true                    # charge bytes at the tier the working set fits in
 reduce_flops_per_s = 3.0e10                 # a reduce's body flops per second
+convolution_units = 1                       # units one convolution keeps busy
 transcendental_per_s = { exponential = 4.7e9, tanh = 4.1e9, erf = 3.9e9, log = 4.0e9 }
 
 [compute.matmul_flops_per_s]                # [n, FLOP/s of an n x n x n matmul] by dtype
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 CALIBRATED_COMPUTE_KEYS = (
     "working_set_tiers", "reduce_flops_per_s", "transcendental_per_s", "matmul_flops_per_s",
+    "convolution_units",
 )
 
 _MATMUL_HINT = "a table of [n, FLOP/s] pairs by dtype, e.g. matmul_flops_per_s = " \
@@ -55,6 +57,13 @@ def read_calibrated_compute(checker: Checker, compute: Mapping[str, Any],
                           hint="FLOP/s of a reduction's body, e.g. reduce_flops_per_s = 3e10")
     if rate is not None:
         out["reduce_flops_per_s"] = rate
+    conv_units = compute.get("convolution_units")
+    if conv_units is not None:
+        if _positive_int(conv_units):
+            out["convolution_units"] = int(conv_units)
+        else:
+            checker.add("compute.convolution_units", f"must be an integer >= 1, got {conv_units!r}",
+                        "units one convolution keeps busy, e.g. convolution_units = 1")
     trans = compute.get("transcendental_per_s")
     if trans is not None:
         if not isinstance(trans, dict) or not trans:
@@ -119,6 +128,8 @@ def dump_calibrated_compute(target: Any, fmt: Callable[[float], str]) -> list[st
         out.append("working_set_tiers = true")
     if target.reduce_flops_per_s:
         out.append(f"reduce_flops_per_s = {fmt(target.reduce_flops_per_s)}")
+    if target.convolution_units:
+        out.append(f"convolution_units = {int(target.convolution_units)}")
     if target.transcendental_per_s:
         rates = ", ".join(f"{k} = {fmt(v)}" for k, v in target.transcendental_per_s.items())
         out.append(f"transcendental_per_s = {{ {rates} }}")

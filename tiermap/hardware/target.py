@@ -77,6 +77,9 @@ class Target:
     transcendental_per_s: Mapping[str, float] = field(default_factory=dict)
     # FLOP/s of a reduce's body (a sum retires one add per element); 0: not measured.
     reduce_flops_per_s: float = 0.0
+    # Units one convolution keeps busy (XLA's CPU backend runs it on one thread; measured by
+    # the CPU time over the wall time of a convolution); 0: not measured (as many as any op).
+    convolution_units: int = 0
     path: str | None = field(default=None, compare=False)
 
     @property
