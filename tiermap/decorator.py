@@ -118,6 +118,13 @@ class Lowered:
                          static_argnames=self._owner.static_argnames)
         return jitted.lower(*self._args, **self._kwargs)
 
+    def memory_check(self) -> Any:
+        """The plan's peak device bytes against XLA's memory analysis of the program as applied
+        (`tiermap.apply.compiled_memory.MemoryCheck`; compiles it)."""
+        from tiermap.apply.compiled_memory import memory_check
+
+        return memory_check(self._entry.plan, self.compile())
+
     @property
     def notes(self) -> tuple[str, ...]:
         """What applying the plan changed (kernels chosen for attention, host placement), as
