@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from tiermap.costmodel.fidelity import xla_like_fusion
 from tiermap.costmodel.roofline import (
-    CONTRACTIONS,
     compute_time_s,
     group_cost,
     group_io,
@@ -51,7 +51,6 @@ from tiermap.costmodel.roofline import (
 )
 from tiermap.frontend.lowering import lower
 from tiermap.hardware.target import Target
-from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.program import Program
 
 F32 = jnp.float32
@@ -143,43 +142,6 @@ def suite(quick: bool = False) -> list[Case]:
 
 
 # --- the model -----------------------------------------------------------------------------------
-
-
-def xla_like_fusion(program: Program) -> Fusion:
-    """Kernels as XLA's CPU backend forms them, roughly.
-
-    Each contraction is a kernel of its own; every maximal run of other ops is one loop fusion,
-    cut after a reduce (its result is materialized); constants and reshapes are free and join the
-    run they sit in. A run's tensors used only inside it are internal.
-    """
-    runs: list[list[int]] = []
-    current: list[int] = []
-    for op in program.ops:
-        if op.kind in CONTRACTIONS:
-            if current:
-                runs.append(current)
-            runs.append([op.step])
-            current = []
-            continue
-        current.append(op.step)
-        if op.kind == "stablehlo.reduce":
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    outputs = set(program.outputs)
-    groups = []
-    for steps in runs:
-        if len(steps) < 2:
-            continue
-        inside = set(steps)
-        internal = frozenset(
-            vid for s in steps for vid in program.ops[s].outputs
-            if vid not in outputs and program.consumers[vid]
-            and all(c in inside for c in program.consumers[vid]))
-        groups.append(FusionGroup(f"k{steps[0]}", "loop", tuple(f"op{s}" for s in steps),
-                                  internal))
-    return Fusion(tuple(groups))
 
 
 def _cache_tier(working_set_bytes: float, target: Target) -> str:

@@ -250,17 +250,7 @@ def test_scanned_attention_runs_the_body_plans_tiles() -> None:
     """A scanned attention stack at N = 4096: the applied program tiles the attention inside the
     scan body with the body plan's blocks, and XLA's temporary memory drops at least 10x."""
     n, d, heads, layers = 4096, 64, 2, 2
-
-    def stack(ws: jax.Array, x: jax.Array) -> jax.Array:
-        def layer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
-            q, k, v = ((h @ w[i]).reshape(1, n, heads, d) for i in range(3))
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d).astype(h.dtype)
-            mask = jnp.tril(jnp.ones((n, n), bool))
-            p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-            return h + jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(1, n, heads * d), None
-
-        return jax.lax.scan(layer, x, ws)[0]
-
+    stack = _attention_stack(n, d, heads, train=False)
     ws = jax.ShapeDtypeStruct((layers, 3, heads * d, heads * d), jnp.float32)
     x = jax.ShapeDtypeStruct((1, n, heads * d), jnp.float32)
     fast = tiermap.jit(stack, target="h100", time_limit_s=10)
@@ -274,7 +264,8 @@ def test_scanned_attention_runs_the_body_plans_tiles() -> None:
                for note in lowered.notes), lowered.notes
 
 
-def _attention_stack(n: int, d: int, heads: int) -> Any:
+def _attention_stack(n: int, d: int, heads: int, train: bool = True) -> Any:
+    """A causal attention stack scanned over layers, or (`train`) its SGD training step."""
     def stack(ws: jax.Array, x: jax.Array) -> jax.Array:
         def layer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
             q, k, v = ((h @ w[i]).reshape(1, n, heads, d) for i in range(3))
@@ -285,12 +276,12 @@ def _attention_stack(n: int, d: int, heads: int) -> Any:
 
         return jax.lax.scan(layer, x, ws)[0]
 
-    def train(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def train_step(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         loss, g = jax.value_and_grad(
             lambda w: jnp.sum(stack(w, x).astype(jnp.float32) ** 2))(ws)
         return loss, ws - 1e-3 * g.astype(ws.dtype)
 
-    return train
+    return train_step if train else stack
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])

@@ -183,6 +183,14 @@ def _pair(ea: Any, eb: Any, a: int, b: int, links: dict[int, int], outer: Matche
     return None
 
 
+def _bind(eqn: Any, read: Callable[[Any], Any], env: dict[Any, Any]) -> None:
+    """Evaluate one equation into `env`."""
+    outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
+    for v, o in zip(eqn.outvars, outs, strict=True):
+        if not isinstance(v, jcore.DropVar):
+            env[v] = o
+
+
 KernelFn = Callable[[AttentionMatch, Callable[[Any], Any], tuple[Any, Any, Any]], Any]
 
 
@@ -213,12 +221,8 @@ def run_forward_scan(pair: ScanPair, eqn: Any, invals: Sequence[Any], kernel: Ke
                 leaves, pair.treedef = jax.tree_util.tree_flatten(vjp_fn)
                 env[e.outvars[0]] = out
                 continue
-            if idx in pair.skip_a:
-                continue
-            outs = bind_eqn(e, [read(v) for v in e.invars])
-            for v, o in zip(e.outvars, outs, strict=True):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = o
+            if idx not in pair.skip_a:
+                _bind(e, read, env)
         out_vals = []
         for j, v in enumerate(jaxpr.outvars):
             if j >= nk and (j - nk) in pair.dropped_ys:
@@ -267,12 +271,8 @@ def run_backward_scan(pair: ScanPair, eqn: Any, invals: Sequence[Any]) -> list[A
                     for r in roles[1:]:
                         total = total + cts[r]
                     env[var] = total.astype(var.aval.dtype)
-            if idx in pair.skip_b:
-                continue
-            outs = bind_eqn(e, [read(v) for v in e.invars])
-            for v, o in zip(e.outvars, outs, strict=True):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = o
+            if idx not in pair.skip_b:
+                _bind(e, read, env)
         outs = [read(v) for v in jaxpr.outvars]
         return outs[:nk], outs[nk:]
 
