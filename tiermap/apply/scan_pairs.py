@@ -159,7 +159,8 @@ def _pair(ea: Any, eb: Any, a: int, b: int, links: dict[int, int], outer: Matche
             continue
         skip_a = frozenset(i for i in m.region | m.bwd_region if i < n1)
         skip_b = frozenset(i - n1 for i in m.bwd_region if i >= n1)
-        made_a = {v for i in skip_a for v in ja.eqns[i].outvars}
+        # What the first body no longer computes (the kernel gives the attention's output).
+        made_a = {v for i in skip_a for v in ja.eqns[i].outvars} - {ja.eqns[m.d2].outvars[0]}
         dropped_ys = frozenset(k for k in range(len(ja.outvars) - nka)
                                if ja.outvars[nka + k] in made_a)
         if any(ja.outvars[j] in made_a for j in range(nka)):
