@@ -49,8 +49,10 @@ from tiermap.apply.memory import (
     to_device_memory,
     to_host_memory,
 )
+from tiermap.apply.offload import OffloadRun, OffloadSchedule, host_moves, offload_schedule
 from tiermap.apply.rewrite import Rewriter
 from tiermap.errors import TiermapError
+from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import Plan
 
 KERNELS = ("auto", "blocked", "pallas-gpu", "pallas-tpu")
@@ -74,6 +76,8 @@ class AppliedFunction:
         self.kernel = kernel
         self.interpret = interpret
         self.notes: list[str] = []
+        # Each plan decision, applied or not with the reason; filled once traced.
+        self.decisions: list[Decision] = []
         self._sharded = plan is not None and plan.sharding is not None
         self._host_positions = (host_input_positions(plan)
                                 if plan is not None and not self._sharded else [])
@@ -101,6 +105,7 @@ class AppliedFunction:
     def _inner(self, *args: Any, **kwargs: Any) -> Any:
         if self._sharded:
             self.notes = [SHARDED_NOTE]
+            self.decisions = [Decision("offload", "all", False, SHARDED_NOTE)]
             return self.fn(*args, **kwargs)
         leaves, rebuild = self._split(args, kwargs)
         leaves = to_device_memory(leaves, self._host_positions)
@@ -116,11 +121,58 @@ class AppliedFunction:
         closed = jax.make_jaxpr(flat_fn)(*leaves)
         inlined = inline_calls(closed)
         rewriter = Rewriter(self.plan, self.kernel, self.interpret)
+        schedule = offload_schedule(self.plan, inlined.jaxpr, inlined.consts)
+        run = None
+        if schedule.moves and host_kind_available():
+            run = rewriter.offload = OffloadRun(schedule)
         outs = rewriter.run(inlined.jaxpr, inlined.consts, leaves)
         self.notes = rewriter.notes or ["no attention recognised; the program runs as jax.jit"]
         if self._host_positions:
             self.notes.append(host_note(self._host_positions))
+        self.decisions = self._decisions(rewriter, schedule, run)
+        moves = [d for d in self.decisions if d.kind == "offload"]
+        if moves:
+            self.notes.append(f"host offload: {sum(d.applied for d in moves)} of {len(moves)} "
+                              "tensors' host moves placed with jax.device_put")
         return jax.tree.unflatten(out_tree[0], outs)
+
+    def _decisions(self, rewriter: Rewriter, schedule: OffloadSchedule,
+                   run: OffloadRun | None) -> list[Decision]:
+        """The plan's decisions, each applied or not with the reason (tiermap/ir/decisions.py)."""
+        plan = self.plan
+        out = list(rewriter.decisions)
+        if plan is None:
+            return out
+        for where, sub in [("", plan), *((f" of loop {lp.op_id}'s body", lp.body)
+                                          for lp in plan.loops)]:
+            for group in sub.attention:
+                name = group.group + where
+                if name not in rewriter.groups_seen:
+                    out.append(Decision("attention", name, False,
+                                        "left to XLA: the jaxpr matcher did not find this "
+                                        "attention (the notes give the matcher's reasons)"))
+        has_host = host_kind_available()
+        for pos in self._host_positions:
+            out.append(Decision("host-input", f"input {pos}", has_host,
+                                "placed in pinned_host before the call, moved to device memory "
+                                "at the program's start" if has_host else
+                                "not applied: " + NO_HOST_KIND_NOTE))
+        if run is not None:
+            out += run.decisions()
+        else:
+            why = "this backend has no pinned_host memory kind"
+            out += schedule.decisions
+            listed = {d.subject for d in schedule.decisions}
+            out += [Decision("offload", tid, False,
+                             "; ".join(m.describe() for m in moves) + f": not applied: {why}")
+                    for tid, moves in schedule.moves.items() if tid not in listed]
+        for lp in plan.loops:
+            inner = host_moves(lp.body)
+            if inner:
+                out.append(Decision("loop", lp.op_id, False,
+                                    f"{len(inner)} tensors' host moves in the body's plan: not "
+                                    "applied (moves inside loop bodies are not mapped yet)"))
+        return out
 
     def _place_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]
                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -30,8 +30,10 @@ from jax.extend import core as jcore
 from tiermap.apply.attention_match import AttentionMatch, NoMatch
 from tiermap.apply.jaxpr import bind_env, bind_eqn, inline_calls, is_literal
 from tiermap.apply.match import Matcher
+from tiermap.apply.offload import OffloadRun
 from tiermap.errors import TiermapError
 from tiermap.fusion.tiling import search_forward_tiles, tile_budget_bytes
+from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import LoopPlan, Plan
 from tiermap.kernels import pallas
 from tiermap.kernels.blocked_attention import LogitsTransform, blocked_attention
@@ -157,6 +159,11 @@ class Rewriter:
         self.where = ""
         self._matches: dict[int, tuple[Any, list[AttentionMatch]]] = {}
         self._live: dict[int, list[bool]] = {}
+        # The plan's host moves of top-level tensors (tiermap/apply/offload.py), if any.
+        self.offload: OffloadRun | None = None
+        # One per attention the matcher found: replaced by a kernel or left to XLA.
+        self.decisions: list[Decision] = []
+        self.groups_seen: set[str] = set()
 
     def matches(self, jaxpr: Any, consts: Sequence[Any]) -> list[AttentionMatch]:
         key = id(jaxpr)
@@ -168,6 +175,18 @@ class Rewriter:
             self._live[key] = matcher.live
             self.notes.extend(matcher.skipped)
         return hit[1]
+
+    def group_name(self, d1: int | None, d2: int | None) -> str:
+        """The plan's attention group whose matmuls are the `dot_general`s at (d1, d2), with
+        the loop body it sits in; `attention <n>` (the n-th matched) where none is."""
+        inside = f" of {self.where}" if self.where else ""
+        if self.plan is not None and d1 is not None and d2 is not None:
+            group = next((a for a in self.plan.attention if a.matmul_ordinals == (d1, d2)),
+                         None)
+            if group is not None:
+                self.groups_seen.add(group.group + inside)
+                return group.group + inside
+        return f"attention {self.count}{inside} (no plan group)"
 
     def tiles_for(self, m: AttentionMatch, ordinals: tuple[int, int] | None) -> _Tiles:
         """The plan's tiles for the attention whose matmuls are the top-level `dot_general`
@@ -208,9 +227,12 @@ class Rewriter:
     def run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], top: bool = True
             ) -> list[Any]:
         env = bind_env(jaxpr, consts, args)
+        offload = self.offload if top else None
 
         def read(v: Any) -> Any:
-            return v.val if is_literal(v) else env[v]
+            if is_literal(v):
+                return v.val
+            return offload.read(v, env) if offload is not None else env[v]
 
         matches = self.matches(jaxpr, consts)
         live = self._live[id(jaxpr)]
@@ -228,12 +250,15 @@ class Rewriter:
         loop_ordinal = {i: n for n, i in enumerate(loop_eqns)} if top else {}
         vjps: dict[int, Any] = {}
         for idx, eqn in enumerate(jaxpr.eqns):
+            if offload is not None:
+                offload.fire(idx, env)
             if idx in at_d2:
                 m = at_d2[idx]
                 d1, d2 = dot_ordinal.get(m.d1), dot_ordinal.get(m.d2)
                 tiles = self.tiles_for(m, (d1, d2) if d1 is not None and d2 is not None
                                        else None)
                 notes: list[str] = []
+                subject = self.group_name(d1, d2)
                 try:
                     if m.bwd_region:
                         def fwd(qq: Any, kk: Any, vv: Any, m: AttentionMatch = m,
@@ -248,6 +273,8 @@ class Rewriter:
                         out = _run_match(m, read, tiles, self.kernel, self.interpret, notes)
                 except NoMatch as exc:
                     self.notes.append(f"attention {self.count}: left to XLA ({exc})")
+                    self.decisions.append(Decision("attention", subject, False,
+                                                   f"left to XLA: {exc}"))
                     out = self._replay_region(jaxpr, m, env, read)
                     if m.bwd_region:
                         self._replay(jaxpr, sorted(m.bwd_region), env, read)
@@ -257,6 +284,10 @@ class Rewriter:
                         f"attention {self.count}: Nq={m.q_len} Nk={m.kv_len} d={m.head_dim}, "
                         f"blocks {tiles.block_q}x{tiles.block_k} ({tiles.source}); "
                         + "; ".join(notes))
+                    self.decisions.append(Decision(
+                        "attention", subject, True,
+                        f"tiled kernel, blocks {tiles.block_q}x{tiles.block_k} "
+                        f"({tiles.source}); " + "; ".join(notes)))
                 self.count += 1
                 env[eqn.outvars[0]] = out
                 continue
@@ -277,6 +308,8 @@ class Rewriter:
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
+        if offload is not None:
+            offload.finish(len(jaxpr.eqns), env)
         return [read(v) for v in jaxpr.outvars]
 
     def _replay_region(self, jaxpr: Any, m: AttentionMatch, env: dict[Any, Any],
