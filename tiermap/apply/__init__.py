@@ -12,6 +12,9 @@ inputs.
 - program inputs that the plan keeps in a host tier placed in host memory
   (`memory_kind="pinned_host"`) where the device has that memory, and moved to device memory
   inside the program;
+- every move of a top-level tensor into a host tier and back (an activation evicted after the
+  forward and prefetched before the backward) made a `jax.device_put` to host memory and back
+  to device memory at the equations of the steps the plan chose (`offload.py`);
 - everything else run as `jax.jit` runs it.
 
 A sharded plan (`plan.sharding`: the program is XLA's per-device program) is applied as the
@@ -23,8 +26,10 @@ notes say so.
 Mechanism: `fn` is traced to a jaxpr; calls to `jit`-wrapped functions are inlined
 (`jaxpr.py`); attention and the backward `jax.grad` wrote for it are matched (`match.py`,
 `match_backward.py`, giving `attention_match.AttentionMatch`es); the jaxpr is re-interpreted
-with the matches replaced by kernels with the plan's tiles (`rewrite.py`); host-tier inputs are
-placed by `memory.py`.
+with the matches replaced by kernels with the plan's tiles (`rewrite.py`) and the host moves
+placed (`offload.py`); host-tier inputs are placed by `memory.py`. `AppliedFunction.decisions`
+records what of the plan was applied and what was not, with the reason
+(`tiermap/ir/decisions.py`).
 
 Differentiating the applied function uses the kernel's `custom_vjp` (a recomputing, tiled
 backward). When `fn` itself differentiates (`jax.grad`, `jax.vjp` inside it), the backward JAX
@@ -62,7 +67,8 @@ SHARDED_NOTE = ("sharded plan: the program runs as jax.jit partitions it (shardi
 
 class AppliedFunction:
     """`fn` as the plan runs it. Call it like `fn`; `.lower(*args).compile()` gives the jax
-    Compiled of the program as applied; `.notes` says what was replaced and how."""
+    Compiled of the program as applied; `.notes` says what was replaced and how; `.decisions`
+    lists each plan decision, applied or not with the reason (both filled once traced)."""
 
     def __init__(self, fn: Callable[..., Any], plan: Plan | None, static_argnums: Sequence[int],
                  static_argnames: Sequence[str], kernel: str, interpret: bool) -> None:
@@ -214,6 +220,17 @@ def apply_plan(fn: Callable[..., Any], plan: Plan | None, *, static_argnums: Seq
         the jax Lowered stage and `.notes` listing what was applied.
     """
     return AppliedFunction(fn, plan, static_argnums, static_argnames, kernel, interpret)
+
+
+def applied_decisions(fn: Callable[..., Any], plan: Plan, *args: Any,
+                      static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (),
+                      **kwargs: Any) -> list[Decision]:
+    """Each of the plan's decisions, applied or not with the reason, for these arguments
+    (arrays or `jax.ShapeDtypeStruct`s): the program is traced as applied, not run."""
+    applied = apply_plan(fn, plan, static_argnums=static_argnums,
+                         static_argnames=static_argnames)
+    applied.lower(*args, **kwargs)
+    return list(applied.decisions)
 
 
 def lower_applied(fn: Callable[..., Any], plan: Plan | None, *args: Any,

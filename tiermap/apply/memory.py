@@ -70,11 +70,14 @@ def to_device_memory(leaves: list[Any], positions: list[int]) -> list[Any]:
 
 
 def to_host_memory(leaves: list[Any], positions: list[int]) -> list[Any]:
-    """Before the call: the array leaves at `positions` placed in pinned_host memory."""
+    """Before the call: the array leaves at `positions` placed in pinned_host memory (a
+    `jax.ShapeDtypeStruct` gets that sharding, for lowering)."""
     dev = jax.devices()[0]
     host = SingleDeviceSharding(dev, memory_kind="pinned_host")
     out = list(leaves)
     for pos in positions:
-        if pos < len(out) and hasattr(out[pos], "shape"):
+        if pos < len(out) and isinstance(out[pos], jax.ShapeDtypeStruct):
+            out[pos] = jax.ShapeDtypeStruct(out[pos].shape, out[pos].dtype, sharding=host)
+        elif pos < len(out) and hasattr(out[pos], "shape"):
             out[pos] = jax.device_put(out[pos], host)
     return out

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,11 +308,22 @@ def to_device(x: Any) -> Any:
     return jax.device_put(x, jax.memory.Space.Device)
 
 
-def count_host_placements(mlir_text: str) -> int:
+_PLACEMENT_RE = re.compile(r"@annotate_device_placement\((%[\w#]+)\)")
+
+
+def count_host_placements(mlir_text: str, intermediates_only: bool = False) -> int:
     """How many `annotate_device_placement` custom calls in `mlir_text` place a value in host
-    memory (what an export for GPU keeps of the placements to host)."""
-    return sum(1 for line in mlir_text.splitlines()
-               if "annotate_device_placement" in line and "pinned_host" in line)
+    memory (what an export for GPU keeps of the placements to host). `intermediates_only`:
+    leave out those whose operand is a function argument (a program input placed in host)."""
+    count = 0
+    for line in mlir_text.splitlines():
+        found = _PLACEMENT_RE.search(line)
+        if found is None or "pinned_host" not in line:
+            continue
+        if intermediates_only and found.group(1).startswith("%arg"):
+            continue
+        count += 1
+    return count
 
 
 class OffloadRun:
@@ -330,9 +341,18 @@ class OffloadRun:
         self.awaiting: set[Any] = set()
         self.read_back: set[str] = set()
         self._tensor_of: dict[Any, str] = {}
+        self._moved = {p.var for placed in schedule.placements.values() for p in placed}
         self._index = 0
 
-    def fire(self, idx: int, env: dict[Any, Any]) -> None:
+    def moves_any(self, variables: Sequence[Any]) -> bool:
+        """Whether the schedule moves any of these jaxpr variables to host."""
+        return any(not is_literal(v) and v in self._moved for v in variables)
+
+    def fire(self, idx: int, env: dict[Any, Any],
+             read_later: Callable[[Any, int], bool]) -> None:
+        """Carry out the placements before equation `idx`; `read_later(var, idx)` says whether
+        the applied program still reads `var` from `idx` on (a copy nothing reads is not
+        made)."""
         self._index = idx
         for p in self.schedule.placements.get(idx, ()):
             if p.tensor in self.failed:
@@ -343,6 +363,12 @@ class OffloadRun:
                     self.failed[p.tensor] = (
                         f"no value at equation {idx}: the equations that compute it were "
                         "replaced (an attention kernel) or are dead")
+                    continue
+                if not read_later(p.var, idx):
+                    self.failed[p.tensor] = (
+                        f"nothing in the applied program reads it from equation {idx} on (its "
+                        "readers were replaced by an attention kernel, whose backward keeps "
+                        "its own residuals from the forward on the device)")
                     continue
                 self.host_copy[p.var] = to_host(env[p.var])
                 self.done.setdefault(p.tensor, []).append(f"to host before eqn {idx}")
@@ -370,9 +396,11 @@ class OffloadRun:
             self.read_back.add(self._tensor_of.get(v, "?"))
         return env[v]
 
-    def finish(self, num_eqns: int, env: dict[Any, Any]) -> None:
+    def finish(self, num_eqns: int, env: dict[Any, Any],
+               read_later: Callable[[Any, int], bool]) -> None:
+        """Placements planned after the last equation (before the outputs are read)."""
         for idx in sorted(i for i in self.schedule.placements if i >= num_eqns):
-            self.fire(idx, env)
+            self.fire(idx, env, read_later)
         self._index = num_eqns
 
     def decisions(self) -> list[Decision]:

@@ -249,9 +249,11 @@ class Rewriter:
                      if live[i] and e.primitive.name in ("scan", "while")]
         loop_ordinal = {i: n for n, i in enumerate(loop_eqns)} if top else {}
         vjps: dict[int, Any] = {}
+        deferred: set[int] = set()
+        read_later = self._reader_index(jaxpr, matches, live, skip) if offload else None
         for idx, eqn in enumerate(jaxpr.eqns):
-            if offload is not None:
-                offload.fire(idx, env)
+            if offload is not None and read_later is not None:
+                offload.fire(idx, env, read_later)
             if idx in at_d2:
                 m = at_d2[idx]
                 d1, d2 = dot_ordinal.get(m.d1), dot_ordinal.get(m.d2)
@@ -266,9 +268,22 @@ class Rewriter:
                             return _run_match(m, read, tiles, self.kernel, self.interpret,
                                               notes, (qq, kk, vv))
 
-                        out, vjps[m.d2] = jax.vjp(fwd, read(m.q), read(m.k), read(m.v))
-                        notes.append("its backward (written by jax.grad) replaced by the "
-                                     "kernel's recomputing backward")
+                        if offload is not None and offload.moves_any((m.q, m.k, m.v)):
+                            # The plan moves Q, K or V to host until the backward: the backward
+                            # recomputes the forward from the copies brought back, so the
+                            # forward's residuals do not pin them on the device.
+                            out = fwd(read(m.q), read(m.k), read(m.v))
+                            vjps[m.d2] = fwd
+                            deferred.add(m.d2)
+                            notes.append("its backward (written by jax.grad) replaced by the "
+                                         "kernel's recomputing backward, which recomputes the "
+                                         "forward from Q, K, V as the plan brings them back "
+                                         "from host (one forward attention more than the plan "
+                                         "prices)")
+                        else:
+                            out, vjps[m.d2] = jax.vjp(fwd, read(m.q), read(m.k), read(m.v))
+                            notes.append("its backward (written by jax.grad) replaced by the "
+                                         "kernel's recomputing backward")
                     else:
                         out = _run_match(m, read, tiles, self.kernel, self.interpret, notes)
                 except NoMatch as exc:
@@ -293,7 +308,10 @@ class Rewriter:
                 continue
             if idx in at_bwd and at_bwd[idx].d2 in vjps:
                 m = at_bwd[idx]
-                cts = dict(zip("qkv", vjps[m.d2](read(m.ct_in)), strict=True))
+                pullback = vjps[m.d2]
+                if m.d2 in deferred:  # a forward to differentiate now
+                    _, pullback = jax.vjp(pullback, read(m.q), read(m.k), read(m.v))
+                cts = dict(zip("qkv", pullback(read(m.ct_in)), strict=True))
                 for var, roles in m.ct_out.items():
                     total = sum(cts[r] for r in roles[1:]) + cts[roles[0]] if len(
                         roles) > 1 else cts[roles[0]]
@@ -308,9 +326,41 @@ class Rewriter:
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
-        if offload is not None:
-            offload.finish(len(jaxpr.eqns), env)
+        if offload is not None and read_later is not None:
+            offload.finish(len(jaxpr.eqns), env, read_later)
         return [read(v) for v in jaxpr.outvars]
+
+    @staticmethod
+    def _reader_index(jaxpr: Any, matches: Sequence[AttentionMatch], live: Sequence[bool],
+                      skip: set[int]) -> Callable[[Any, int], bool]:
+        """`read_later(var, idx)`: whether equation `idx` or a later one reads `var` in the
+        program as applied (live equations outside the regions replaced by kernels, the
+        kernels' own inputs, the program's outputs). `skip` is read when asked, so a kernel
+        that fell back to XLA counts its equations again."""
+        readers: dict[Any, list[int]] = {}
+        for i, e in enumerate(jaxpr.eqns):
+            if live[i]:
+                for v in e.invars:
+                    if not is_literal(v):
+                        readers.setdefault(v, []).append(i)
+        kernel: dict[Any, list[int]] = {}
+        for m in matches:
+            for v in (m.q, m.k, m.v, *(s.value for s in m.sides if not s.concrete)):
+                if not is_literal(v):
+                    kernel.setdefault(v, []).append(m.d2)
+            if m.bwd_region and m.ct_in is not None and not is_literal(m.ct_in):
+                kernel.setdefault(m.ct_in, []).append(m.bwd_at)
+            if m.bwd_region:  # a backward that recomputes reads Q, K and V there
+                for v in (m.q, m.k, m.v):
+                    if not is_literal(v):
+                        kernel.setdefault(v, []).append(m.bwd_at)
+        outs = {v for v in jaxpr.outvars if not is_literal(v)}
+
+        def read_later(v: Any, idx: int) -> bool:
+            return (v in outs or any(j >= idx for j in kernel.get(v, ()))
+                    or any(j >= idx and j not in skip for j in readers.get(v, ())))
+
+        return read_later
 
     def _replay_region(self, jaxpr: Any, m: AttentionMatch, env: dict[Any, Any],
                        read: Callable[[Any], Any]) -> Any:
