@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +236,7 @@ class Placement:
     var: Any
     tensor: str
     move: Move
+    producer: int = -1  # the equation that computes `var` (-1: a program input)
 
 
 @dataclass
@@ -279,13 +280,13 @@ def offload_schedule(plan: Plan | None, jaxpr: Any, consts: Sequence[Any]) -> Of
             if not m.src:
                 first = after_producer
                 schedule.placements.setdefault(first, []).append(
-                    Placement(first, "copy-to-host", var, tid, m))
+                    Placement(first, "copy-to-host", var, tid, m, idx))
                 schedule.placements[first].append(Placement(first, "use-host", var, tid, m))
             elif m.dst in host_tiers(plan):
                 start = max(tmap.eqn_at(m.start_step), after_producer)
                 use = max(tmap.eqn_at(m.end_step + 1), start)
                 schedule.placements.setdefault(start, []).append(
-                    Placement(start, "copy-to-host", var, tid, m))
+                    Placement(start, "copy-to-host", var, tid, m, idx))
                 schedule.placements.setdefault(use, []).append(
                     Placement(use, "use-host", var, tid, m))
             else:
@@ -299,13 +300,14 @@ def offload_schedule(plan: Plan | None, jaxpr: Any, consts: Sequence[Any]) -> Of
 
 
 def to_host(x: Any) -> Any:
-    """Inside the program: `x` placed in host memory."""
-    return jax.device_put(x, jax.memory.Space.Host)
+    """Inside the program: `x` (in device memory) placed in host memory. Naming the source
+    lets jax.grad move the cotangent back the other way."""
+    return jax.device_put(x, jax.memory.Space.Host, src=jax.memory.Space.Device)
 
 
 def to_device(x: Any) -> Any:
-    """Inside the program: `x` placed in device memory."""
-    return jax.device_put(x, jax.memory.Space.Device)
+    """Inside the program: `x` (in host memory) placed in device memory."""
+    return jax.device_put(x, jax.memory.Space.Device, src=jax.memory.Space.Host)
 
 
 _PLACEMENT_RE = re.compile(r"@annotate_device_placement\((%[\w#]+)\)")
@@ -348,11 +350,11 @@ class OffloadRun:
         """Whether the schedule moves any of these jaxpr variables to host."""
         return any(not is_literal(v) and v in self._moved for v in variables)
 
-    def fire(self, idx: int, env: dict[Any, Any],
-             read_later: Callable[[Any, int], bool]) -> None:
+    def fire(self, idx: int, env: dict[Any, Any], read_later: Callable[[Any, int], bool],
+             replaced: Container[int] = ()) -> None:
         """Carry out the placements before equation `idx`; `read_later(var, idx)` says whether
         the applied program still reads `var` from `idx` on (a copy nothing reads is not
-        made)."""
+        made); `replaced`: the equations that attention kernels replace."""
         self._index = idx
         for p in self.schedule.placements.get(idx, ()):
             if p.tensor in self.failed:
@@ -361,8 +363,10 @@ class OffloadRun:
             if p.action == "copy-to-host":
                 if p.var not in env:
                     self.failed[p.tensor] = (
-                        f"no value at equation {idx}: the equations that compute it were "
-                        "replaced (an attention kernel) or are dead")
+                        f"computed inside an attention that the applied program replaces by "
+                        f"the tiled kernel (equation {p.producer}); the kernel keeps its own "
+                        "softmax statistics on the device" if p.producer in replaced else
+                        f"no value at equation {idx}: the equation that computes it is dead")
                     continue
                 if not read_later(p.var, idx):
                     self.failed[p.tensor] = (
@@ -396,11 +400,11 @@ class OffloadRun:
             self.read_back.add(self._tensor_of.get(v, "?"))
         return env[v]
 
-    def finish(self, num_eqns: int, env: dict[Any, Any],
-               read_later: Callable[[Any, int], bool]) -> None:
+    def finish(self, num_eqns: int, env: dict[Any, Any], read_later: Callable[[Any, int], bool],
+               replaced: Container[int] = ()) -> None:
         """Placements planned after the last equation (before the outputs are read)."""
         for idx in sorted(i for i in self.schedule.placements if i >= num_eqns):
-            self.fire(idx, env, read_later)
+            self.fire(idx, env, read_later, replaced)
         self._index = num_eqns
 
     def decisions(self) -> list[Decision]:

@@ -253,7 +253,7 @@ class Rewriter:
         read_later = self._reader_index(jaxpr, matches, live, skip) if offload else None
         for idx, eqn in enumerate(jaxpr.eqns):
             if offload is not None and read_later is not None:
-                offload.fire(idx, env, read_later)
+                offload.fire(idx, env, read_later, skip)
             if idx in at_d2:
                 m = at_d2[idx]
                 d1, d2 = dot_ordinal.get(m.d1), dot_ordinal.get(m.d2)
@@ -327,7 +327,7 @@ class Rewriter:
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
         if offload is not None and read_later is not None:
-            offload.finish(len(jaxpr.eqns), env, read_later)
+            offload.finish(len(jaxpr.eqns), env, read_later, skip)
         return [read(v) for v in jaxpr.outvars]
 
     @staticmethod

@@ -1,0 +1,154 @@
+"""Host offload of intermediates: the plan's moves to host and back are placements in the applied
+program (kept as `annotate_device_placement` in an export for CUDA), the numbers stay jax.jit's,
+and every plan decision is listed as applied or not with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiermap
+from tiermap.apply import applied_decisions, apply_plan
+from tiermap.apply.jaxpr import inline_calls
+from tiermap.apply.offload import (
+    count_host_placements,
+    host_moves,
+    host_tiers,
+    tensor_map,
+)
+from tiermap.examples import models
+from tiermap.ir.plan import occupancy_bytes
+from tiermap.sweep import with_capacity
+
+REPO = Path(__file__).resolve().parents[2]
+H100_4G = REPO / "benchmarks" / "targets" / "h100-4g.toml"
+SMALL = {"layers": 1, "d_model": 64, "heads": 2, "seq": 64, "batch": 4, "vocab": 128}
+
+
+def real_args(args: tuple, seed: int = 0) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    key = jax.random.key(seed)
+    vals = []
+    for i, s in enumerate(leaves):
+        k = jax.random.fold_in(key, i)
+        if jnp.issubdtype(s.dtype, jnp.integer):
+            vals.append(jax.random.randint(k, s.shape, 0, SMALL["vocab"], s.dtype))
+        else:
+            vals.append((0.02 * jax.random.normal(k, s.shape)).astype(s.dtype))
+    return jax.tree.unflatten(tree, vals)
+
+
+@pytest.fixture(scope="module")
+def starved() -> tuple:
+    """A 1-layer GPT training step planned on h100-4g with its HBM cut to half the step's peak
+    (the test-sized model fits 4 GiB many times over), so that the plan moves activations to
+    host and back."""
+    fn, args = models.transformer_train(**SMALL)
+    target = tiermap.target(str(H100_4G))
+    unlimited = tiermap.plan(fn, *args, target=target, strategy="greedy")
+    peak = max(occupancy_bytes(unlimited)["hbm"])
+    plan = tiermap.plan(fn, *args, target=with_capacity(target, "hbm", peak // 2))
+    return fn, args, plan
+
+
+def _intermediate_moves(plan) -> dict[str, int]:
+    """Tensor → number of its host-bound moves, for tensors that are not program inputs."""
+    inputs = set(plan.program.inputs)
+    host = host_tiers(plan)
+    return {tid: sum(1 for m in moves if m.dst in host)
+            for tid, moves in host_moves(plan).items() if tid not in inputs}
+
+
+def test_plan_moves_intermediates_to_host(starved) -> None:
+    _, _, plan = starved
+    moves = _intermediate_moves(plan)
+    assert moves, "the starved plan should evict activations to host"
+    for tid, tmoves in host_moves(plan).items():
+        t = plan.tensor(tid)
+        for m in tmoves:
+            if m.src:  # a move made in chunks is merged into one whole move
+                assert m.nbytes == t.nbytes, (tid, m)
+
+
+def test_applied_program_places_every_move_and_matches_jax_jit(starved) -> None:
+    fn, args, plan = starved
+    applied = apply_plan(fn, plan)
+    vals = real_args(args)
+    out, ref = applied(*vals), jax.jit(fn)(*vals)
+    for a, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4, rtol=0)
+    moves = _intermediate_moves(plan)
+    listed = {d.subject: d for d in applied.decisions if d.kind == "offload"}
+    assert set(moves) <= set(listed), "every host move of an intermediate is listed"
+    applied_moves = sum(n for tid, n in moves.items() if listed[tid].applied)
+    assert applied_moves == sum(moves.values()), [d for d in listed.values() if not d.applied]
+    exported = jax.export.export(jax.jit(applied), platforms=["cuda"])(*vals).mlir_module()
+    # At least one host placement per host-bound move of an intermediate.
+    assert count_host_placements(exported, intermediates_only=True) >= sum(moves.values())
+    plain = jax.export.export(jax.jit(fn), platforms=["cuda"])(*vals).mlir_module()
+    assert count_host_placements(plain) == 0
+
+
+def test_gradients_through_the_applied_step_match(starved) -> None:
+    fn, args, plan = starved
+    applied = apply_plan(fn, plan)
+    params, tokens, targets = real_args(args, seed=1)
+
+    def loss(f):
+        return lambda p: f(p, tokens, targets)[1]
+
+    g_a = jax.jit(jax.grad(loss(applied)))(params)
+    g_r = jax.jit(jax.grad(loss(fn)))(params)
+    for a, r in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_r), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4, rtol=0)
+
+
+def test_decisions_cover_attention_and_host_inputs(starved) -> None:
+    fn, args, plan = starved
+    decisions = applied_decisions(fn, plan, *args)
+    kinds = {d.kind for d in decisions}
+    assert "attention" in kinds and "offload" in kinds
+    groups = {d.subject for d in decisions if d.kind == "attention"}
+    assert {a.group for a in plan.attention} <= groups
+    for d in decisions:
+        assert d.detail, d
+        if not d.applied:
+            assert "not applied" in d.detail or "left to XLA" in d.detail, d
+
+
+def test_tensor_map_names_equations_and_what_it_cannot_map() -> None:
+    def f(x, w):
+        y = jnp.sin(x @ w)
+        return (y ** 3).sum(), jnp.cos(y)
+
+    spec = (jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 16),
+                                                                              jnp.float32))
+    plan = tiermap.plan(f, *spec, target="h100")
+    leaves = list(spec)
+    closed = inline_calls(jax.make_jaxpr(f)(*leaves))
+    tmap = tensor_map(plan, closed.jaxpr, closed.consts)
+    assert not tmap.failure
+    eqns = closed.jaxpr.eqns
+    sin_idx = next(i for i, e in enumerate(eqns) if e.primitive.name == "sin")
+    sin_op = next(op for op in plan.program.ops if op.kind == "stablehlo.sine")
+    assert tmap.where[sin_op.outputs[0]] == (sin_idx, 0)
+    assert tmap.where[plan.program.inputs[1]] == (-1, 1)
+    # y ** 3 lowers to two multiplies: the first one's result is no jaxpr variable.
+    inner = [vid for vid, why in tmap.why_not.items() if "integer_pow" in why]
+    assert inner, tmap.why_not
+
+
+def test_lowered_decisions_and_report(tmp_path) -> None:
+    fn, args = models.transformer_train(layers=1, d_model=64, heads=2, seq=64, batch=2,
+                                        vocab=128)
+    lowered = tiermap.jit(fn, target="h100").lower(*args)
+    decisions = lowered.decisions()
+    assert decisions and all(d.kind == "attention" for d in decisions), decisions
+    assert all(d.applied for d in decisions)
+    text = lowered.plan().report(decisions)
+    assert "## Plan decisions as applied" in text
+    assert f"`{decisions[0].subject}`" in text
