@@ -351,10 +351,11 @@ class OffloadRun:
         return any(not is_literal(v) and v in self._moved for v in variables)
 
     def fire(self, idx: int, env: dict[Any, Any], read_later: Callable[[Any, int], bool],
-             replaced: Container[int] = ()) -> None:
+             replaced: Container[int] = (), recomputed: Container[int] = ()) -> None:
         """Carry out the placements before equation `idx`; `read_later(var, idx)` says whether
         the applied program still reads `var` from `idx` on (a copy nothing reads is not
-        made); `replaced`: the equations that attention kernels replace."""
+        made); `replaced`: the equations that attention kernels replace; `recomputed`: those of
+        kernels whose backward recomputes the forward."""
         self._index = idx
         for p in self.schedule.placements.get(idx, ()):
             if p.tensor in self.failed:
@@ -362,10 +363,15 @@ class OffloadRun:
             self._tensor_of[p.var] = p.tensor
             if p.action == "copy-to-host":
                 if p.var not in env:
+                    inside = (f"computed inside an attention that the applied program replaces "
+                              f"by the tiled kernel (equation {p.producer}), which does not "
+                              "materialise it; ")
                     self.failed[p.tensor] = (
-                        f"computed inside an attention that the applied program replaces by "
-                        f"the tiled kernel (equation {p.producer}); the kernel keeps its own "
-                        "softmax statistics on the device" if p.producer in replaced else
+                        inside + "its backward recomputes it from Q, K and V (brought back "
+                        "from host as planned), so nothing of it stays on the device between "
+                        "the forward and the backward" if p.producer in recomputed else
+                        inside + "the kernel keeps its own softmax statistics on the device"
+                        if p.producer in replaced else
                         f"no value at equation {idx}: the equation that computes it is dead")
                     continue
                 if not read_later(p.var, idx):
@@ -401,10 +407,10 @@ class OffloadRun:
         return env[v]
 
     def finish(self, num_eqns: int, env: dict[Any, Any], read_later: Callable[[Any, int], bool],
-               replaced: Container[int] = ()) -> None:
+               replaced: Container[int] = (), recomputed: Container[int] = ()) -> None:
         """Placements planned after the last equation (before the outputs are read)."""
         for idx in sorted(i for i in self.schedule.placements if i >= num_eqns):
-            self.fire(idx, env, read_later, replaced)
+            self.fire(idx, env, read_later, replaced, recomputed)
         self._index = num_eqns
 
     def decisions(self) -> list[Decision]:

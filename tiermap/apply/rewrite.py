@@ -250,10 +250,11 @@ class Rewriter:
         loop_ordinal = {i: n for n, i in enumerate(loop_eqns)} if top else {}
         vjps: dict[int, Any] = {}
         deferred: set[int] = set()
+        recomputed: set[int] = set()  # equations of kernels whose backward recomputes
         read_later = self._reader_index(jaxpr, matches, live, skip) if offload else None
         for idx, eqn in enumerate(jaxpr.eqns):
             if offload is not None and read_later is not None:
-                offload.fire(idx, env, read_later, skip)
+                offload.fire(idx, env, read_later, skip, recomputed)
             if idx in at_d2:
                 m = at_d2[idx]
                 d1, d2 = dot_ordinal.get(m.d1), dot_ordinal.get(m.d2)
@@ -275,6 +276,7 @@ class Rewriter:
                             out = fwd(read(m.q), read(m.k), read(m.v))
                             vjps[m.d2] = fwd
                             deferred.add(m.d2)
+                            recomputed.update(m.region)
                             notes.append("its backward (written by jax.grad) replaced by the "
                                          "kernel's recomputing backward, which recomputes the "
                                          "forward from Q, K, V as the plan brings them back "
@@ -327,7 +329,7 @@ class Rewriter:
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
         if offload is not None and read_later is not None:
-            offload.finish(len(jaxpr.eqns), env, read_later, skip)
+            offload.finish(len(jaxpr.eqns), env, read_later, skip, recomputed)
         return [read(v) for v in jaxpr.outvars]
 
     @staticmethod
