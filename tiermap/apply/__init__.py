@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from tiermap.apply.jaxpr import inline_calls
 from tiermap.apply.memory import (
@@ -54,7 +55,13 @@ from tiermap.apply.memory import (
     to_device_memory,
     to_host_memory,
 )
-from tiermap.apply.offload import OffloadRun, OffloadSchedule, host_moves, offload_schedule
+from tiermap.apply.offload import (
+    OffloadRun,
+    OffloadSchedule,
+    host_moves,
+    kept_input_positions,
+    offload_schedule,
+)
 from tiermap.apply.rewrite import Rewriter
 from tiermap.errors import TiermapError
 from tiermap.ir.decisions import Decision
@@ -87,6 +94,7 @@ class AppliedFunction:
         self._sharded = plan is not None and plan.sharding is not None
         self._host_positions = (host_input_positions(plan)
                                 if plan is not None and not self._sharded else [])
+        self._leaf_cache: dict[Any, list[int]] = {}
         self._jitted = jax.jit(self._inner, static_argnums=self.static_argnums,
                                static_argnames=self.static_argnames)
         self.__name__ = getattr(fn, "__name__", "applied")
@@ -114,7 +122,7 @@ class AppliedFunction:
             self.decisions = [Decision("offload", "all", False, SHARDED_NOTE)]
             return self.fn(*args, **kwargs)
         leaves, rebuild = self._split(args, kwargs)
-        leaves = to_device_memory(leaves, self._host_positions)
+        leaves = to_device_memory(leaves, self._host_leaves(args, kwargs))
         out_tree: list[Any] = []
 
         def flat_fn(*xs: Any) -> list[Any]:
@@ -154,9 +162,10 @@ class AppliedFunction:
             for group in sub.attention:
                 name = group.group + where
                 if name not in rewriter.groups_seen:
+                    why = "; ".join(rewriter.skipped) or "no pattern of its shape in the jaxpr"
                     out.append(Decision("attention", name, False,
-                                        "left to XLA: the jaxpr matcher did not find this "
-                                        "attention (the notes give the matcher's reasons)"))
+                                        "left to XLA: the jaxpr matcher did not recognise this "
+                                        f"attention (the matcher: {why})"))
         has_host = host_kind_available()
         for pos in self._host_positions:
             out.append(Decision("host-input", f"input {pos}", has_host,
@@ -189,7 +198,31 @@ class AppliedFunction:
                 self.notes.append(NO_HOST_KIND_NOTE)
             return args, kwargs
         leaves, rebuild = self._split(args, kwargs)
-        return rebuild(to_host_memory(leaves, self._host_positions))
+        return rebuild(to_host_memory(leaves, self._host_leaves(args, kwargs)))
+
+    def _host_leaves(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+        """The leaves of (args, kwargs) that are the plan's host-tier inputs. The plan numbers
+        the program's inputs, which are the used leaves (jax.jit leaves unused ones out of the
+        StableHLO), so the positions are translated through a trace of `fn` (once per shapes)."""
+        plan = self.plan
+        if not self._host_positions or plan is None or plan.program is None:
+            return self._host_positions
+        leaves, rebuild = self._split(args, kwargs)
+        key = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves)
+        found = self._leaf_cache.get(key)
+        if found is None:
+            specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
+
+            def flat_fn(*xs: Any) -> list[Any]:
+                a, k = rebuild(list(xs))
+                return jax.tree.leaves(self.fn(*a, **k))
+
+            jaxpr = inline_calls(jax.make_jaxpr(flat_fn)(*specs)).jaxpr
+            kept = kept_input_positions(jaxpr, len(plan.program.inputs))
+            found = ([kept[p] for p in self._host_positions] if kept is not None
+                     else self._host_positions)
+            self._leaf_cache[key] = found
+        return found
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._place_inputs(args, kwargs)

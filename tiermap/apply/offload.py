@@ -40,12 +40,14 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from tiermap.apply.jaxpr import bind_env, bind_eqn, is_literal
+from tiermap.apply.jaxpr import bind_env, bind_eqn, eval_jaxpr, is_literal, live_eqns
 from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import Plan
 from tiermap.ir.program import DTYPE_BITS, Program
 
 SCOPE = "tiermap_eqn"
+# Equations that lower to their `call_jaxpr` (a custom derivative only matters to autodiff).
+CUSTOM_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call"})
 _SCOPE_RE = re.compile(SCOPE + r"(\d+)(?:/|$| )")
 
 
@@ -138,7 +140,14 @@ def _scoped(jaxpr: Any, consts: Sequence[Any]) -> Any:
 
         for i, eqn in enumerate(jaxpr.eqns):
             with jax.named_scope(f"{SCOPE}{i}"):
-                outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
+                invals = [read(v) for v in eqn.invars]
+                inner = eqn.params.get("call_jaxpr")
+                if eqn.primitive.name in CUSTOM_CALLS and isinstance(inner, jcore.ClosedJaxpr):
+                    # Lowered as its inner jaxpr, whose equations keep the name stack of their
+                    # own trace: evaluated here, they get this equation's scope.
+                    outs = eval_jaxpr(inner.jaxpr, inner.consts, invals)
+                else:
+                    outs = bind_eqn(eqn, invals)
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
@@ -168,8 +177,7 @@ def tensor_map(plan: Plan, jaxpr: Any, consts: Sequence[Any]) -> TensorMap:
         return TensorMap({}, [], {}, f"the jaxpr could not be lowered again ({exc})")
     where: dict[str, tuple[int, int]] = {}
     why_not: dict[str, str] = {}
-    if len(program.inputs) == len(jaxpr.invars):
-        where.update({vid: (-1, pos) for pos, vid in enumerate(program.inputs)})
+    where.update(_input_map(program, jaxpr))
     ours, a = _tokens(program)
     theirs, b = _tokens(scoped)
     scope_of = {op.id: _eqn_of(op.location) for op in scoped.ops}
@@ -209,6 +217,32 @@ def tensor_map(plan: Plan, jaxpr: Any, consts: Sequence[Any]) -> TensorMap:
             step_eqn[step] = nxt
         nxt = step_eqn[step]
     return TensorMap(where, step_eqn, why_not)
+
+
+def kept_input_positions(jaxpr: Any, num_inputs: int) -> list[int] | None:
+    """Positions among the jaxpr's inputs of a program's `num_inputs` inputs. jax.jit leaves
+    inputs that nothing uses out of the StableHLO, so the program's inputs are the jaxpr's used
+    ones, in order (all of them where the counts agree); None where neither count agrees."""
+    live = live_eqns(jaxpr)
+    used = {v for i, e in enumerate(jaxpr.eqns) if live[i] for v in e.invars
+            if not is_literal(v)} | {v for v in jaxpr.outvars if not is_literal(v)}
+    kept = [pos for pos, v in enumerate(jaxpr.invars) if v in used]
+    if len(kept) == num_inputs:
+        return kept
+    return list(range(num_inputs)) if len(jaxpr.invars) == num_inputs else None
+
+
+def _input_map(program: Program, jaxpr: Any) -> dict[str, tuple[int, int]]:
+    """Program input → (-1, position among the jaxpr's inputs), where count and types agree."""
+    kept = kept_input_positions(jaxpr, len(program.inputs))
+    if kept is None:
+        return {}
+    for pos, vid in zip(kept, program.inputs, strict=True):
+        aval, typ = jaxpr.invars[pos].aval, program.values[vid].type
+        if tuple(aval.shape) != tuple(typ.shape) or _bits(aval.dtype) != DTYPE_BITS.get(
+                typ.dtype):
+            return {}
+    return {vid: (-1, pos) for pos, vid in zip(kept, program.inputs, strict=True)}
 
 
 def _eqn_of(location: str) -> int | None:
@@ -264,8 +298,7 @@ def offload_schedule(plan: Plan | None, jaxpr: Any, consts: Sequence[Any]) -> Of
             continue
         found = tmap.where.get(tid)
         if found is None:
-            why = tmap.why_not.get(tid, "its op is not among the equations the alignment "
-                                        "matched")
+            why = tmap.why_not.get(tid) or _unmapped_reason(plan, tid)
             schedule.decisions.append(Decision("offload", tid, False,
                                                f"{text}: not applied: {why}"))
             continue
@@ -297,6 +330,18 @@ def offload_schedule(plan: Plan | None, jaxpr: Any, consts: Sequence[Any]) -> Of
         order = {"copy-to-host": 0, "use-host": 1, "to-device": 2}
         placed.sort(key=lambda p: (p.move.start_step, order[p.action]))
     return schedule
+
+
+def _unmapped_reason(plan: Plan, tid: str) -> str:
+    program = plan.program
+    step = plan.tensor(tid).producer_step
+    if program is not None and 0 <= step < len(program.ops):
+        op = program.ops[step]
+        if op.kind == "stablehlo.constant":
+            folded = op.attrs.get("folded_from")
+            return ("a constant" + (f" (folded from a {folded})" if folded else "")
+                    + ": constants are left out of the alignment with the jaxpr")
+    return "its op is not among those the alignment matched with the jaxpr's equations"
 
 
 def to_host(x: Any) -> Any:

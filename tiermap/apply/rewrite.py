@@ -164,6 +164,8 @@ class Rewriter:
         # One per attention the matcher found: replaced by a kernel or left to XLA.
         self.decisions: list[Decision] = []
         self.groups_seen: set[str] = set()
+        # Why the matcher passed over attention-like patterns (also in `notes`).
+        self.skipped: list[str] = []
 
     def matches(self, jaxpr: Any, consts: Sequence[Any]) -> list[AttentionMatch]:
         key = id(jaxpr)
@@ -174,6 +176,7 @@ class Rewriter:
             self._matches[key] = hit
             self._live[key] = matcher.live
             self.notes.extend(matcher.skipped)
+            self.skipped.extend(matcher.skipped)
         return hit[1]
 
     def group_name(self, d1: int | None, d2: int | None) -> str:
