@@ -18,6 +18,7 @@ from tiermap.apply.offload import (
     count_host_placements,
     host_moves,
     host_tiers,
+    kept_input_positions,
     tensor_map,
 )
 from tiermap.examples import models
@@ -152,3 +153,21 @@ def test_lowered_decisions_and_report(tmp_path) -> None:
     text = lowered.plan().report(decisions)
     assert "## Plan decisions as applied" in text
     assert f"`{decisions[0].subject}`" in text
+
+
+def test_inputs_map_through_the_leaves_jax_jit_keeps() -> None:
+    def f(unused, x, w):
+        return jax.nn.relu(x @ w)
+
+    spec = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((3,), (8, 16), (16, 16))]
+    plan = tiermap.plan(f, *spec, target="h100")
+    assert len(plan.program.inputs) == 2  # jax.jit leaves the unused argument out
+    closed = inline_calls(jax.make_jaxpr(f)(*spec))
+    assert kept_input_positions(closed.jaxpr, 2) == [1, 2]
+    tmap = tensor_map(plan, closed.jaxpr, closed.consts)
+    assert tmap.where[plan.program.inputs[0]] == (-1, 1)
+    # relu is a custom_jvp call: its max is mapped to that equation, not lost to its own scope.
+    relu = next(i for i, e in enumerate(closed.jaxpr.eqns)
+                if e.primitive.name == "custom_jvp_call")
+    top = next(op for op in plan.program.ops if op.kind == "stablehlo.maximum")
+    assert tmap.where[top.outputs[0]] == (relu, 0)
