@@ -22,7 +22,8 @@ lowers the inlined jaxpr again for the plan's platform with every equation `i` i
 plan's program (difflib over each op's kind and result types, constants left out; the two
 lowerings differ only in where constants land). An aligned op's location names its equation; its
 results that leave the equation's scope (or are program outputs) are the equation's outputs, and
-program inputs map by position. Not mapped, and listed as not applied with the reason: tensors
+program inputs map by position among the used ones. The steps' equations must come in program
+order, else nothing is mapped. Not mapped, and listed as not applied with the reason: tensors
 internal to one equation's lowering (e.g. the intermediate of an `integer_pow`), ops the
 alignment leaves out, equations with several outputs of the same type, and tensors inside loop
 bodies (a body plan's moves are not applied).
@@ -211,6 +212,13 @@ def tensor_map(plan: Plan, jaxpr: Any, consts: Sequence[Any]) -> TensorMap:
                 else:
                     why_not[vid] = (f"equation {idx} ({eqn.primitive.name}) has "
                                     f"{len(same)} outputs of type {typ}")
+    mapped = [(step, idx) for step, idx in enumerate(step_eqn) if idx >= 0]
+    for (s0, e0), (s1, e1) in zip(mapped, mapped[1:], strict=False):
+        # jax lowers equation after equation, and the frontend keeps the order: a step whose
+        # equation comes before its predecessor's means the alignment went wrong.
+        if e1 < e0:
+            return TensorMap({}, [], {}, f"the alignment with the jaxpr is out of order (step "
+                                         f"{s1} maps to equation {e1}, step {s0} to {e0})")
     nxt = len(jaxpr.eqns)
     for step in range(len(step_eqn) - 1, -1, -1):  # unmapped steps run with the next mapped one
         if step_eqn[step] < 0:
