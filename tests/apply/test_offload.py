@@ -171,3 +171,45 @@ def test_inputs_map_through_the_leaves_jax_jit_keeps() -> None:
                 if e.primitive.name == "custom_jvp_call")
     top = next(op for op in plan.program.ops if op.kind == "stablehlo.maximum")
     assert tmap.where[top.outputs[0]] == (relu, 0)
+
+
+def test_a_read_from_host_and_an_output_written_there_get_copies_to_device() -> None:
+    """A plan edited by hand: `a` is evicted after its first reader and read again with no
+    prefetch (the plan lets that read go to host); the output is written straight into host."""
+    import dataclasses
+
+    from tiermap.ir.plan import Residency, Transfer
+
+    def f(x, w):
+        a = jnp.sin(x @ w)
+        c = jnp.cos(a) @ w
+        return jnp.tanh(c) + a
+
+    spec = [jax.ShapeDtypeStruct((32, 32), jnp.float32)] * 2
+    plan = tiermap.plan(f, *spec, target=str(H100_4G))
+    program = plan.program
+    sin_op = next(op for op in program.ops if op.kind == "stablehlo.sine")
+    cos_op = next(op for op in program.ops if op.kind == "stablehlo.cosine")
+    a, out = sin_op.outputs[0], program.outputs[0]
+    last = program.num_steps - 1
+    tensors = []
+    for t in plan.tensors:
+        if t.id == a:
+            t = dataclasses.replace(t, residency=(Residency("hbm", t.producer_step, cos_op.step),
+                                                  Residency("host", cos_op.step,
+                                                            t.last_use_step)))
+        elif t.id == out:
+            t = dataclasses.replace(t, residency=(Residency("host", t.producer_step, last),))
+        tensors.append(t)
+    move = Transfer(a, "hbm", "host", cos_op.step, cos_op.step, plan.tensor(a).nbytes)
+    edited = dataclasses.replace(plan, tensors=tuple(tensors), transfers=(move,))
+    assert set(host_moves(edited)) == {a, out}
+    applied = apply_plan(f, edited)
+    x, w = (jax.random.normal(jax.random.key(i), (32, 32)) for i in range(2))
+    np.testing.assert_allclose(np.asarray(applied(x, w)), np.asarray(jax.jit(f)(x, w)),
+                               atol=1e-5)
+    done = {d.subject: d for d in applied.decisions if d.kind == "offload"}
+    assert done[a].applied and "to device for a read" in done[a].detail, done[a]
+    assert done[out].applied and "written to host" in done[out].detail, done[out]
+    text = jax.export.export(jax.jit(applied), platforms=["cuda"])(x, w).mlir_module()
+    assert count_host_placements(text, intermediates_only=True) == 2
