@@ -168,9 +168,15 @@ class AppliedFunction:
                                         f"attention (the matcher: {why})"))
         has_host = host_kind_available()
         for pos in self._host_positions:
+            vid = plan.program.inputs[pos] if plan.program is not None else ""
+            steps = sorted(x.start_step for x in plan.transfers
+                           if x.tensor == vid and x.dst == plan.target.main_tier.name)
+            when = (f" (the plan brings it to {plan.target.main_tier.name} from step "
+                    f"{steps[0]}; moving it there at that step is not applied yet)"
+                    if steps else "")
             out.append(Decision("host-input", f"input {pos}", has_host,
                                 "placed in pinned_host before the call, moved to device memory "
-                                "at the program's start" if has_host else
+                                "at the program's start" + when if has_host else
                                 "not applied: " + NO_HOST_KIND_NOTE))
         if run is not None:
             out += run.decisions()
