@@ -48,6 +48,7 @@ from tiermap.formatting import (
     fmt_time_s,
     write_atomic,
 )
+from tiermap.ir.decisions import Decision, decision_counts
 from tiermap.options import OBJECTIVES, STRATEGIES
 from tiermap.plots import fidelity as fidelity_plot
 from tiermap.plots import save_figure, save_plots
@@ -488,6 +489,7 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         steps.step(f"loading target {ns.target}")
         target = tiermap.target(ns.target)
         program: Program
+        user: _UserProgram | None = None
         if ns.program.endswith((".mlir", ".stablehlo")):
             if not Path(ns.program).is_file():
                 raise UsageError(f"{ns.program}: no such file")
@@ -505,6 +507,10 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                             time_limit_s=ns.time_limit_s, seed=ns.seed, objective=ns.objective,
                             capacity_bound=ns.capacity_bound,
                             assumed_trip_count=ns.assumed_trip_count)
+        decisions: list[Decision] | None = None
+        if user is not None:
+            steps.step("tracing the program as applied (which plan decisions it realises)")
+            decisions = _applied_decisions(user, plan)
         compare: dict[str, Plan] = {}
         if "plots" in paths:
             for other in ("naive", "greedy"):
@@ -517,7 +523,8 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         written: dict[str, str] = {}
         writers: dict[str, Callable[[], str]] = {
             "plan": plan.to_json, "mlir": plan.annotated_mlir,
-            "trace": lambda: trace_json(plan, ns.trace_iterations), "report": plan.report,
+            "trace": lambda: trace_json(plan, ns.trace_iterations),
+            "report": lambda: plan.report(decisions),
         }
         for kind, make in writers.items():
             if kind in paths:
@@ -529,13 +536,27 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             for name, chart in save_plots(plan, paths["plots"], compare=compare).items():
                 written[f"plot:{Path(name).stem}"] = str(chart)
     if ns.json:
-        out.write(json.dumps(plan_summary(plan, written), indent=1) + "\n")
+        out.write(json.dumps(plan_summary(plan, written, decisions), indent=1) + "\n")
         return EXIT_OK
     console = _console(out)
     console.print(rich_summary(plan))
+    if decisions is not None:
+        counts = decision_counts(decisions)
+        parts = [f"{kind} {done} applied, {left} not" for kind, (done, left) in counts.items()]
+        console.print("plan decisions as applied: " + ("; ".join(parts) or "none to apply")
+                      + (" (the report lists each)" if "report" in written else ""))
     for kind, where in written.items():
         console.print(f"wrote {kind:<15} {where}")
     return EXIT_OK
+
+
+def _applied_decisions(user: _UserProgram, plan: Plan) -> list[Decision]:
+    """The plan's decisions as the applied program has them (`tiermap.apply`), traced on the
+    user's arguments."""
+    # local import: tiermap.apply imports jax at module level; the CLI's start stays cheap
+    from tiermap.apply import applied_decisions
+
+    return applied_decisions(user.fn, plan, *user.args, **user.kwargs)
 
 
 def cmd_calibrate(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:

@@ -6,6 +6,7 @@
     step(params, batch)                     # plans once per input shapes, then runs the plan
     step.lower(params, batch).plan()        # the Plan (a tiermap.Plan)
     step.lower(params, batch).compile()     # jax's Compiled of the program as applied
+    step.lower(params, batch).decisions()   # what of the plan the applied program realises
 
 A call looks up its cache key (the pytree structure, shapes, dtypes and weak types of the dynamic
 arguments, and the values of the static ones). On a miss it plans the program on
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     import jax
 
     from tiermap.hardware.target import Target
+    from tiermap.ir.decisions import Decision
     from tiermap.plan_views import Plan
 
 
@@ -130,6 +132,15 @@ class Lowered:
         """What applying the plan changed (kernels chosen for attention, host placement), as
         `tiermap.apply` reports it; filled once the program has been traced."""
         return tuple(getattr(self._entry.applied, "notes", ()))
+
+    def decisions(self) -> tuple[Decision, ...]:
+        """Each plan decision and what the program as applied does about it: attention groups
+        tiled or left to XLA, host-tier inputs, moves of tensors to host memory and back, each
+        applied or not with the reason (tiermap/ir/decisions.py). Traces the applied program
+        if it has not been traced yet."""
+        if not getattr(self._entry.applied, "decisions", None):
+            self.lowered()
+        return tuple(getattr(self._entry.applied, "decisions", ()))
 
     def as_text(self) -> str:
         """The planned program's StableHLO with `tiermap.*` attributes on every op."""

@@ -8,10 +8,12 @@ the report and the MLIR layer, all above the IR. This class adds those verbs, an
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from tiermap.errors import TiermapError
 from tiermap.frontend.annotate import annotate_mlir
 from tiermap.ir import plan as plan_data
+from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import annotations_for
 from tiermap.passes.verify import verify_plan
 from tiermap.report import plan_html, plan_report
@@ -42,9 +44,11 @@ class Plan(plan_data.Plan):
             )
         return annotate_mlir(self.program, annotations_for(self))
 
-    def report(self) -> str:
-        """A text table: per-tier peak occupancy, traffic and time; the costliest tensors."""
-        return plan_report(self)
+    def report(self, decisions: Sequence[Decision] | None = None) -> str:
+        """A text table: per-tier peak occupancy, traffic and time; the costliest tensors; with
+        `decisions` (e.g. `tiermap.jit(f).lower(*args).decisions()`), what the applied program
+        realises of the plan."""
+        return plan_report(self, decisions=decisions)
 
     def _repr_html_(self) -> str:
         return plan_html(self)

@@ -23,6 +23,7 @@ from tiermap.formatting import (
     fmt_time_s,
     html_table,
 )
+from tiermap.ir.decisions import Decision, decision_counts
 from tiermap.ir.plan import occupancy_bytes, tier_at_step, usable_tier
 
 if TYPE_CHECKING:
@@ -197,8 +198,10 @@ def solver_line(plan: Plan) -> str:
     return line if redundant else f"{line}: {s.detail}"
 
 
-def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A small machine-readable summary (the CLI's `--json`): times, tiers, solver, outputs."""
+def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None,
+                 decisions: Sequence[Decision] | None = None) -> dict[str, Any]:
+    """A small machine-readable summary (the CLI's `--json`): times, tiers, solver, outputs, and
+    with `decisions` the plan decisions as applied."""
     return {
         "schema": "tiermap.summary/v1",
         "program": {"name": plan.program_name, "num_steps": plan.num_steps,
@@ -227,6 +230,7 @@ def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None) -> dict[s
                   for x in plan.loops],
         "warnings": list(plan.warnings),
         **({"sharding": sharding_summary(plan)} if plan.sharding else {}),
+        **({"decisions": [d.to_dict() for d in decisions]} if decisions is not None else {}),
         "outputs": dict(outputs or {}),
     }
 
@@ -437,9 +441,12 @@ def _shape(shape: Sequence[int], dtype: str) -> str:
     return f"{dtype}[{','.join(str(d) for d in shape)}]"
 
 
-def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
+def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12,
+                decisions: Sequence[Decision] | None = None) -> str:
     """A markdown report: program, target, solver, predicted times against the baselines and the
-    lower bound, the per-tier table, the costliest tensors and the fusion/tiling groups."""
+    lower bound, the per-tier table, the costliest tensors and the fusion/tiling groups; with
+    `decisions` (`tiermap.apply`'s record of the program as applied), which plan decisions the
+    applied program realises and which not, with the reason."""
     lines = [f"# tiermap plan: {plan.program_name} on {plan.target.name}", ""]
     lines += [
         f"- program: `{plan.program_name}`, {plan.num_steps} steps, {len(plan.tensors)} tensors",
@@ -509,6 +516,8 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
         moved = sum(x.bytes for x in plan.transfers)
         lines += [f"{transfers} transfers move {fmt_bytes(moved)} between tiers.", ""]
     lines += _loop_lines(plan)
+    if decisions is not None:
+        lines += decision_lines(decisions)
     if plan.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in plan.warnings] + [""]
     lines += _sharding_lines(plan)
@@ -518,6 +527,23 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12) -> str:
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def decision_lines(decisions: Sequence[Decision]) -> list[str]:
+    """The report's section listing each plan decision as the applied program has it."""
+    lines = ["## Plan decisions as applied", ""]
+    if not decisions:
+        return lines + ["The plan makes no decision that the applied program has to realise "
+                        "(no tiled attention, no host placement).", ""]
+    counts = decision_counts(decisions)
+    lines += _md_table(["decision", "applied", "not applied"],
+                       [[kind, str(done), str(left)] for kind, (done, left) in counts.items()],
+                       align="lrr")
+    lines += [""]
+    lines += _md_table(["decision", "subject", "applied", "how, or why not"],
+                       [[d.kind, f"`{d.subject}`", "yes" if d.applied else "**no**",
+                         d.detail.replace("|", "/")] for d in decisions], align="llll")
+    return lines + [""]
 
 
 def _loop_lines(plan: Plan, depth: int = 0) -> list[str]:

@@ -375,6 +375,30 @@ def test_compile_writes_each_requested_output(user_file: Path, tmp_path: Path) -
     assert not list(out_dir.rglob("*.tmp"))
 
 
+def test_compile_report_lists_the_plan_decisions_as_applied(tmp_path: Path) -> None:
+    model = write(tmp_path / "gpt.py", """
+        from tiermap.examples import models
+
+        def build():
+            return models.transformer_train(layers=1, d_model=64, heads=2, seq=64, batch=2,
+                                            vocab=128)
+        """)
+    report = tmp_path / "r.md"
+    code, out, err = run("compile", f"{model}:build", "--target", "h100", *FAST,
+                         "--report", str(report), "--json")
+    assert code == 0, err
+    decisions = json.loads(out)["decisions"]
+    assert decisions and {d["kind"] for d in decisions} == {"attention"}
+    text = report.read_text()
+    assert "## Plan decisions as applied" in text
+    for d in decisions:  # the report lists the same decisions as the summary
+        assert f"| {d['kind']} | `{d['subject']}` | {'yes' if d['applied'] else '**no**'} |" \
+            in text
+    code, out, err = run("compile", f"{model}:build", "--target", "h100", *FAST)
+    assert code == 0, err
+    assert "plan decisions as applied: attention 1 applied, 0 not" in out
+
+
 def test_out_dir_writes_everything(user_file: Path, tmp_path: Path) -> None:
     code, out, err = run("compile", f"{user_file}:build", "--target", "cpu", *FAST,
                          "--out-dir", str(tmp_path / "out"))

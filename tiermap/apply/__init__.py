@@ -12,6 +12,9 @@ inputs.
 - program inputs that the plan keeps in a host tier placed in host memory
   (`memory_kind="pinned_host"`) where the device has that memory, and moved to device memory
   inside the program;
+- every move of a top-level tensor into a host tier and back (an activation evicted after the
+  forward and prefetched before the backward) made a `jax.device_put` to host memory and back
+  to device memory at the equations of the steps the plan chose (`offload.py`);
 - everything else run as `jax.jit` runs it.
 
 A sharded plan (`plan.sharding`: the program is XLA's per-device program) is applied as the
@@ -23,8 +26,10 @@ notes say so.
 Mechanism: `fn` is traced to a jaxpr; calls to `jit`-wrapped functions are inlined
 (`jaxpr.py`); attention and the backward `jax.grad` wrote for it are matched (`match.py`,
 `match_backward.py`, giving `attention_match.AttentionMatch`es); the jaxpr is re-interpreted
-with the matches replaced by kernels with the plan's tiles (`rewrite.py`); host-tier inputs are
-placed by `memory.py`.
+with the matches replaced by kernels with the plan's tiles (`rewrite.py`) and the host moves
+placed (`offload.py`); host-tier inputs are placed by `memory.py`. `AppliedFunction.decisions`
+records what of the plan was applied and what was not, with the reason
+(`tiermap/ir/decisions.py`).
 
 Differentiating the applied function uses the kernel's `custom_vjp` (a recomputing, tiled
 backward). Where `fn` differentiates a scan over attention layers, the attention split across
@@ -42,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from tiermap.apply.jaxpr import inline_calls
 from tiermap.apply.memory import (
@@ -52,8 +58,16 @@ from tiermap.apply.memory import (
     to_device_memory,
     to_host_memory,
 )
+from tiermap.apply.offload import (
+    OffloadRun,
+    OffloadSchedule,
+    host_moves,
+    kept_input_positions,
+    offload_schedule,
+)
 from tiermap.apply.rewrite import Rewriter
 from tiermap.errors import TiermapError
+from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import Plan
 
 KERNELS = ("auto", "blocked", "pallas-gpu", "pallas-tpu")
@@ -63,7 +77,8 @@ SHARDED_NOTE = ("sharded plan: the program runs as jax.jit partitions it (shardi
 
 class AppliedFunction:
     """`fn` as the plan runs it. Call it like `fn`; `.lower(*args).compile()` gives the jax
-    Compiled of the program as applied; `.notes` says what was replaced and how."""
+    Compiled of the program as applied; `.notes` says what was replaced and how; `.decisions`
+    lists each plan decision, applied or not with the reason (both filled once traced)."""
 
     def __init__(self, fn: Callable[..., Any], plan: Plan | None, static_argnums: Sequence[int],
                  static_argnames: Sequence[str], kernel: str, interpret: bool) -> None:
@@ -77,9 +92,12 @@ class AppliedFunction:
         self.kernel = kernel
         self.interpret = interpret
         self.notes: list[str] = []
+        # Each plan decision, applied or not with the reason; filled once traced.
+        self.decisions: list[Decision] = []
         self._sharded = plan is not None and plan.sharding is not None
         self._host_positions = (host_input_positions(plan)
                                 if plan is not None and not self._sharded else [])
+        self._leaf_cache: dict[Any, list[int]] = {}
         self._jitted = jax.jit(self._inner, static_argnums=self.static_argnums,
                                static_argnames=self.static_argnames)
         self.__name__ = getattr(fn, "__name__", "applied")
@@ -104,9 +122,10 @@ class AppliedFunction:
     def _inner(self, *args: Any, **kwargs: Any) -> Any:
         if self._sharded:
             self.notes = [SHARDED_NOTE]
+            self.decisions = [Decision("offload", "all", False, SHARDED_NOTE)]
             return self.fn(*args, **kwargs)
         leaves, rebuild = self._split(args, kwargs)
-        leaves = to_device_memory(leaves, self._host_positions)
+        leaves = to_device_memory(leaves, self._host_leaves(args, kwargs))
         out_tree: list[Any] = []
 
         def flat_fn(*xs: Any) -> list[Any]:
@@ -119,11 +138,65 @@ class AppliedFunction:
         closed = jax.make_jaxpr(flat_fn)(*leaves)
         inlined = inline_calls(closed)
         rewriter = Rewriter(self.plan, self.kernel, self.interpret)
+        schedule = offload_schedule(self.plan, inlined.jaxpr, inlined.consts)
+        run = None
+        if schedule.moves and host_kind_available():
+            run = rewriter.offload = OffloadRun(schedule)
         outs = rewriter.run(inlined.jaxpr, inlined.consts, leaves)
         self.notes = rewriter.notes or ["no attention recognised; the program runs as jax.jit"]
         if self._host_positions:
             self.notes.append(host_note(self._host_positions))
+        self.decisions = self._decisions(rewriter, schedule, run)
+        moves = [d for d in self.decisions if d.kind == "offload"]
+        if moves:
+            self.notes.append(f"host offload: {sum(d.applied for d in moves)} of {len(moves)} "
+                              "tensors' host moves placed with jax.device_put")
         return jax.tree.unflatten(out_tree[0], outs)
+
+    def _decisions(self, rewriter: Rewriter, schedule: OffloadSchedule,
+                   run: OffloadRun | None) -> list[Decision]:
+        """The plan's decisions, each applied or not with the reason (tiermap/ir/decisions.py)."""
+        plan = self.plan
+        out = list(rewriter.decisions)
+        if plan is None:
+            return out
+        for where, sub in [("", plan), *((f" of loop {lp.op_id}'s body", lp.body)
+                                          for lp in plan.loops)]:
+            for group in sub.attention:
+                name = group.group + where
+                if name not in rewriter.groups_seen:
+                    why = "; ".join(rewriter.skipped) or "no pattern of its shape in the jaxpr"
+                    out.append(Decision("attention", name, False,
+                                        "left to XLA: the jaxpr matcher did not recognise this "
+                                        f"attention (the matcher: {why})"))
+        has_host = host_kind_available()
+        for pos in self._host_positions:
+            vid = plan.program.inputs[pos] if plan.program is not None else ""
+            steps = sorted(x.start_step for x in plan.transfers
+                           if x.tensor == vid and x.dst == plan.target.main_tier.name)
+            when = (f" (the plan brings it to {plan.target.main_tier.name} from step "
+                    f"{steps[0]}; moving it there at that step is not applied yet)"
+                    if steps else "")
+            out.append(Decision("host-input", f"input {pos}", has_host,
+                                "placed in pinned_host before the call, moved to device memory "
+                                "at the program's start" + when if has_host else
+                                "not applied: " + NO_HOST_KIND_NOTE))
+        if run is not None:
+            out += run.decisions()
+        else:
+            why = "this backend has no pinned_host memory kind"
+            out += schedule.decisions
+            listed = {d.subject for d in schedule.decisions}
+            out += [Decision("offload", tid, False,
+                             "; ".join(m.describe() for m in moves) + f": not applied: {why}")
+                    for tid, moves in schedule.moves.items() if tid not in listed]
+        for lp in plan.loops:
+            inner = host_moves(lp.body)
+            if inner:
+                out.append(Decision("loop", lp.op_id, False,
+                                    f"{len(inner)} tensors' host moves in the body's plan: not "
+                                    "applied (moves inside loop bodies are not mapped yet)"))
+        return out
 
     def _place_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]
                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -134,7 +207,31 @@ class AppliedFunction:
                 self.notes.append(NO_HOST_KIND_NOTE)
             return args, kwargs
         leaves, rebuild = self._split(args, kwargs)
-        return rebuild(to_host_memory(leaves, self._host_positions))
+        return rebuild(to_host_memory(leaves, self._host_leaves(args, kwargs)))
+
+    def _host_leaves(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+        """The leaves of (args, kwargs) that are the plan's host-tier inputs. The plan numbers
+        the program's inputs, which are the used leaves (jax.jit leaves unused ones out of the
+        StableHLO), so the positions are translated through a trace of `fn` (once per shapes)."""
+        plan = self.plan
+        if not self._host_positions or plan is None or plan.program is None:
+            return self._host_positions
+        leaves, rebuild = self._split(args, kwargs)
+        key = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves)
+        found = self._leaf_cache.get(key)
+        if found is None:
+            specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
+
+            def flat_fn(*xs: Any) -> list[Any]:
+                a, k = rebuild(list(xs))
+                return jax.tree.leaves(self.fn(*a, **k))
+
+            jaxpr = inline_calls(jax.make_jaxpr(flat_fn)(*specs)).jaxpr
+            kept = kept_input_positions(jaxpr, len(plan.program.inputs))
+            found = ([kept[p] for p in self._host_positions] if kept is not None
+                     else self._host_positions)
+            self._leaf_cache[key] = found
+        return found
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._place_inputs(args, kwargs)
@@ -165,6 +262,17 @@ def apply_plan(fn: Callable[..., Any], plan: Plan | None, *, static_argnums: Seq
         the jax Lowered stage and `.notes` listing what was applied.
     """
     return AppliedFunction(fn, plan, static_argnums, static_argnames, kernel, interpret)
+
+
+def applied_decisions(fn: Callable[..., Any], plan: Plan, *args: Any,
+                      static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (),
+                      **kwargs: Any) -> list[Decision]:
+    """Each of the plan's decisions, applied or not with the reason, for these arguments
+    (arrays or `jax.ShapeDtypeStruct`s): the program is traced as applied, not run."""
+    applied = apply_plan(fn, plan, static_argnums=static_argnums,
+                         static_argnames=static_argnames)
+    applied.lower(*args, **kwargs)
+    return list(applied.decisions)
 
 
 def lower_applied(fn: Callable[..., Any], plan: Plan | None, *args: Any,

@@ -56,6 +56,11 @@ def _eval_inlined(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> lis
     return [read(v) for v in jaxpr.outvars]
 
 
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """Evaluate `jaxpr` equation by equation under the current trace, calls inlined."""
+    return _eval_inlined(jaxpr, consts, args)
+
+
 def inline_calls(closed: Any) -> Any:
     """The same program with calls to jit-wrapped functions inlined (a ClosedJaxpr)."""
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]

@@ -70,11 +70,17 @@ def to_device_memory(leaves: list[Any], positions: list[int]) -> list[Any]:
 
 
 def to_host_memory(leaves: list[Any], positions: list[int]) -> list[Any]:
-    """Before the call: the array leaves at `positions` placed in pinned_host memory."""
+    """Before the call: the array leaves at `positions` placed in pinned_host memory (a
+    `jax.ShapeDtypeStruct` gets that sharding, for lowering; a tracer is left as it is)."""
     dev = jax.devices()[0]
     host = SingleDeviceSharding(dev, memory_kind="pinned_host")
     out = list(leaves)
     for pos in positions:
-        if pos < len(out) and hasattr(out[pos], "shape"):
+        if pos < len(out) and isinstance(out[pos], jax.ShapeDtypeStruct):
+            out[pos] = jax.ShapeDtypeStruct(out[pos].shape, out[pos].dtype, sharding=host)
+        elif (pos < len(out) and hasattr(out[pos], "shape")
+              and not isinstance(out[pos], jax.core.Tracer)):
+            # A traced leaf (a call under jax.grad or an outer jit) stays where the outer
+            # computation has it: its cotangent must live where the primal's consumer does.
             out[pos] = jax.device_put(out[pos], host)
     return out

@@ -33,9 +33,11 @@ from jax.extend import core as jcore
 from tiermap.apply.attention_match import AttentionMatch, NoMatch
 from tiermap.apply.jaxpr import bind_env, bind_eqn, inline_calls, is_literal
 from tiermap.apply.match import Matcher
+from tiermap.apply.offload import OffloadRun
 from tiermap.apply.scan_pairs import ScanPair, find_scan_pairs, run_backward_scan, run_forward_scan
 from tiermap.errors import TiermapError
 from tiermap.fusion.tiling import search_forward_tiles, tile_budget_bytes
+from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import LoopPlan, Plan
 from tiermap.kernels import pallas
 from tiermap.kernels.blocked_attention import LogitsTransform, blocked_attention
@@ -167,6 +169,13 @@ class Rewriter:
         self.where = ""
         self._matches: dict[int, tuple[Any, list[AttentionMatch]]] = {}
         self._live: dict[int, list[bool]] = {}
+        # The plan's host moves of top-level tensors (tiermap/apply/offload.py), if any.
+        self.offload: OffloadRun | None = None
+        # One per attention the matcher found: replaced by a kernel or left to XLA.
+        self.decisions: list[Decision] = []
+        self.groups_seen: set[str] = set()
+        # Why the matcher passed over attention-like patterns (also in `notes`).
+        self.skipped: list[str] = []
 
     def matches(self, jaxpr: Any, consts: Sequence[Any]) -> list[AttentionMatch]:
         key = id(jaxpr)
@@ -177,7 +186,20 @@ class Rewriter:
             self._matches[key] = hit
             self._live[key] = matcher.live
             self.notes.extend(matcher.skipped)
+            self.skipped.extend(matcher.skipped)
         return hit[1]
+
+    def group_name(self, d1: int | None, d2: int | None) -> str:
+        """The plan's attention group whose matmuls are the `dot_general`s at (d1, d2), with
+        the loop body it sits in; `attention <n>` (the n-th matched) where none is."""
+        inside = f" of {self.where}" if self.where else ""
+        if self.plan is not None and d1 is not None and d2 is not None:
+            group = next((a for a in self.plan.attention if a.matmul_ordinals == (d1, d2)),
+                         None)
+            if group is not None:
+                self.groups_seen.add(group.group + inside)
+                return group.group + inside
+        return f"attention {self.count}{inside} (no plan group)"
 
     def tiles_for(self, m: AttentionMatch, ordinals: tuple[int, int] | None) -> _Tiles:
         """The plan's tiles for the attention whose matmuls are the top-level `dot_general`
@@ -218,9 +240,12 @@ class Rewriter:
     def run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], top: bool = True
             ) -> list[Any]:
         env = bind_env(jaxpr, consts, args)
+        offload = self.offload if top else None
 
         def read(v: Any) -> Any:
-            return v.val if is_literal(v) else env[v]
+            if is_literal(v):
+                return v.val
+            return offload.read(v, env) if offload is not None else env[v]
 
         matches = self.matches(jaxpr, consts)
         live = self._live[id(jaxpr)]
@@ -238,13 +263,19 @@ class Rewriter:
         loop_ordinal = {i: n for n, i in enumerate(loop_eqns)} if top else {}
         vjps: dict[int, Any] = {}
         pairs_a, pairs_b = self.scan_pairs(jaxpr, consts, loop_ordinal) if top else ({}, {})
+        deferred: set[int] = set()
+        recomputed: set[int] = set()  # equations of kernels whose backward recomputes
+        read_later = self._reader_index(jaxpr, matches, live, skip) if offload else None
         for idx, eqn in enumerate(jaxpr.eqns):
+            if offload is not None and read_later is not None:
+                offload.fire(idx, env, read_later, skip, recomputed)
             if idx in at_d2:
                 m = at_d2[idx]
                 d1, d2 = dot_ordinal.get(m.d1), dot_ordinal.get(m.d2)
                 tiles = self.tiles_for(m, (d1, d2) if d1 is not None and d2 is not None
                                        else None)
                 notes: list[str] = []
+                subject = self.group_name(d1, d2)
                 try:
                     if m.bwd_region:
                         def fwd(qq: Any, kk: Any, vv: Any, m: AttentionMatch = m,
@@ -252,13 +283,29 @@ class Rewriter:
                             return _run_match(m, read, tiles, self.kernel, self.interpret,
                                               notes, (qq, kk, vv))
 
-                        out, vjps[m.d2] = jax.vjp(fwd, read(m.q), read(m.k), read(m.v))
-                        notes.append("its backward (written by jax.grad) replaced by the "
-                                     "kernel's recomputing backward")
+                        if offload is not None and offload.moves_any((m.q, m.k, m.v)):
+                            # The plan moves Q, K or V to host until the backward: the backward
+                            # recomputes the forward from the copies brought back, so the
+                            # forward's residuals do not pin them on the device.
+                            out = fwd(read(m.q), read(m.k), read(m.v))
+                            vjps[m.d2] = fwd
+                            deferred.add(m.d2)
+                            recomputed.update(m.region)
+                            notes.append("its backward (written by jax.grad) replaced by the "
+                                         "kernel's recomputing backward, which recomputes the "
+                                         "forward from Q, K, V as the plan brings them back "
+                                         "from host (one forward attention more than the plan "
+                                         "prices)")
+                        else:
+                            out, vjps[m.d2] = jax.vjp(fwd, read(m.q), read(m.k), read(m.v))
+                            notes.append("its backward (written by jax.grad) replaced by the "
+                                         "kernel's recomputing backward")
                     else:
                         out = _run_match(m, read, tiles, self.kernel, self.interpret, notes)
                 except NoMatch as exc:
                     self.notes.append(f"attention {self.count}: left to XLA ({exc})")
+                    self.decisions.append(Decision("attention", subject, False,
+                                                   f"left to XLA: {exc}"))
                     out = self._replay_region(jaxpr, m, env, read)
                     if m.bwd_region:
                         self._replay(jaxpr, sorted(m.bwd_region), env, read)
@@ -268,12 +315,19 @@ class Rewriter:
                         f"attention {self.count}: Nq={m.q_len} Nk={m.kv_len} d={m.head_dim}, "
                         f"blocks {tiles.block_q}x{tiles.block_k} ({tiles.source}); "
                         + "; ".join(notes))
+                    self.decisions.append(Decision(
+                        "attention", subject, True,
+                        f"tiled kernel, blocks {tiles.block_q}x{tiles.block_k} "
+                        f"({tiles.source}); " + "; ".join(notes)))
                 self.count += 1
                 env[eqn.outvars[0]] = out
                 continue
             if idx in at_bwd and at_bwd[idx].d2 in vjps:
                 m = at_bwd[idx]
-                cts = dict(zip("qkv", vjps[m.d2](read(m.ct_in)), strict=True))
+                pullback = vjps[m.d2]
+                if m.d2 in deferred:  # a forward to differentiate now
+                    _, pullback = jax.vjp(pullback, read(m.q), read(m.k), read(m.v))
+                cts = dict(zip("qkv", pullback(read(m.ct_in)), strict=True))
                 for var, roles in m.ct_out.items():
                     total = sum(cts[r] for r in roles[1:]) + cts[roles[0]] if len(
                         roles) > 1 else cts[roles[0]]
@@ -292,7 +346,41 @@ class Rewriter:
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
+        if offload is not None and read_later is not None:
+            offload.finish(len(jaxpr.eqns), env, read_later, skip, recomputed)
         return [read(v) for v in jaxpr.outvars]
+
+    @staticmethod
+    def _reader_index(jaxpr: Any, matches: Sequence[AttentionMatch], live: Sequence[bool],
+                      skip: set[int]) -> Callable[[Any, int], bool]:
+        """`read_later(var, idx)`: whether equation `idx` or a later one reads `var` in the
+        program as applied (live equations outside the regions replaced by kernels, the
+        kernels' own inputs, the program's outputs). `skip` is read when asked, so a kernel
+        that fell back to XLA counts its equations again."""
+        readers: dict[Any, list[int]] = {}
+        for i, e in enumerate(jaxpr.eqns):
+            if live[i]:
+                for v in e.invars:
+                    if not is_literal(v):
+                        readers.setdefault(v, []).append(i)
+        kernel: dict[Any, list[int]] = {}
+        for m in matches:
+            for v in (m.q, m.k, m.v, *(s.value for s in m.sides if not s.concrete)):
+                if not is_literal(v):
+                    kernel.setdefault(v, []).append(m.d2)
+            if m.bwd_region and m.ct_in is not None and not is_literal(m.ct_in):
+                kernel.setdefault(m.ct_in, []).append(m.bwd_at)
+            if m.bwd_region:  # a backward that recomputes reads Q, K and V there
+                for v in (m.q, m.k, m.v):
+                    if not is_literal(v):
+                        kernel.setdefault(v, []).append(m.bwd_at)
+        outs = {v for v in jaxpr.outvars if not is_literal(v)}
+
+        def read_later(v: Any, idx: int) -> bool:
+            return (v in outs or any(j >= idx for j in kernel.get(v, ()))
+                    or any(j >= idx and j not in skip for j in readers.get(v, ())))
+
+        return read_later
 
     def _replay_region(self, jaxpr: Any, m: AttentionMatch, env: dict[Any, Any],
                        read: Callable[[Any], Any]) -> Any:
@@ -347,6 +435,8 @@ class Rewriter:
                     if not any(a.matmul_ordinals == ordinals for a in same) and len(same) == 1:
                         ordinals = tuple(same[0].matmul_ordinals)  # type: ignore[assignment]
                 tiles = self.tiles_for(pair.match, ordinals if loop is not None else None)
+                subject = self.group_name(*ordinals) if loop is not None else (
+                    f"attention {self.count} (no plan group)")
             finally:
                 self.plan, self.where = outer_plan, outer_where
             notes_k: list[str] = []
@@ -361,6 +451,11 @@ class Rewriter:
                 f"forward blocks {tiles.block_q}x{tiles.block_k} ({tiles.source}), the "
                 "transposed scan runs the kernel's recomputing backward; "
                 f"{len(pair.dropped_ys)} residual stack(s) of its insides are not stored")
+            self.decisions.append(Decision(
+                "attention", subject, True,
+                f"paired across jax.grad's two scans{loops}: tiled forward kernel, blocks "
+                f"{tiles.block_q}x{tiles.block_k} ({tiles.source}), its recomputing backward "
+                "in the transposed scan"))
             self.count += 1
             by_a[pair.a], by_b[pair.b] = pair, pair
         return by_a, by_b

@@ -1,0 +1,53 @@
+"""What `tiermap.apply` made of a plan's decisions: each one applied or not, with the reason.
+
+A `Decision` is plain data so that the report and the CLI (which do not import jax) can list it.
+Kinds:
+
+- "attention": an attention group the plan fuses and tiles (applied: replaced by a tiled kernel
+  with the plan's or searched blocks; not applied: left to XLA, with the matcher's reason);
+- "host-input": a program input the plan keeps in a host tier at step 0 (placed in pinned_host
+  memory before the call, moved to device memory inside the program);
+- "offload": a move of a tensor into a host tier (an eviction, or an output written there) and
+  its way back, as `jax.device_put` placements in the applied program;
+- "loop": decisions inside a loop body's plan that apply does not realise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("attention", "host-input", "offload", "loop")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One plan decision and what the applied program does about it.
+
+    Attributes:
+        kind: one of `KINDS`.
+        subject: what it is about: a tensor id (`t128`), a group (`attn0`), an input position.
+        applied: whether the applied program realises it.
+        detail: how it was realised (steps, placements), or why not.
+    """
+
+    kind: str
+    subject: str
+    applied: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "subject": self.subject, "applied": self.applied,
+                "detail": self.detail}
+
+
+def decision_counts(decisions: Sequence[Decision]) -> dict[str, tuple[int, int]]:
+    """Per kind (in `KINDS` order, kinds present only): (applied, not applied)."""
+    out: dict[str, tuple[int, int]] = {}
+    for kind in KINDS:
+        mine = [d for d in decisions if d.kind == kind]
+        if mine:
+            done = sum(d.applied for d in mine)
+            out[kind] = (done, len(mine) - done)
+    return out
