@@ -299,6 +299,8 @@ def test_scanned_attention_training_step_runs_the_paired_kernels(dtype: Any, tol
     lowered = fast.lower(ws, x)
     assert any("split across jax.grad's two scans" in n for n in lowered.notes), lowered.notes
     assert any("attention forward in" in n for n in lowered.plan().notes)
+    paired = [d for d in lowered.decisions() if d.kind == "attention" and d.applied]
+    assert any("paired across jax.grad's two scans" in d.detail for d in paired), paired
 
 
 def test_scanned_attention_training_step_memory() -> None:
