@@ -94,12 +94,13 @@ class BackwardBuilder:
                     continue
                 if any(u not in body for u in m.users.get(v, [])) or v in m.jaxpr.outvars:
                     self.fail(f"{eqns[i].primitive.name} result leaves the backward")
+        masks = self.side_derived()
         for i in body:
             for v in eqns[i].invars:
                 if is_literal(v) or v in produced or v in self.fwd_vars or v is ct_in:
                     continue
                 if v in m.dependent and v not in (match.q, match.k, match.v) and not any(
-                        v is s.value for s in match.sides):
+                        v is s.value for s in match.sides) and v not in masks:
                     self.fail("the backward reads other data")
         first = [i for i in body if any(v is ct_in for v in eqns[i].invars)]
         if not outputs or not first:
@@ -108,6 +109,19 @@ class BackwardBuilder:
         match.bwd_at = min(first)
         match.ct_in = ct_in
         match.ct_out = outputs
+
+    def side_derived(self) -> set[Any]:
+        """Vars computed from the forward's side inputs (masks, biases) and constants only: a
+        merged mask (keras ANDs its causal and padding masks), which the kernel rebuilds from the
+        sides it reads, so a backward reading it reads nothing the kernel lacks."""
+        m, match = self.m, self.match
+        out: set[Any] = {s.value for s in match.sides if not s.concrete}
+        for eqn in m.jaxpr.eqns:
+            ins = [v for v in eqn.invars if not is_literal(v)]
+            if ins and all(v in out or v not in m.dependent for v in ins) and any(
+                    v in out for v in ins):
+                out.update(eqn.outvars)
+        return out
 
     def classify(self, eqn: Any, body: set[int]) -> tuple[str, ...] | None:
         """The role whose cotangent a product in the backward computes, or None."""
