@@ -157,7 +157,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
 
     def plan_flat(prog: Program, planned_on: Target, tgt_: Target) -> Plan:
         outer = prog.name == program.name and bool(top_bodies)
-        share_s = outer_s if outer else body_s
+        share_s = body_s if top_bodies and not outer else outer_s
         chosen = pass_list if pass_list is not None else build_passes(
             strategy, share_s, seed, backend, workers, fusion, capacity_bound,
             LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT)
