@@ -123,6 +123,7 @@ class Lowered:
     def memory_check(self) -> Any:
         """The plan's peak device bytes against XLA's memory analysis of the program as applied
         (`tiermap.apply.compiled_memory.MemoryCheck`; compiles it)."""
+        # local import: tiermap.apply imports jax at module level; `import tiermap` stays cheap
         from tiermap.apply.compiled_memory import memory_check
 
         return memory_check(self._entry.plan, self.compile())
