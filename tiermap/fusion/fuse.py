@@ -9,7 +9,9 @@ Candidates (sets of top-level ops that could run as one kernel):
   elementwise ops that alone read its result (bias add, activation), with the broadcasts that
   feed only that chain;
 - elementwise clusters: connected elementwise/broadcast/reshape ops whose intermediates no op
-  outside reads;
+  outside reads; a cluster that is not convex or does not fit (in an unrolled training step
+  the forward's chains join the backward's that read their intermediates, across layers) is
+  split into pieces joined only along tensors read within a window of steps (`_split`);
 - reductions with their producers, and (a second, larger candidate) with the elementwise ops
   that read the reduced rows back, softmax-style, when whole rows fit on chip.
 
@@ -263,6 +265,14 @@ def _matmul_candidates(index: _Index, taken: set[str], fast_bytes: int,
     return out
 
 
+def _find(parent: dict[str, str], x: str) -> str:
+    """Union-find root of `x`, halving the path on the way."""
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
 def _clusters(index: _Index, taken: set[str], through_reduce: bool) -> list[frozenset[str]]:
     """Connected fusible ops joined along tensors that only fusible ops read."""
     program = index.program
@@ -270,13 +280,6 @@ def _clusters(index: _Index, taken: set[str], through_reduce: bool) -> list[froz
               and (op.kind in FUSIBLE_KINDS or op.kind == REDUCE_KIND or _splat(op, program))]
     ids = {op.id for op in member}
     parent = {oid: oid for oid in ids}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
     for op in member:
         for vid in op.inputs:
             p = index.producer.get(vid)
@@ -286,11 +289,56 @@ def _clusters(index: _Index, taken: set[str], through_reduce: bool) -> list[froz
                 continue
             if not all(r.id in ids for r in index.readers.get(vid, [])):
                 continue
-            parent[find(op.id)] = find(p.id)
+            parent[_find(parent, op.id)] = _find(parent, p.id)
     comps: dict[str, set[str]] = {}
-    for oid in ids:
-        comps.setdefault(find(oid), set()).add(oid)
+    for op in member:  # program order, so the candidates' order does not depend on hashing
+        comps.setdefault(_find(parent, op.id), set()).add(op.id)
     return [frozenset(c) for c in comps.values() if len(c) > 1]
+
+
+def _fits(index: _Index, ops: frozenset[str], fast_bytes: int) -> bool:
+    return _cluster_working_set(index, ops)[0] <= fast_bytes and index.convex(ops)
+
+
+def _split(index: _Index, ops: frozenset[str], fast_bytes: int, through_reduce: bool
+           ) -> list[frozenset[str]]:
+    """Convex pieces that fit on chip of a cluster that is not convex or does not fit.
+
+    In an unrolled training step one cluster can join a layer's forward chain to the backward
+    ops that read its intermediates far later, and so grow across layers. The cluster is re-cut
+    with an edge from a tensor's producer to a reader only where the reader comes at most
+    `window` steps after the producer; a piece that still fails is re-cut with half the window.
+    A tensor read beyond the window is materialized (the group's `internal` leaves it out)."""
+    program = index.program
+    steps = {oid: program.op(oid).step for oid in ops}
+    edges: list[tuple[int, str, str]] = []  # (span in steps, producer, reader)
+    for oid in sorted(ops, key=steps.__getitem__):
+        for vid in dict.fromkeys(program.op(oid).inputs):
+            p = index.producer.get(vid)
+            if p is None or p.id not in ops or p.id == oid or vid in index.outputs:
+                continue
+            if p.kind == REDUCE_KIND and not through_reduce:
+                continue
+            edges.append((steps[oid] - steps[p.id], p.id, oid))
+    out: list[frozenset[str]] = []
+    work = [(ops, max((e[0] for e in edges), default=0) // 2)]
+    while work:
+        piece, window = work.pop()
+        parent = {oid: oid for oid in piece}
+        for span, a, b in edges:
+            if span <= window and a in parent and b in parent:
+                parent[_find(parent, b)] = _find(parent, a)
+        comps: dict[str, set[str]] = {}
+        for oid in sorted(piece, key=steps.__getitem__):
+            comps.setdefault(_find(parent, oid), set()).add(oid)
+        for comp in map(frozenset, comps.values()):
+            if len(comp) < 2:
+                continue
+            if _fits(index, comp, fast_bytes):
+                out.append(comp)
+            elif window > 0:
+                work.append((comp, window // 2))
+    return sorted(out, key=lambda c: min(steps[o] for o in c))
 
 
 def _cluster_working_set(index: _Index, ops: frozenset[str]) -> tuple[int, str]:
@@ -359,12 +407,17 @@ def candidates(program: Program, target: Target, attention: bool = True
     seen: set[frozenset[str]] = set()
     pass_clusters = _clusters(index, taken, through_reduce=False)
     raw.extend(_matmul_candidates(index, taken, fast_bytes, pass_clusters))
-    for ops in pass_clusters + _clusters(index, taken, through_reduce=True):
-        if ops in seen:
-            continue
-        seen.add(ops)
-        ws, kind = _cluster_working_set(index, ops)
-        raw.append((kind, ops, ws, {}))
+    for through_reduce, clusters in ((False, pass_clusters),
+                                     (True, _clusters(index, taken, through_reduce=True))):
+        for cluster in clusters:
+            pieces = ([cluster] if _fits(index, cluster, fast_bytes)
+                      else _split(index, cluster, fast_bytes, through_reduce))
+            for ops in pieces:
+                if ops in seen:
+                    continue
+                seen.add(ops)
+                ws, kind = _cluster_working_set(index, ops)
+                raw.append((kind, ops, ws, {}))
     for n, (kind, ops, ws, attrs) in enumerate(raw):
         if ws > fast_bytes:
             continue
