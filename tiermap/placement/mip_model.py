@@ -101,8 +101,12 @@ from tiermap.placement.cost_state import CostState
 from tiermap.placement.problem import PlacementProblem
 from tiermap.placement.segments import Choice, Segments
 
-# A window holds about this many binary variables; longer programs are decomposed.
-MAX_WINDOW_BINARIES = 1_500
+# A window holds about this many binary variables; longer programs are decomposed. 750 since
+# 2026-12-07 (was 1500): with more fused kernels each window's root solve got about 4x harder,
+# and the 12-layer training step's 1500-binary windows took 22 s of its 23 s guard at the
+# default 30 s limit on this 2-core VM; 750-binary windows take a third of that for a plan
+# 1.9% slower (450.7 against 442.5 us on sn40l).
+MAX_WINDOW_BINARIES = 750
 # Whether the MIP chooses among the window-length options of every move (more binaries, slower
 # solves); otherwise a move keeps the incumbent's window, and a new move takes the shortest.
 MIP_WINDOW_OPTIONS = False
