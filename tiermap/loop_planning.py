@@ -56,7 +56,8 @@ from tiermap.ir.plan import LoopPlan, Plan, TensorPlan, occupancy_bytes
 from tiermap.ir.program import Op, Program
 from tiermap.loop_pairing import pair_loops
 
-# Rounds of planning the enclosing program with the loops' reserves (module docstring).
+# Rounds of planning the enclosing program with the loops' reserves (module docstring); a
+# round whose body had to be planned again is followed by one more.
 MAX_ROUNDS = 2
 
 PlanFn = Callable[[Program, Target], Plan]
@@ -310,17 +311,21 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
              for oid, b in bodies.items()}
     best: tuple[Plan, dict[str, LoopPlan]] | None = None
     replanned: set[str] = set()
-    for round_index in range(MAX_ROUNDS):
+    round_index = 0
+    while round_index < MAX_ROUNDS + len(replanned):
         try:
             outer = plan_flat(_priced(program, loops), target, target)
         except InfeasiblePlacementError:
             if round_index == 0:  # the most a body can need does not fit: try what it needs
                 loops = {oid: price_loop(ops[oid], b, body_plans[oid], None, target, aliased=True)
                          for oid, b in bodies.items()}
+                round_index += 1
                 continue
             raise
+        round_index += 1
         fresh = {oid: price_loop(ops[oid], b, body_plans[oid], outer, target)
                  for oid, b in bodies.items()}
+        replanned_now = False
         for oid, b in bodies.items():
             step = ops[oid].step
             excess = over_capacity(_at_least(fresh[oid], loops[oid].reserved_bytes), outer, step)
@@ -333,7 +338,9 @@ def plan_with_loops(program: Program, target: Target, plan_flat: FlatPlanFn, pla
                     f"{oid}: body planned again with what the enclosing plan leaves of "
                     + ", ".join(f"{t} ({n} bytes over)" for t, n in sorted(excess.items())))
                 fresh[oid] = price_loop(ops[oid], b, body_plans[oid], outer, target)
-        valid = all(_covers(loops[oid], fresh[oid]) for oid in bodies)
+                replanned_now = True
+        # A body planned again has another price than the enclosing plan charged: not valid.
+        valid = not replanned_now and all(_covers(loops[oid], fresh[oid]) for oid in bodies)
         if valid:
             kept = {oid: replace(fresh[oid], reserved_bytes=dict(loops[oid].reserved_bytes))
                     for oid in bodies}

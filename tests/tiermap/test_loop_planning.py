@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,6 +21,8 @@ from tiermap.examples.models import transformer_train
 from tiermap.frontend.lowering import lower
 from tiermap.ir.loops import loop_body
 from tiermap.passes.verify import verify_plan
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rnn(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -313,3 +316,18 @@ def test_scanned_attention_training_step_memory() -> None:
     applied = lowered.compile().memory_analysis().temp_size_in_bytes
     plain = jax.jit(train).lower(ws, x).compile().memory_analysis().temp_size_in_bytes
     assert plain >= 10 * applied, (plain, applied)
+
+
+def test_a_body_that_does_not_fit_is_planned_again_into_what_is_left() -> None:
+    """A starved target (a100-256m with 32 MiB of HBM): the scanned step's forward body cannot
+    keep its whole working set beside the enclosing plan, so it is planned again into what that
+    plan leaves; the result verifies and its loop prices are the ones the enclosing plan paid."""
+    base = tiermap.target(str(ROOT / "benchmarks" / "targets" / "a100-256m.toml"))
+    main = base.main_tier.name
+    small = dataclasses.replace(base, tiers=tuple(
+        dataclasses.replace(t, capacity_bytes=32 * 2**20) if t.name == main else t
+        for t in base.tiers))
+    plan = tiermap.plan(*_args(transformer_train(layers=4, seq=128, batch=4, scan=True)),
+                        target=small, time_limit_s=10)
+    assert any("planned again" in n for n in plan.notes), plan.notes
+    verify_plan(plan)
