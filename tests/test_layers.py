@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bounds",),
     ("passes",),
     ("fusion",),
+    ("recompute",),
     ("placement",),
     ("apply",),
 )

@@ -49,7 +49,7 @@ from tiermap.formatting import (
     write_atomic,
 )
 from tiermap.ir.decisions import Decision, decision_counts
-from tiermap.options import OBJECTIVES, STRATEGIES
+from tiermap.options import OBJECTIVES, RECOMPUTE_MODES, STRATEGIES
 from tiermap.plots import fidelity as fidelity_plot
 from tiermap.plots import save_figure, save_plots
 from tiermap.report import plan_summary, rich_summary
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_compile.add_argument("--assumed-trip-count", type=int, default=1, metavar="N",
                            help="trips of a loop whose bound is not static (default 1; the "
                                 "report says it was assumed)")
+    p_compile.add_argument("--recompute", choices=RECOMPUTE_MODES, default="auto",
+                           help="drop stored tensors where device memory is short and compute "
+                                "them again: where it beats moving them to host (auto, the "
+                                "default), whatever device memory needs (fit), or never (off)")
     p_compile.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan JSON")
     p_compile.add_argument("--mlir", metavar="OUT.mlir", help="write the annotated StableHLO")
     p_compile.add_argument("--trace", metavar="TRACE.json",
@@ -506,7 +510,7 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         plan = tiermap.plan(program, target=target, strategy=ns.strategy,
                             time_limit_s=ns.time_limit_s, seed=ns.seed, objective=ns.objective,
                             capacity_bound=ns.capacity_bound,
-                            assumed_trip_count=ns.assumed_trip_count)
+                            assumed_trip_count=ns.assumed_trip_count, recompute=ns.recompute)
         decisions: list[Decision] | None = None
         if user is not None:
             steps.step("tracing the program as applied (which plan decisions it realises)")
@@ -519,7 +523,8 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                     compare[other] = tiermap.plan(program, target=target, strategy=other,
                                                   time_limit_s=ns.time_limit_s, seed=ns.seed,
                                                   objective=ns.objective,
-                                                  assumed_trip_count=ns.assumed_trip_count)
+                                                  assumed_trip_count=ns.assumed_trip_count,
+                                                  recompute=ns.recompute)
         written: dict[str, str] = {}
         writers: dict[str, Callable[[], str]] = {
             "plan": plan.to_json, "mlir": plan.annotated_mlir,

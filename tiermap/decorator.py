@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from tiermap import pipeline
 from tiermap.errors import TiermapError
 from tiermap.hardware.loader import load_target
-from tiermap.options import check_plan_options, check_positive_int
+from tiermap.options import check_plan_options, check_positive_int, check_recompute_mode
 
 if TYPE_CHECKING:
     import jax
@@ -159,13 +159,16 @@ class TiermapJitted:
     def __init__(self, fn: Callable[..., Any], *, target: str | Target = "cpu",
                  strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
                  objective: str = "time", static_argnums: int | Sequence[int] = (),
-                 static_argnames: str | Sequence[str] = (), assumed_trip_count: int = 1) -> None:
+                 static_argnames: str | Sequence[str] = (), assumed_trip_count: int = 1,
+                 recompute: str = "auto") -> None:
         if not callable(fn):
             raise TypeError(f"tiermap.jit: expected a function, got {type(fn).__name__}")
         check_plan_options(strategy=strategy, objective=objective, time_limit_s=time_limit_s,
                            seed=seed)
         check_positive_int("assumed_trip_count", assumed_trip_count)
+        check_recompute_mode(recompute)
         self.assumed_trip_count = assumed_trip_count
+        self.recompute = recompute
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.target: Target = load_target(target)
@@ -272,7 +275,7 @@ class TiermapJitted:
                                  strategy=self.strategy, time_limit_s=self.time_limit_s,
                                  seed=self.seed, objective=self.objective,
                                  assumed_trip_count=self.assumed_trip_count,
-                                 pair_loop_attention=pair)
+                                 pair_loop_attention=pair, recompute=self.recompute)
 
         plan = planned(True)
         applied = _apply(merged, plan)
@@ -354,7 +357,9 @@ def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         **options: `target` (built-in name, .toml path or Target; default "cpu"), `strategy`
             ("mip" | "greedy" | "naive"), `time_limit_s`, `seed`, `objective` ("time" |
             "energy"), `static_argnums`, `static_argnames` (as in `jax.jit`),
-            `assumed_trip_count` (trips of a loop whose bound is not static; default 1).
+            `assumed_trip_count` (trips of a loop whose bound is not static; default 1),
+            `recompute` ("auto" | "fit" | "off": recompute stored tensors where device memory
+            is short, see `tiermap.plan`).
 
     Returns:
         A `TiermapJitted` (or, without `fn`, a decorator that makes one). It plans once per
@@ -363,7 +368,7 @@ def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         plan-cache statistics.
     """
     allowed = {"target", "strategy", "time_limit_s", "seed", "objective", "static_argnums",
-               "static_argnames", "assumed_trip_count"}
+               "static_argnames", "assumed_trip_count", "recompute"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"tiermap.jit: unknown option(s) {', '.join(unknown)}; options are "

@@ -15,6 +15,9 @@ from tiermap.errors import ChoiceError
 STRATEGIES = ("mip", "greedy", "naive")
 OBJECTIVES = ("time", "energy")
 BACKENDS = ("highs", "scip", "cpsat")
+# tiermap/recompute/: where device memory is short, recompute where it beats offload ("auto"),
+# recompute whatever device memory needs ("fit"), or never ("off").
+RECOMPUTE_MODES = ("auto", "fit", "off")
 
 
 def check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
@@ -48,6 +51,11 @@ def check_positive_int(what: str, value: Any) -> None:
     """A positive integer (counts such as `max_sweeps`)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ChoiceError(f"{what}={value!r}: expected a positive integer")
+
+
+def check_recompute_mode(recompute: Any) -> None:
+    """One of RECOMPUTE_MODES."""
+    check_choice("recompute", recompute, RECOMPUTE_MODES)
 
 
 def check_plan_options(strategy: str = "mip", objective: str = "time", backend: str = "highs",

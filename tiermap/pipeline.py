@@ -2,7 +2,7 @@
 
 `plan(...)` loads the target, lowers the function for the target's platform, runs the passes
 
-    schedule -> liveness -> [fusion passes] -> place-tiers -> verify
+    schedule -> liveness -> [fusion passes] -> [recompute] -> place-tiers -> verify
 
 with the PassManager (state re-checked after every pass, per-pass wall time recorded in
 `Plan.pass_wall_s`) and returns the plan with the program attached. The plan carries the predicted
@@ -41,7 +41,7 @@ from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.program import Program
 from tiermap.loop_planning import MAX_ROUNDS, loop_bodies, plan_with_loops
-from tiermap.options import check_plan_options, check_positive_int
+from tiermap.options import check_plan_options, check_positive_int, check_recompute_mode
 from tiermap.passes.base import Pass, PipelineState
 from tiermap.passes.liveness import LivenessPass
 from tiermap.passes.manager import PassManager
@@ -50,6 +50,7 @@ from tiermap.passes.verify import VerifyPass, verify_plan
 from tiermap.placement.mip_model import SINGLE_WINDOW_NODE_LIMIT
 from tiermap.placement.place_tiers import PlaceTiersPass
 from tiermap.plan_views import Plan
+from tiermap.recompute.recompute_pass import RecomputePass
 
 # The share of the planning time that the rounds of a program with loops get (pipeline.plan).
 OUTER_SHARE = 0.75
@@ -75,12 +76,18 @@ def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None
 def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
                  backend: str = "highs", workers: int | None = None,
                  fusion: bool = True, capacity_bound: bool = False,
-                 single_window_node_limit: int = SINGLE_WINDOW_NODE_LIMIT) -> list[Pass]:
-    """The pass list of `plan`: schedule, liveness, fusion (unless off or naive), placement,
-    verification."""
+                 single_window_node_limit: int = SINGLE_WINDOW_NODE_LIMIT,
+                 recompute: str = "auto") -> list[Pass]:
+    """The pass list of `plan`: schedule, liveness, fusion (unless off or naive), recompute
+    (unless off or naive), placement, verification."""
     passes: list[Pass] = [SchedulePass(), LivenessPass()]
     if fusion and strategy != "naive":
         passes.extend(fusion_passes(time_limit_s, seed, workers))
+    if recompute != "off" and strategy != "naive":
+        refuse: list[Pass] = [SchedulePass(), LivenessPass()]
+        if fusion:
+            refuse.extend(fusion_passes(time_limit_s, seed, workers))
+        passes.append(RecomputePass(mode=recompute, seed=seed, refuse=tuple(refuse)))
     passes.append(PlaceTiersPass(strategy=strategy, time_limit_s=time_limit_s, seed=seed,
                                  backend=backend, workers=workers,
                                  capacity_bound=capacity_bound,
@@ -100,7 +107,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
          objective: str = "time", backend: str = "highs", workers: int | None = None,
          fusion: bool = True, passes: Sequence[Pass] | None = None,
          capacity_bound: bool = False, assumed_trip_count: int = 1,
-         pair_loop_attention: bool = True, **kwargs: Any) -> Plan:
+         pair_loop_attention: bool = True, recompute: str = "auto", **kwargs: Any) -> Plan:
     """Plan where every tensor of a JAX function (or Program) lives on `target`.
 
     Args:
@@ -125,6 +132,9 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             jax.grad's transposed loop as one, the scores recomputed (tiermap/loop_pairing.py);
             False keeps the score residuals stored, as a program that does not run the pair's
             kernels does.
+        recompute: "auto" (drop stored tensors where device memory is short and compute them
+            again where that beats moving them to a host tier; tiermap/recompute/), "fit"
+            (recompute what device memory needs, offload not weighed) or "off".
         **kwargs: keyword arguments of the function.
 
     Raises:
@@ -135,6 +145,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
     """
     check_plan_options(strategy, objective, backend, time_limit_s, seed, workers)
     check_positive_int("assumed_trip_count", assumed_trip_count)
+    check_recompute_mode(recompute)
     tgt = _load_target(target)
     if isinstance(fn_or_program, Program):
         if args or kwargs:
@@ -160,7 +171,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         share_s = body_s if top_bodies and not outer else outer_s
         chosen = pass_list if pass_list is not None else build_passes(
             strategy, share_s, seed, backend, workers, fusion, capacity_bound,
-            LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT)
+            LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT,
+            recompute if prog is program else "off")
         return _run_passes(prog, planned_on, chosen, objective, share_s, tgt_)
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:

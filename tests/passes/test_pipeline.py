@@ -75,14 +75,16 @@ def test_same_input_gives_byte_identical_json_apart_from_wall_times() -> None:
     assert texts[0].count("wall") == texts[1].count("wall")
 
 
-def test_pass_list_is_schedule_liveness_fusion_place_verify() -> None:
+def test_pass_list_is_schedule_liveness_fusion_recompute_place_verify() -> None:
     names = [p.name for p in build_passes("mip")]
-    assert names[:2] == ["schedule", "liveness"]
-    assert names[-2:] == ["place-tiers", "verify"]
+    assert names == ["schedule", "liveness", "fuse", "tile", "recompute", "place-tiers",
+                     "verify"]
     assert [p.name for p in build_passes("naive")] == ["schedule", "liveness", "place-tiers",
                                                        "verify"]
     assert [p.name for p in build_passes("mip", fusion=False)] == [
-        "schedule", "liveness", "place-tiers", "verify"]
+        "schedule", "liveness", "recompute", "place-tiers", "verify"]
+    assert [p.name for p in build_passes("mip", recompute="off")] == [
+        "schedule", "liveness", "fuse", "tile", "place-tiers", "verify"]
 
 
 def test_max_sweeps_must_be_a_positive_integer() -> None:

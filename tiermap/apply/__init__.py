@@ -64,7 +64,9 @@ from tiermap.apply.offload import (
     host_moves,
     kept_input_positions,
     offload_schedule,
+    tensor_map,
 )
+from tiermap.apply.recompute import recompute_run
 from tiermap.apply.rewrite import Rewriter
 from tiermap.errors import TiermapError
 from tiermap.ir.decisions import Decision
@@ -138,7 +140,12 @@ class AppliedFunction:
         closed = jax.make_jaxpr(flat_fn)(*leaves)
         inlined = inline_calls(closed)
         rewriter = Rewriter(self.plan, self.kernel, self.interpret)
-        schedule = offload_schedule(self.plan, inlined.jaxpr, inlined.consts)
+        tmap = None
+        plan = self.plan
+        if plan is not None and plan.sharding is None and (plan.recomputes or host_moves(plan)):
+            tmap = tensor_map(plan, inlined.jaxpr, inlined.consts)
+        schedule = offload_schedule(plan, inlined.jaxpr, inlined.consts, tmap)
+        rewriter.recompute = recompute_run(plan, inlined.jaxpr, tmap)
         run = None
         if schedule.moves and host_kind_available():
             run = rewriter.offload = OffloadRun(schedule)
@@ -181,6 +188,8 @@ class AppliedFunction:
                                 "placed in pinned_host before the call, moved to device memory "
                                 "at the program's start" + when if has_host else
                                 "not applied: " + NO_HOST_KIND_NOTE))
+        if rewriter.recompute is not None:
+            out += rewriter.recompute.decisions()
         if run is not None:
             out += run.decisions()
         else:

@@ -45,6 +45,7 @@ from tiermap.apply.jaxpr import bind_env, bind_eqn, eval_jaxpr, is_literal, live
 from tiermap.ir.decisions import Decision
 from tiermap.ir.plan import Plan
 from tiermap.ir.program import DTYPE_BITS, Program
+from tiermap.ir.recompute import RECOMPUTE_OF_ATTR
 
 SCOPE = "tiermap_eqn"
 # Equations that lower to their `call_jaxpr` (a custom derivative only matters to autodiff).
@@ -158,7 +159,9 @@ def _scoped(jaxpr: Any, consts: Sequence[Any]) -> Any:
 
 
 def _tokens(program: Program) -> tuple[list[Any], list[str]]:
-    ops = [op for op in program.ops if op.kind != "stablehlo.constant"]
+    # constants, and the ops a recomputation repeats (no equation of the jaxpr is theirs)
+    ops = [op for op in program.ops
+           if op.kind != "stablehlo.constant" and RECOMPUTE_OF_ATTR not in op.attrs]
     return ops, [op.kind + "|" + ",".join(str(program.values[v].type) for v in op.outputs)
                  for op in ops]
 
@@ -290,14 +293,16 @@ class OffloadSchedule:
     moves: dict[str, list[Move]]
 
 
-def offload_schedule(plan: Plan | None, jaxpr: Any, consts: Sequence[Any]) -> OffloadSchedule:
+def offload_schedule(plan: Plan | None, jaxpr: Any, consts: Sequence[Any],
+                     tmap: TensorMap | None = None) -> OffloadSchedule:
     """Where the plan's host moves go in `jaxpr`; moves that cannot be placed are decisions
-    marked not applied, with the reason."""
+    marked not applied, with the reason. `tmap`: the plan-to-jaxpr map, if already made."""
     moves = host_moves(plan) if plan is not None and plan.sharding is None else {}
     schedule = OffloadSchedule({}, [], moves)
     if not moves or plan is None:
         return schedule
-    tmap = tensor_map(plan, jaxpr, consts)
+    if tmap is None:
+        tmap = tensor_map(plan, jaxpr, consts)
     for tid, tmoves in moves.items():
         text = "; ".join(m.describe() for m in tmoves)
         if tmap.failure:

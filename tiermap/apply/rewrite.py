@@ -34,6 +34,7 @@ from tiermap.apply.attention_match import AttentionMatch, NoMatch
 from tiermap.apply.jaxpr import bind_env, bind_eqn, inline_calls, is_literal
 from tiermap.apply.match import Matcher
 from tiermap.apply.offload import OffloadRun
+from tiermap.apply.recompute import RecomputeRun
 from tiermap.apply.scan_pairs import ScanPair, find_scan_pairs, run_backward_scan, run_forward_scan
 from tiermap.errors import TiermapError
 from tiermap.fusion.tiling import search_forward_tiles, tile_budget_bytes
@@ -171,6 +172,7 @@ class Rewriter:
         self._live: dict[int, list[bool]] = {}
         # The plan's host moves of top-level tensors (tiermap/apply/offload.py), if any.
         self.offload: OffloadRun | None = None
+        self.recompute: RecomputeRun | None = None
         # One per attention the matcher found: replaced by a kernel or left to XLA.
         self.decisions: list[Decision] = []
         self.groups_seen: set[str] = set()
@@ -267,6 +269,8 @@ class Rewriter:
         recomputed: set[int] = set()  # equations of kernels whose backward recomputes
         read_later = self._reader_index(jaxpr, matches, live, skip) if offload else None
         for idx, eqn in enumerate(jaxpr.eqns):
+            if top and self.recompute is not None:
+                self.recompute.fire(idx, env, jaxpr, skip)
             if offload is not None and read_later is not None:
                 offload.fire(idx, env, read_later, skip, recomputed)
             if idx in at_d2:
@@ -283,10 +287,12 @@ class Rewriter:
                             return _run_match(m, read, tiles, self.kernel, self.interpret,
                                               notes, (qq, kk, vv))
 
-                        if offload is not None and offload.moves_any((m.q, m.k, m.v)):
-                            # The plan moves Q, K or V to host until the backward: the backward
-                            # recomputes the forward from the copies brought back, so the
-                            # forward's residuals do not pin them on the device.
+                        if ((offload is not None and offload.moves_any((m.q, m.k, m.v)))
+                                or (self.recompute is not None
+                                    and self.recompute.replaces_any((m.q, m.k, m.v)))):
+                            # The plan moves Q, K or V to host until the backward, or drops
+                            # and recomputes it: the backward recomputes the forward from the
+                            # copies it reads then, so the forward's residuals do not pin them.
                             out = fwd(read(m.q), read(m.k), read(m.v))
                             vjps[m.d2] = fwd
                             deferred.add(m.d2)
@@ -294,8 +300,8 @@ class Rewriter:
                             notes.append("its backward (written by jax.grad) replaced by the "
                                          "kernel's recomputing backward, which recomputes the "
                                          "forward from Q, K, V as the plan brings them back "
-                                         "from host (one forward attention more than the plan "
-                                         "prices)")
+                                         "from host or recomputes them (one forward attention "
+                                         "more than the plan prices)")
                         else:
                             out, vjps[m.d2] = jax.vjp(fwd, read(m.q), read(m.k), read(m.v))
                             notes.append("its backward (written by jax.grad) replaced by the "

@@ -9,6 +9,8 @@ Kinds:
   memory before the call, moved to device memory inside the program);
 - "offload": a move of a tensor into a host tier (an eviction, or an output written there) and
   its way back, as `jax.device_put` placements in the applied program;
+- "recompute": a tensor the plan drops and computes again (`Plan.recomputes`): its equations run
+  again before the read, behind an optimization barrier;
 - "loop": decisions inside a loop body's plan that apply does not realise.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("attention", "host-input", "offload", "loop")
+KINDS = ("attention", "host-input", "offload", "recompute", "loop")
 
 
 @dataclass(frozen=True)

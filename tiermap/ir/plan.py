@@ -43,6 +43,10 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
   apart from keys that contain "wall" (every solver stops at a deterministic work limit). A
   solver stopped by its wall-clock guard instead says so in `Plan.warnings` (a v2 key added
   2026-12-07; plans written before it have none), and only then may the plan differ.
+- Recomputation (`Plan.recomputes`, a v2 key added 2026-12-07, [] in older plans): a tensor
+  dropped after its forward use is computed again by repeated ops just before its next read
+  (tiermap/ir/recompute.py); the repeated ops are ordinary ops of the plan's program, priced,
+  placed and verified as such, and no tier holds the tensor in between.
 - Sharded programs (`Plan.sharding`, an optional "sharding" key of schema v2): the program is one
   device's program of XLA's SPMD partitioner, capacities are per device, and `ShardingPlan`
   (tiermap/ir/sharding.py) holds its collectives and the step time with communication.
@@ -58,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 from tiermap.errors import TiermapError
 from tiermap.hardware.interconnect import Interconnect
 from tiermap.hardware.target import Link, Target, Tier
+from tiermap.ir.recompute import Recompute
 from tiermap.ir.sharding import ShardingPlan
 
 if TYPE_CHECKING:
@@ -310,6 +315,8 @@ class Plan:
     attention: tuple[AttentionGroupPlan, ...] = ()
     loops: tuple[LoopPlan, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Tensors dropped and computed again (tiermap/ir/recompute.py; v2 key added 2026-12-07).
+    recomputes: tuple[Recompute, ...] = ()
     # A partitioned program's communication (tiermap/ir/sharding.py); None for one device.
     sharding: ShardingPlan | None = None
     program: Program | None = field(default=None, compare=False, repr=False)
@@ -395,6 +402,7 @@ class Plan:
             },
             "notes": list(self.notes),
             "warnings": list(self.warnings),
+            "recomputes": [r.to_dict() for r in self.recomputes],
             "loops": [loop.to_dict() for loop in self.loops],
             **({"sharding": self.sharding.to_dict()} if self.sharding else {}),
             "pass_wall_s": dict(self.pass_wall_s),
@@ -491,6 +499,7 @@ class Plan:
                 for a in d.get("attention", [])),  # absent in plans written before 2026-12
             loops=tuple(LoopPlan.from_dict(x) for x in d.get("loops", [])),  # v2
             warnings=tuple(d.get("warnings", [])),  # v2, added 2026-12-07; absent before
+            recomputes=tuple(Recompute.from_dict(x) for x in d.get("recomputes", [])),  # ditto
             sharding=ShardingPlan.from_dict(d["sharding"]) if d.get("sharding") else None,
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from tiermap.ir.recompute import Recompute
+
 # The op whose result is a literal (a weight baked into the program): placed like an input.
 CONSTANT_KIND = "stablehlo.constant"
 
@@ -135,6 +137,9 @@ class Program:
     # in jax.grad's transposed scan (`tiermap.fusion.attention.AttentionPattern`s, set by
     # tiermap/loop_pairing.py); the fusion pass makes them attention groups, always chosen.
     paired_attention: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # Tensors dropped after their forward use and computed again by repeated ops
+    # (tiermap/ir/recompute.py; written by tiermap/recompute/).
+    recomputes: tuple[Recompute, ...] = ()
 
     # --- derived facts --------------------------------------------------------------------
 

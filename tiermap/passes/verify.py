@@ -32,6 +32,11 @@ when given, the Program) and checks the semantics fixed in tiermap/ir/plan.py:
     buffers), plus the double buffers; carried state meets across the back edge (a carry whose
     body output sits in another tier than its input is paid for in `back_edge_s`); the lower
     bound is trips × the body's.
+11. recomputations (`Plan.recomputes`): the repeated ops sit at the steps named, after the ops
+    they repeat, each of the same kind with as many results, reading what its original read
+    (the same tensor, still live, or the copy an earlier repeated op made of it); the last one
+    writes the copy; the dropped tensor is read by no op at or after the recomputation and no
+    tier holds it over `freed_steps`; the recomputation's inputs are resident at its steps (3).
 
 Every failure raises `PassError("verify", ...)` naming the tensor, op, step, tier and numbers.
 """
@@ -68,6 +73,23 @@ def _close_le(a: float, b: float) -> bool:
 
 def _live_start(t: TensorPlan) -> int:
     return max(t.producer_step, 0)
+
+
+def _rewritten(plan: Plan, program: Program) -> Program:
+    """The program `plan` places when it recomputes: the one it carries, once checked to be
+    `program` (what the caller planned) with the repeated ops written in."""
+    mine = plan.program
+    if mine is None:
+        _fail(f"the plan recomputes {len(plan.recomputes)} tensor(s) but carries no program; "
+              "verify it against the rewritten program (`plan.program` when planned)")
+        raise AssertionError  # unreachable: _fail raises
+    repeated = {oid for rc in plan.recomputes for oid in rc.op_ids}
+    kept = [op for op in mine.ops if op.id not in repeated]
+    if [op.kind for op in kept] != [op.kind for op in program.ops] or mine.inputs != (
+            program.inputs):
+        _fail(f"the plan's program is not {program.name} with its recomputations written in "
+              f"({len(kept)} ops besides the repeated ones, {program.num_steps} in the program)")
+    return mine
 
 
 def _check_program_match(plan: Plan, program: Program) -> None:
@@ -389,16 +411,21 @@ def verify_plan(plan: Plan, program: Program | None = None, bodies: bool = True)
     Args:
         plan: the plan to check.
         program: the program it places (default: `plan.program` when attached); enables the
-            checks of live ranges and sizes against the program.
+            checks of live ranges and sizes against the program. For a plan that recomputes,
+            the program as planned (before the repeated ops were written in) is accepted: the
+            plan's own program is checked to be it plus the repeated ops, and used.
         bodies: also re-check each loop's body plan on its own (off where the pipeline has just
             verified them); the loop checks themselves always run.
     """
     program = program if program is not None else plan.program
+    if program is not None and plan.recomputes and not program.recomputes:
+        program = _rewritten(plan, program)
     if program is not None:
         _check_program_match(plan, program)
     by_id = {t.id: t for t in plan.tensors}
     if len(by_id) != len(plan.tensors):
         _fail("a tensor is listed twice in the plan")
+    _check_recomputes(plan, by_id)  # first: its faults would show below as misplaced reads
     _check_residency(plan)
     moves = _moves(plan, by_id)
     _check_transfers(plan, by_id, moves)
@@ -408,6 +435,46 @@ def verify_plan(plan: Plan, program: Program | None = None, bodies: bool = True)
     for loop in plan.loops:
         _check_loop(plan, loop, bodies)
     _check_round_trip(plan)
+
+
+def _check_recomputes(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
+    ops = {o.id: o for o in plan.ops}
+    origin: dict[str, str] = {}  # a repeated op's result -> the tensor it computes again
+    for rc in plan.recomputes:
+        if len(rc.op_ids) != len(rc.of_ops) or not rc.op_ids:
+            _fail(f"recomputation of {rc.tensor}: {len(rc.op_ids)} repeated ops for "
+                  f"{len(rc.of_ops)} originals")
+        for k, (cid, oid) in enumerate(zip(rc.op_ids, rc.of_ops, strict=True)):
+            c, o = ops.get(cid), ops.get(oid)
+            if c is None or o is None:
+                _fail(f"recomputation of {rc.tensor}: op {cid if c is None else oid} is not in "
+                      "the plan")
+                return
+            if c.step != rc.step + k or o.step >= rc.step:
+                _fail(f"recomputation of {rc.tensor}: {cid} at step {c.step} (expected "
+                      f"{rc.step + k}) repeats {oid} at step {o.step}, not before it")
+            if c.kind != o.kind or len(c.outputs) != len(o.outputs) or len(c.inputs) != len(
+                    o.inputs):
+                _fail(f"recomputation of {rc.tensor}: {cid} ({c.kind}) does not repeat {oid} "
+                      f"({o.kind})")
+            for ci, oi in zip(c.inputs, o.inputs, strict=True):
+                if ci != oi and origin.get(ci) != oi:
+                    _fail(f"recomputation of {rc.tensor}: {cid} reads {ci} where {oid} read {oi}")
+            for co, oo in zip(c.outputs, o.outputs, strict=True):
+                origin[co] = oo
+        last = ops[rc.op_ids[-1]]
+        if origin.get(rc.copy) != rc.tensor or rc.copy not in last.outputs:
+            _fail(f"recomputation of {rc.tensor}: its last op {last.id} does not write the copy "
+                  f"{rc.copy}")
+        readers = [o.id for o in plan.ops if o.step >= rc.step and rc.tensor in o.inputs]
+        if readers:
+            _fail(f"recomputation of {rc.tensor}: {readers[0]} reads the dropped tensor at or "
+                  f"after the recomputation (step {rc.step}); it should read {rc.copy}")
+        t = by_id.get(rc.tensor)
+        lo, hi = rc.freed_steps
+        if t is not None and any(r.from_step <= hi and r.to_step >= lo for r in t.residency):
+            _fail(f"recomputation of {rc.tensor}: a tier holds it within its freed steps "
+                  f"{lo}-{hi}")
 
 
 def _occupancy_at(plan: Plan, step: int) -> dict[str, int]:

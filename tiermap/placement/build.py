@@ -78,6 +78,7 @@ def build_plan(program: Program, target: Target, strategy: str,
         tiles=fusion.tiles if fusion is not None else (),
         notes=tuple(notes),
         attention=attention_groups(program, fusion),
+        recomputes=program.recomputes,
         program=program,
     )
 

@@ -137,17 +137,18 @@ class PlaceTiersPass:
         program, target = state.program, state.target
         workers = self.workers or default_workers()
         # naive: no fusion, no pins
-        naive_problem = PlacementProblem(program, target, Fusion(), state.liveness,
-                                         state.objective, pin=False)
         t0 = time.perf_counter()
         baselines: dict[str, float] = {}
         naive: Assignment | None = None
-        try:
+        naive_problem: PlacementProblem | None = None
+        try:  # unfused, the program may not fit where the fused one does: no naive baseline
+            naive_problem = PlacementProblem(program, target, Fusion(), state.liveness,
+                                             state.objective, pin=False)
             naive = naive_assignment(naive_problem)
         except InfeasiblePlacementError:
             if self.strategy == "naive":
                 raise
-        if naive is not None:
+        if naive is not None and naive_problem is not None:
             naive_parts = naive_problem.to_plan_parts(naive)
             naive_eval = evaluate(program, target, naive_parts[0], naive_parts[1], Fusion())
             baselines["naive"] = naive_eval.predicted_time_s
@@ -191,7 +192,8 @@ class PlaceTiersPass:
         return max(min(float(self.time_limit_s), left_s - reserve_s), 0.0)
 
     def _mip(self, state: PipelineState, problem: PlacementProblem, greedy: Assignment,
-             greedy_plan: Plan, naive_problem: PlacementProblem, naive: Assignment | None,
+             greedy_plan: Plan, naive_problem: PlacementProblem | None,
+             naive: Assignment | None,
              baselines: Mapping[str, float], lower_bound_s: float, workers: int,
              plan_build_s: float) -> Plan:
         program, target = state.program, state.target
@@ -261,7 +263,8 @@ class PlaceTiersPass:
         if plan is None:
             plan = replace(greedy_plan, strategy="mip", baselines=dict(baselines), solver=info)
         fusion = state.fusion
-        if naive is not None and plan.predicted_time_s > baselines["naive"] * (1 + 1e-12):
+        if (naive is not None and naive_problem is not None
+                and plan.predicted_time_s > baselines["naive"] * (1 + 1e-12)):
             # Fusion made this program slower than the unfused naive plan: keep the naive one.
             parts = naive_problem.to_plan_parts(naive)
             notes.append("the fused plan is slower than the unfused naive plan; returning the "
