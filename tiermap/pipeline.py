@@ -51,6 +51,7 @@ from tiermap.placement.mip_model import SINGLE_WINDOW_NODE_LIMIT
 from tiermap.placement.place_tiers import PlaceTiersPass
 from tiermap.plan_views import Plan
 from tiermap.recompute.recompute_pass import RecomputePass
+from tiermap.recompute.select import OFFLOAD_WEIGHED
 
 # The share of the planning time that the rounds of a program with loops get (pipeline.plan).
 OUTER_SHARE = 0.75
@@ -133,8 +134,10 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             False keeps the score residuals stored, as a program that does not run the pair's
             kernels does.
         recompute: "auto" (drop stored tensors where device memory is short and compute them
-            again where that beats moving them to a host tier; tiermap/recompute/), "fit"
-            (recompute what device memory needs, offload not weighed) or "off".
+            again where that beats moving them to a host tier, by the selection's estimate of
+            offload; the recompute-only plan is made too and kept if it predicts less;
+            tiermap/recompute/), "fit" (recompute what device memory needs, offload not
+            weighed) or "off".
         **kwargs: keyword arguments of the function.
 
     Raises:
@@ -173,7 +176,21 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             strategy, share_s, seed, backend, workers, fusion, capacity_bound,
             LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT,
             recompute if prog is program else "off")
-        return _run_passes(prog, planned_on, chosen, objective, share_s, tgt_)
+        planned = _run_passes(prog, planned_on, chosen, objective, share_s, tgt_)
+        if (pass_list is None and prog is program and recompute == "auto"
+                and any(OFFLOAD_WEIGHED in n for n in planned.notes)):
+            # The selection weighed offload by an estimate; the recompute-only selection,
+            # placed too, is kept where it predicts less (the notes say which and both times).
+            fit = _run_passes(prog, planned_on, build_passes(
+                strategy, share_s, seed, backend, workers, fusion, capacity_bound,
+                SINGLE_WINDOW_NODE_LIMIT, "fit"), objective, share_s, tgt_)
+            keep, other, names = ((fit, planned, ("recompute-only", "mixed"))
+                                  if fit.predicted_time_s < planned.predicted_time_s
+                                  else (planned, fit, ("mixed", "recompute-only")))
+            planned = Plan.of(replace(keep, notes=keep.notes + (
+                f"recompute: the {names[0]} plan ({keep.predicted_time_s:.6g} s) kept over the "
+                f"{names[1]} one ({other.predicted_time_s:.6g} s)",)))
+        return planned
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:
         planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count,

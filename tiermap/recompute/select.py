@@ -6,11 +6,12 @@ it: walking back from its producer through ops of RECOMPUTABLE kinds (elementwis
 transcendental, data movement, reductions, matrix products: at most MAX_CHAIN_OPS of them), every
 tensor reached is either live at that access (a program input still read later, or a stored
 tensor whose live range covers the access, produced before it) or is computed again too. A
-second, deeper chain of the same tensor also computes again those of its inputs that are
-candidates dropped at that step (one level), so that both can go. Convolutions, loops, custom
-calls, gathers, scatters and collectives are never repeated, nor are the ops of attention groups
-(their backward already recomputes the scores, fusion/attention.py). A matrix product is
-repeated only where the MIP finds nothing cheaper: its cost is in the objective.
+deeper chain of the same tensor also computes again those of its inputs that are candidates
+dropped at that step (up to DEEP_LEVELS levels, a chain per level), so that both can go.
+Convolutions, loops, custom calls, gathers, scatters and collectives are never repeated, nor are
+the ops of attention groups (their backward already recomputes the scores,
+fusion/attention.py). A matrix product is repeated only where the MIP finds nothing cheaper:
+its cost is in the objective.
 
 The selection MIP (OR-tools MathOpt, HiGHS). "Device" memory is the writable tiers up to the
 target's main-memory tier, "host" memory the writable tiers after it.
@@ -69,11 +70,17 @@ RECOMPUTABLE = (ELEMENTWISE | TRANSCENDENTAL | {"reduce", "constant", "dot_gener
 MIN_IDLE_STEPS = 8
 # A gap that could hold an eviction and a prefetch.
 MIN_OFFLOAD_STEPS = 3
+# Deeper chains: those that also compute again up to this many levels of inputs that are
+# themselves dropped at the read.
+DEEP_LEVELS = 2
 # At most this many ops are repeated for one tensor.
 MAX_CHAIN_OPS = 64
 # Tensors smaller than this are neither recomputed nor priced for offload.
 MIN_TENSOR_BYTES = 64 * 1024
 NODE_LIMIT = 200
+# In a selection's note where offload was priced beside recomputation (the pipeline then also
+# plans the recompute-only selection and keeps the faster plan: offload is only estimated here).
+OFFLOAD_WEIGHED = "offload gaps priced"
 # The solve stops within this relative gap of its bound.
 RELATIVE_GAP = 1e-3
 # Objective weight of one device-capacity's worth of bytes left over capacity, in units of the
@@ -86,7 +93,7 @@ class Candidate:
     """A tensor that can be recomputed at `at_step` (the old program's step of the read that
     ends its longest idle span). `chain`: the ops repeated, in step order (the last writes
     `tensor`); `inputs`: what they read that they do not write; `transient_bytes`: what
-    its other results hold while it runs (counted as stored: fusion may do better)."""
+    its other results hold while it runs (those that fusion kept in memory the first time)."""
 
     tensor: str
     at_step: int
@@ -128,8 +135,8 @@ def candidates(program: Program, target: Target, fusion: Fusion, live: Liveness
                ) -> list[Candidate]:
     """Every tensor that can be recomputed after its longest idle span (module docstring):
     for each, the chain that reads what is live at its read; and where one of those inputs is
-    itself a candidate dropped at that step, a second, deeper chain that computes that input
-    again too (so both can be dropped)."""
+    itself a candidate dropped at that step, deeper chains that compute that input again too
+    (so both can be dropped), one per level up to DEEP_LEVELS."""
     stored = stored_values(program, fusion)
     attention_ops = {oid for g in fusion.groups if g.kind.startswith("attention")
                      for oid in g.op_ids}
@@ -150,16 +157,19 @@ def candidates(program: Program, target: Target, fusion: Fusion, live: Liveness
     for vid, (lo, hi, at) in spans.items():
         shallow = _chain(program, vid, at, stored, attention_ops, live, {})
         if shallow is not None:
-            out.append(_candidate(program, target, vid, (lo, hi), at, shallow))
-        deep = _chain(program, vid, at, stored, attention_ops, live, spans)
-        if deep is not None and deep != shallow:
-            out.append(_candidate(program, target, vid, (lo, hi), at, deep))
+            out.append(_candidate(program, target, vid, (lo, hi), at, shallow, stored))
+        seen = {shallow}
+        for levels in range(1, DEEP_LEVELS + 1):
+            deep = _chain(program, vid, at, stored, attention_ops, live, spans, levels)
+            if deep is not None and deep not in seen:
+                seen.add(deep)
+                out.append(_candidate(program, target, vid, (lo, hi), at, deep, stored))
     return sorted(out, key=lambda c: (c.at_step, program.values[c.tensor].producer_step,
                                       len(c.chain)))
 
 
 def _candidate(program: Program, target: Target, vid: str, idle: tuple[int, int], at: int,
-               chain: tuple[int, ...]) -> Candidate:
+               chain: tuple[int, ...], stored: frozenset[str]) -> Candidate:
     made = {o for s in chain for o in program.ops[s].outputs}
     leaves = tuple(dict.fromkeys(u for s in chain for u in program.ops[s].inputs
                                  if u not in made))
@@ -168,20 +178,24 @@ def _candidate(program: Program, target: Target, vid: str, idle: tuple[int, int]
     compute = sum(compute_time_s(op, target) for op in ops)
     mem = (sum(program.values[u].nbytes for u in leaves) / main.read_bytes_per_s
            + program.values[vid].nbytes / main.write_bytes_per_s)
-    transient = sum(program.values[o].nbytes for op in ops for o in op.outputs if o != vid)
+    # the chain's other results that fusion kept in memory the first time (the others are
+    # expected to fuse again)
+    transient = sum(program.values[o].nbytes for op in ops for o in op.outputs
+                    if o != vid and o in stored)
     return Candidate(vid, at, idle, chain, leaves, program.values[vid].nbytes,
                      max(compute, mem) + target.op_overhead_s, transient)
 
 
 def _chain(program: Program, vid: str, at: int, stored: frozenset[str],
            attention_ops: set[str], live: Liveness,
-           dropped: Mapping[str, tuple[int, int, int]]) -> tuple[int, ...] | None:
+           dropped: Mapping[str, tuple[int, int, int]], levels: int = 0
+           ) -> tuple[int, ...] | None:
     """Steps of the ops to repeat before step `at` to compute `vid` again, or None. A tensor
-    live at `at` is read as it is, unless `dropped` has it idle there: then it is made again
-    too, from what is live at `at` (one level: the inputs of its chain are not made again)."""
+    live at `at` is read as it is, unless `dropped` has it idle there and `levels` is not spent:
+    then it is made again too, from what is live at `at` (each such input spends a level)."""
     inputs = set(program.inputs)
     steps: set[int] = set()
-    todo = [(vid, True)]
+    todo = [(vid, levels)]
     while todo:
         u, deep = todo.pop()
         first, last = live.ranges[u]
@@ -201,7 +215,7 @@ def _chain(program: Program, vid: str, at: int, stored: frozenset[str],
         steps.add(p)
         if len(steps) > MAX_CHAIN_OPS:
             return None
-        todo.extend((w, deep and not held) for w in op.inputs)
+        todo.extend((w, deep - 1 if held else deep) for w in op.inputs)
     return tuple(sorted(steps))
 
 
@@ -296,8 +310,9 @@ def select(program: Program, target: Target, fusion: Fusion, live: Liveness, mod
     freed = _freed(chosen_idx, spans, cover, extra, len(peak))
     left = int(max((peak - freed - cap).max(), 0))
     chosen = tuple(cands[i] for i in sorted(chosen_idx) if i < len(cands))
-    return Selection(chosen, status, f"recompute MIP ({len(cands)} candidates, {len(gaps)} "
-                     f"offload gaps priced): {detail}", left, fired)
+    weighed = f", {len(gaps)} {OFFLOAD_WEIGHED}" if gaps else ""
+    return Selection(chosen, status, f"recompute MIP ({len(cands)} candidates{weighed}): "
+                     f"{detail}", left, fired)
 
 
 def _freed(chosen: set[int], spans: list[tuple[int, int, int, float]],
