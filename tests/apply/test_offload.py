@@ -52,7 +52,8 @@ def starved() -> tuple:
     target = tiermap.target(str(H100_4G))
     unlimited = tiermap.plan(fn, *args, target=target, strategy="greedy")
     peak = max(occupancy_bytes(unlimited)["hbm"])
-    plan = tiermap.plan(fn, *args, target=with_capacity(target, "hbm", peak // 2))
+    plan = tiermap.plan(fn, *args, target=with_capacity(target, "hbm", peak // 2),
+                        recompute="off")  # moves to host, not recomputation, under test
     return fn, args, plan
 
 
