@@ -29,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import tiermap
 from tiermap import __version__
+from tiermap.as_run import plan_as_run
 from tiermap.costmodel import fidelity
 from tiermap.costmodel.calibration import calibrate, target_to_toml
 from tiermap.costmodel.fidelity import GOALS
@@ -49,6 +50,7 @@ from tiermap.formatting import (
     write_atomic,
 )
 from tiermap.ir.decisions import Decision, decision_counts
+from tiermap.ir.untaken import Untaken
 from tiermap.options import OBJECTIVES, RECOMPUTE_MODES, STRATEGIES
 from tiermap.plots import fidelity as fidelity_plot
 from tiermap.plots import save_figure, save_plots
@@ -514,7 +516,20 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         decisions: list[Decision] | None = None
         if user is not None:
             steps.step("tracing the program as applied (which plan decisions it realises)")
-            decisions = _applied_decisions(user, plan)
+            traced = user
+
+            def replan(untaken: Untaken) -> tiermap.Plan:
+                steps.step("planning again without the decisions the applied program does "
+                           "not realise")
+                return tiermap.plan(program, target=target, strategy=ns.strategy,
+                                    time_limit_s=ns.time_limit_s, seed=ns.seed,
+                                    objective=ns.objective, capacity_bound=ns.capacity_bound,
+                                    assumed_trip_count=ns.assumed_trip_count,
+                                    recompute=ns.recompute, untaken=untaken)
+
+            plan = plan_as_run(plan, _applied_decisions(traced, plan), replan,
+                               lambda p: _applied_decisions(traced, p)).plan
+            decisions = list(plan.decisions)
         compare: dict[str, Plan] = {}
         if "plots" in paths:
             for other in ("naive", "greedy"):

@@ -11,9 +11,12 @@
 A call looks up its cache key (the pytree structure, shapes, dtypes and weak types of the dynamic
 arguments, and the values of the static ones). On a miss it plans the program on
 `jax.ShapeDtypeStruct`s of the arguments with `tiermap.pipeline.plan`, turns the plan into
-a runnable function with `tiermap.apply.apply_plan`, and keeps both. Calls inside an outer
-JAX transformation (`jax.grad`, `jax.vmap`, an enclosing `jax.jit`) plan on the abstract values
-seen there and run the applied function under the outer trace, so the transformations compose.
+a runnable function with `tiermap.apply.apply_plan` and traces it; where the applied program
+does not realise a decision of the plan, it plans again without it (tiermap/as_run.py), so the
+plan it keeps (with `Plan.decisions`) predicts the program that runs. It keeps both. Calls
+inside an outer JAX transformation (`jax.grad`, `jax.vmap`, an enclosing `jax.jit`) plan on the
+abstract values seen there and run the applied function under the outer trace, so the
+transformations compose.
 
 Arguments sharded over several devices keep their shardings in the cache key and in the planned
 structs: the plan is then the per-device plan of the partitioned program (`Plan.sharding`), and
@@ -30,15 +33,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tiermap import pipeline
+from tiermap.as_run import plan_as_run
 from tiermap.errors import TiermapError
 from tiermap.hardware.loader import load_target
+from tiermap.ir.decisions import Decision
+from tiermap.ir.untaken import Untaken
 from tiermap.options import check_plan_options, check_positive_int, check_recompute_mode
 
 if TYPE_CHECKING:
     import jax
 
     from tiermap.hardware.target import Target
-    from tiermap.ir.decisions import Decision
     from tiermap.plan_views import Plan
 
 
@@ -139,6 +144,8 @@ class Lowered:
         tiled or left to XLA, host-tier inputs, moves of tensors to host memory and back, each
         applied or not with the reason (tiermap/ir/decisions.py). Traces the applied program
         if it has not been traced yet."""
+        if self._entry.plan.decisions:
+            return self._entry.plan.decisions
         if not getattr(self._entry.applied, "decisions", None):
             self.lowered()
         return tuple(getattr(self._entry.applied, "decisions", ()))
@@ -270,25 +277,38 @@ class TiermapJitted:
 
         merged.__name__ = getattr(fn, "__name__", "fn")
         merged.__qualname__ = getattr(fn, "__qualname__", merged.__name__)
-        def planned(pair: bool) -> Plan:
+
+        def planned(pair: bool, untaken: Untaken | None = None) -> Plan:
             return pipeline.plan(merged, spec_args, spec_kw, target=self.target,
                                  strategy=self.strategy, time_limit_s=self.time_limit_s,
                                  seed=self.seed, objective=self.objective,
                                  assumed_trip_count=self.assumed_trip_count,
-                                 pair_loop_attention=pair, recompute=self.recompute)
+                                 pair_loop_attention=pair, recompute=self.recompute,
+                                 untaken=untaken)
 
-        plan = planned(True)
-        applied = _apply(merged, plan)
-        wanted = sum(PAIRED_PLAN_NOTE in n for n in plan.notes)
-        if wanted:
-            # The plan pairs attention split across jax.grad's two scans; trace the applied
-            # program to see that it runs every pair, else plan again without pairing, so the
-            # plan predicts what runs.
-            jax.eval_shape(applied, spec_args, spec_kw)
-            ran = sum(PAIRED_APPLY_NOTE in n for n in getattr(applied, "notes", ()))
-            if ran < wanted:
-                plan = planned(False)
-                applied = _apply(merged, plan)
+        applied_of: dict[int, Callable[..., Any]] = {}
+
+        def decide(p: Plan) -> list[Decision]:
+            """Trace `p` as applied (not run): its decisions, applied or not."""
+            fn_applied = _apply(merged, p)
+            jax.eval_shape(fn_applied, spec_args, spec_kw)
+            applied_of[id(p)] = fn_applied
+            return list(getattr(fn_applied, "decisions", ()))
+
+        pair = True
+        first = planned(pair)
+        decisions = decide(first)
+        wanted = sum(PAIRED_PLAN_NOTE in n for n in first.notes)
+        ran = sum(PAIRED_APPLY_NOTE in n for n in getattr(applied_of[id(first)], "notes", ()))
+        if wanted and ran < wanted:
+            # The plan pairs attention split across jax.grad's two scans and the applied
+            # program does not run every pair: plan again without pairing.
+            pair = False
+            first = planned(pair)
+            decisions = decide(first)
+        as_run = plan_as_run(first, decisions, lambda u: planned(pair, u), decide)
+        plan = as_run.plan
+        applied = applied_of[id(as_run.source)]
         run_dynamic = jax.jit(applied)
         static_nums = {j for j in range(num_args)
                        for i in self.static_argnums if j == (i + num_args if i < 0 else i)}
@@ -314,7 +334,7 @@ def _apply(fn: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
     # local import: tiermap.apply imports jax at module level; `import tiermap` stays cheap
     from tiermap.apply import apply_plan
 
-    return apply_plan(fn, plan)
+    return apply_plan(fn, plan, planned_only=True)
 
 
 def _infer_static(fn: Callable[..., Any], nums: tuple[int, ...], names: tuple[str, ...]

@@ -40,6 +40,7 @@ from tiermap.hardware.loader import load_target
 from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.program import Program
+from tiermap.ir.untaken import Untaken
 from tiermap.loop_planning import MAX_ROUNDS, loop_bodies, plan_with_loops
 from tiermap.options import check_plan_options, check_positive_int, check_recompute_mode
 from tiermap.passes.base import Pass, PipelineState
@@ -108,7 +109,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
          objective: str = "time", backend: str = "highs", workers: int | None = None,
          fusion: bool = True, passes: Sequence[Pass] | None = None,
          capacity_bound: bool = False, assumed_trip_count: int = 1,
-         pair_loop_attention: bool = True, recompute: str = "auto", **kwargs: Any) -> Plan:
+         pair_loop_attention: bool = True, recompute: str = "auto",
+         untaken: Untaken | None = None, **kwargs: Any) -> Plan:
     """Plan where every tensor of a JAX function (or Program) lives on `target`.
 
     Args:
@@ -138,6 +140,8 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             offload; the recompute-only plan is made too and kept if it predicts less;
             tiermap/recompute/), "fit" (recompute what device memory needs, offload not
             weighed) or "off".
+        untaken: decisions not to make because the program as applied does not realise them
+            (tiermap/ir/untaken.py; `tiermap.as_run.plan_as_run` finds them); None: none.
         **kwargs: keyword arguments of the function.
 
     Raises:
@@ -176,14 +180,14 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             strategy, share_s, seed, backend, workers, fusion, capacity_bound,
             LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT,
             recompute if prog is program else "off")
-        planned = _run_passes(prog, planned_on, chosen, objective, share_s, tgt_)
+        planned = _run_passes(prog, planned_on, chosen, objective, share_s, tgt_, untaken)
         if (pass_list is None and prog is program and recompute == "auto"
                 and any(OFFLOAD_WEIGHED in n for n in planned.notes)):
             # The selection weighed offload by an estimate; the recompute-only selection,
             # placed too, is kept where it predicts less (the notes say which and both times).
             fit = _run_passes(prog, planned_on, build_passes(
                 strategy, share_s, seed, backend, workers, fusion, capacity_bound,
-                SINGLE_WINDOW_NODE_LIMIT, "fit"), objective, share_s, tgt_)
+                SINGLE_WINDOW_NODE_LIMIT, "fit"), objective, share_s, tgt_, untaken)
             keep, other, names = ((fit, planned, ("recompute-only", "mixed"))
                                   if fit.predicted_time_s < planned.predicted_time_s
                                   else (planned, fit, ("mixed", "recompute-only")))
@@ -209,15 +213,17 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
 
 
 def _run_passes(program: Program, tgt: Target, pass_list: Sequence[Pass], objective: str,
-                time_limit_s: float, real: Target | None = None) -> Plan:
+                time_limit_s: float, real: Target | None = None,
+                untaken: Untaken | None = None) -> Plan:
     """One program (its loops already priced) through the passes, on `tgt`.
 
     `real`: the target the plan is for when `tgt` is it with less capacity (room left for the
     loops): the plan then names `real`, and its lower bound is the smaller of the two bounds
     (less capacity can only raise a bound)."""
     deadline_s = time.perf_counter() + time_limit_s
-    state = PassManager(list(pass_list)).run(PipelineState(program, tgt, Fusion(), objective,
-                                                           deadline_s=deadline_s))
+    state = PassManager(list(pass_list)).run(PipelineState(
+        program, tgt, Fusion(), objective, deadline_s=deadline_s,
+        untaken=untaken if untaken is not None else Untaken()))
     planned = state.plan
     if planned is None:
         raise ChoiceError("the pass list has no placement pass ('place-tiers'); add one")

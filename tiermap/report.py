@@ -201,7 +201,10 @@ def solver_line(plan: Plan) -> str:
 def plan_summary(plan: Plan, outputs: Mapping[str, str] | None = None,
                  decisions: Sequence[Decision] | None = None) -> dict[str, Any]:
     """A small machine-readable summary (the CLI's `--json`): times, tiers, solver, outputs, and
-    with `decisions` the plan decisions as applied."""
+    with `decisions` (default: the plan's own, `Plan.decisions`, where it has them) the plan
+    decisions as applied."""
+    if decisions is None and plan.decisions:
+        decisions = plan.decisions
     return {
         "schema": "tiermap.summary/v1",
         "program": {"name": plan.program_name, "num_steps": plan.num_steps,
@@ -446,7 +449,10 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12,
     """A markdown report: program, target, solver, predicted times against the baselines and the
     lower bound, the per-tier table, the costliest tensors and the fusion/tiling groups; with
     `decisions` (`tiermap.apply`'s record of the program as applied), which plan decisions the
-    applied program realises and which not, with the reason."""
+    applied program realises and which not, with the reason (default: the plan's own,
+    `Plan.decisions`, where it has them)."""
+    if decisions is None and plan.decisions:
+        decisions = plan.decisions
     lines = [f"# tiermap plan: {plan.program_name} on {plan.target.name}", ""]
     lines += [
         f"- program: `{plan.program_name}`, {plan.num_steps} steps, {len(plan.tensors)} tensors",
@@ -540,9 +546,15 @@ def decision_lines(decisions: Sequence[Decision]) -> list[str]:
                        [[kind, str(done), str(left)] for kind, (done, left) in counts.items()],
                        align="lrr")
     lines += [""]
-    lines += _md_table(["decision", "subject", "applied", "how, or why not"],
+    dropped = [d for d in decisions if not d.priced]
+    if dropped:
+        lines += [f"{len(dropped)} decision(s) an earlier plan made are not realised by the "
+                  "applied program; the plan was made again without them and its prediction "
+                  "does not count them (tiermap/as_run.py).", ""]
+    lines += _md_table(["decision", "subject", "applied", "in the prediction", "how, or why not"],
                        [[d.kind, f"`{d.subject}`", "yes" if d.applied else "**no**",
-                         d.detail.replace("|", "/")] for d in decisions], align="llll")
+                         "yes" if d.priced else "no (planned without it)",
+                         d.detail.replace("|", "/")] for d in decisions], align="lllll")
     return lines + [""]
 
 

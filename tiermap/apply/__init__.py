@@ -83,7 +83,8 @@ class AppliedFunction:
     lists each plan decision, applied or not with the reason (both filled once traced)."""
 
     def __init__(self, fn: Callable[..., Any], plan: Plan | None, static_argnums: Sequence[int],
-                 static_argnames: Sequence[str], kernel: str, interpret: bool) -> None:
+                 static_argnames: Sequence[str], kernel: str, interpret: bool,
+                 planned_only: bool = False) -> None:
         if kernel not in KERNELS:
             raise TiermapError(f"apply_plan: kernel={kernel!r}; expected one of "
                                f"{', '.join(KERNELS)}")
@@ -93,6 +94,7 @@ class AppliedFunction:
         self.static_argnames = tuple(static_argnames)
         self.kernel = kernel
         self.interpret = interpret
+        self.planned_only = planned_only
         self.notes: list[str] = []
         # Each plan decision, applied or not with the reason; filled once traced.
         self.decisions: list[Decision] = []
@@ -124,7 +126,10 @@ class AppliedFunction:
     def _inner(self, *args: Any, **kwargs: Any) -> Any:
         if self._sharded:
             self.notes = [SHARDED_NOTE]
-            self.decisions = [Decision("offload", "all", False, SHARDED_NOTE)]
+            plan = self.plan
+            planned = plan is not None and bool(plan.attention or plan.recomputes
+                                                or host_moves(plan) or self._host_positions)
+            self.decisions = [Decision("offload", "all", False, SHARDED_NOTE)] if planned else []
             return self.fn(*args, **kwargs)
         leaves, rebuild = self._split(args, kwargs)
         leaves = to_device_memory(leaves, self._host_leaves(args, kwargs))
@@ -139,7 +144,7 @@ class AppliedFunction:
 
         closed = jax.make_jaxpr(flat_fn)(*leaves)
         inlined = inline_calls(closed)
-        rewriter = Rewriter(self.plan, self.kernel, self.interpret)
+        rewriter = Rewriter(self.plan, self.kernel, self.interpret, self.planned_only)
         tmap = None
         plan = self.plan
         if plan is not None and plan.sharding is None and (plan.recomputes or host_moves(plan)):
@@ -254,7 +259,7 @@ class AppliedFunction:
 
 def apply_plan(fn: Callable[..., Any], plan: Plan | None, *, static_argnums: Sequence[int] = (),
                static_argnames: Sequence[str] = (), kernel: str = "auto",
-               interpret: bool = False) -> AppliedFunction:
+               interpret: bool = False, planned_only: bool = False) -> AppliedFunction:
     """A function that runs `fn` as `plan` says (module docstring).
 
     Args:
@@ -265,21 +270,26 @@ def apply_plan(fn: Callable[..., Any], plan: Plan | None, *, static_argnums: Seq
         kernel: "auto" (Pallas on GPU/TPU where it applies, else blocked JAX), "blocked",
             "pallas-gpu" or "pallas-tpu" (falling back to blocked where not applicable).
         interpret: run Pallas kernels in interpret mode (for testing without the hardware).
+        planned_only: leave to XLA an attention that no attention group of the plan covers
+            (what `tiermap.jit` runs, so that the program is the plan); False tiles it with
+            tiles searched for the target (for plans read from JSON written before the plan
+            recorded its attention groups).
 
     Returns:
         An `AppliedFunction`: callable like `fn` (jit-compiled), with `.lower(*args)` returning
         the jax Lowered stage and `.notes` listing what was applied.
     """
-    return AppliedFunction(fn, plan, static_argnums, static_argnames, kernel, interpret)
+    return AppliedFunction(fn, plan, static_argnums, static_argnames, kernel, interpret,
+                           planned_only)
 
 
 def applied_decisions(fn: Callable[..., Any], plan: Plan, *args: Any,
                       static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (),
-                      **kwargs: Any) -> list[Decision]:
+                      planned_only: bool = True, **kwargs: Any) -> list[Decision]:
     """Each of the plan's decisions, applied or not with the reason, for these arguments
     (arrays or `jax.ShapeDtypeStruct`s): the program is traced as applied, not run."""
     applied = apply_plan(fn, plan, static_argnums=static_argnums,
-                         static_argnames=static_argnames)
+                         static_argnames=static_argnames, planned_only=planned_only)
     applied.lower(*args, **kwargs)
     return list(applied.decisions)
 

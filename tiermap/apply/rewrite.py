@@ -43,6 +43,9 @@ from tiermap.ir.plan import LoopPlan, Plan
 from tiermap.kernels import pallas
 from tiermap.kernels.blocked_attention import LogitsTransform, blocked_attention
 
+# How an attention the matcher finds, and no attention group of the plan covers, is named.
+NO_PLAN_GROUP = " (no plan group)"
+
 # --- running a match ----------------------------------------------------------------------------
 
 
@@ -160,8 +163,11 @@ def _paired_kernel(m: AttentionMatch, read: Callable[[Any], Any], qkv: tuple[Any
 class Rewriter:
     """Evaluates a jaxpr with every recognised attention replaced by a tiled kernel."""
 
-    def __init__(self, plan: Plan | None, kernel: str, interpret: bool) -> None:
+    def __init__(self, plan: Plan | None, kernel: str, interpret: bool,
+                 planned_only: bool = False) -> None:
         self.plan = plan
+        # Leave to XLA an attention the plan does not fuse (else it runs with searched tiles).
+        self.planned_only = planned_only
         self.kernel = kernel
         self.interpret = interpret
         self.notes: list[str] = []
@@ -201,7 +207,7 @@ class Rewriter:
             if group is not None:
                 self.groups_seen.add(group.group + inside)
                 return group.group + inside
-        return f"attention {self.count}{inside} (no plan group)"
+        return f"attention {self.count}{inside}{NO_PLAN_GROUP}"
 
     def tiles_for(self, m: AttentionMatch, ordinals: tuple[int, int] | None) -> _Tiles:
         """The plan's tiles for the attention whose matmuls are the top-level `dot_general`
@@ -280,6 +286,18 @@ class Rewriter:
                                        else None)
                 notes: list[str] = []
                 subject = self.group_name(d1, d2)
+                if self.planned_only and self.plan is not None and subject.endswith(
+                        NO_PLAN_GROUP):
+                    # The plan prices these equations unfused: run them so.
+                    self.notes.append(f"attention {self.count}: left to XLA, as the plan has "
+                                      "it (no attention group of the plan covers it)")
+                    out = self._replay_region(jaxpr, m, env, read)
+                    if m.bwd_region:
+                        self._replay(jaxpr, sorted(m.bwd_region), env, read)
+                        skip -= m.bwd_region
+                    self.count += 1
+                    env[eqn.outvars[0]] = out
+                    continue
                 try:
                     if m.bwd_region:
                         def fwd(qq: Any, kk: Any, vv: Any, m: AttentionMatch = m,

@@ -55,6 +55,7 @@ from tiermap.fusion.tiling import (
 from tiermap.ir.fusion import Fusion, FusionGroup
 from tiermap.ir.ops import ELEMENTWISE, TRANSCENDENTAL
 from tiermap.ir.program import DTYPE_BITS, Op, Program
+from tiermap.ir.untaken import Untaken
 from tiermap.mathopt import WorkBudget, guard_fired, load_mathopt, solve_parameters
 
 if TYPE_CHECKING:
@@ -363,18 +364,26 @@ def _cluster_working_set(index: _Index, ops: frozenset[str]) -> tuple[int, str]:
     return int(tile), kind
 
 
-def candidates(program: Program, target: Target, attention: bool = True
-               ) -> tuple[list[Candidate], list[str]]:
+def candidates(program: Program, target: Target, attention: bool = True,
+               untaken: Untaken | None = None) -> tuple[list[Candidate], list[str]]:
     """Every feasible, convex candidate with a positive saving, and notes on what was dropped.
 
     `attention=False` leaves attention to ordinary fusion (softmax as a row kernel, the score
-    matrix materialized between the products): "standard attention", for comparison."""
+    matrix materialized between the products): "standard attention", for comparison; `untaken`
+    does the same for the attentions whose output it names (the applied program leaves them to
+    XLA; tiermap/ir/untaken.py)."""
     index = _Index(program)
     main = target.main_tier.name
     fast_bytes, tier = tile_budget_bytes(target)
     notes: list[str] = []
     out: list[Candidate] = []
     patterns = find_attention(program) if attention else ()
+    if untaken:
+        kept = tuple(p for p in patterns if untaken.fuses_attention(program.name, p.o_id))
+        notes.extend(f"attention with output {p.o_id}: fused as ordinary chains, not as "
+                     "attention: the applied program leaves it to XLA (planned as it runs)"
+                     for p in patterns if p not in kept)
+        patterns = kept
     if program.paired_attention:  # halves of attentions split across loops: always recognised
         claimed = {o for p in program.paired_attention for o in p.fwd_op_ids + p.bwd_op_ids}
         own = [p for p in patterns if not claimed & set(p.fwd_op_ids + p.bwd_op_ids)]
@@ -533,13 +542,14 @@ def _value(cands: list[Candidate], chosen: Iterable[str]) -> float:
 
 
 def fuse(program: Program, target: Target, time_limit_s: float = 10.0, seed: int = 0,
-         workers: int = 1, attention: bool = True, guard_s: float | None = None) -> Fusion:
+         workers: int = 1, attention: bool = True, guard_s: float | None = None,
+         untaken: Untaken | None = None) -> Fusion:
     """Fusion groups for `program` on `target` (module docstring), with tiles chosen.
 
     The MIP stops at FUSE_NODE_LIMIT nodes; `guard_s` (default `time_limit_s`, less under a
     planning deadline) is its wall-clock guard. `attention=False` skips attention recognition
-    (see `candidates`)."""
-    cands, notes = candidates(program, target, attention)
+    (see `candidates`), `untaken` the attentions the applied program leaves to XLA."""
+    cands, notes = candidates(program, target, attention, untaken)
     guard = float(time_limit_s) if guard_s is None else guard_s
     sel = select(cands, guard, seed, workers)
     chosen = set(sel.chosen)
@@ -614,7 +624,8 @@ class FusePass:
 
     def run(self, state: PipelineState) -> PipelineState:
         fusion = fuse(state.program, state.target, self.time_limit_s, self.seed,
-                      self.workers, self.attention, guard_s=self.solver_time_limit_s(state))
+                      self.workers, self.attention, guard_s=self.solver_time_limit_s(state),
+                      untaken=state.untaken)
         return replace(state, fusion=fusion)
 
     def solver_time_limit_s(self, state: PipelineState) -> float:

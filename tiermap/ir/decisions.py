@@ -16,7 +16,7 @@ Kinds:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,23 +32,33 @@ class Decision:
         subject: what it is about: a tensor id (`t128`), a group (`attn0`), an input position.
         applied: whether the applied program realises it.
         detail: how it was realised (steps, placements), or why not.
+        priced: whether the plan's prediction counts it. False for a decision an earlier plan
+            made that the applied program did not realise, and that the plan was made again
+            without (tiermap/as_run.py): the plan prices the program without it.
     """
 
     kind: str
     subject: str
     applied: bool
     detail: str
+    priced: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "subject": self.subject, "applied": self.applied,
-                "detail": self.detail}
+                "detail": self.detail, "priced": self.priced}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Decision:
+        return Decision(str(d["kind"]), str(d["subject"]), bool(d["applied"]), str(d["detail"]),
+                        bool(d.get("priced", True)))
 
 
 def decision_counts(decisions: Sequence[Decision]) -> dict[str, tuple[int, int]]:
-    """Per kind (in `KINDS` order, kinds present only): (applied, not applied)."""
+    """Per kind (in `KINDS` order, kinds present only): (applied, not applied), of the
+    decisions the plan's prediction counts."""
     out: dict[str, tuple[int, int]] = {}
     for kind in KINDS:
-        mine = [d for d in decisions if d.kind == kind]
+        mine = [d for d in decisions if d.kind == kind and d.priced]
         if mine:
             done = sum(d.applied for d in mine)
             out[kind] = (done, len(mine) - done)

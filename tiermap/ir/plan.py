@@ -50,6 +50,11 @@ Semantics (shared by the cost model, every strategy and the verifier; keep them 
 - Sharded programs (`Plan.sharding`, an optional "sharding" key of schema v2): the program is one
   device's program of XLA's SPMD partitioner, capacities are per device, and `ShardingPlan`
   (tiermap/ir/sharding.py) holds its collectives and the step time with communication.
+- Plan as it runs (`Plan.decisions`, a v2 key added 2026-12-08, [] in older plans and in plans
+  made without tracing the applied program): each decision the applied program has to realise
+  (tiermap/ir/decisions.py), applied or not with the reason. `tiermap.jit` and `tiermap compile
+  FILE.py:NAME` plan again without the decisions that are not applied (tiermap/as_run.py), so
+  the plan's times are those of the program that runs; the notes say what was re-planned.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from tiermap.errors import TiermapError
 from tiermap.hardware.interconnect import Interconnect
 from tiermap.hardware.target import Link, Target, Tier
+from tiermap.ir.decisions import Decision
 from tiermap.ir.recompute import Recompute
 from tiermap.ir.sharding import ShardingPlan
 
@@ -172,6 +178,8 @@ class AttentionGroupPlan:
     top-level `dot_general` ops, in program order: the key by which `tiermap.apply` finds the
     same equations in the jaxpr it rewrites, checked against `q_len`, `kv_len`, `head_dim`.
     `group` and `backward_group` name the fusion groups, whose block sizes are in `Plan.tiles`.
+    `output` is the attention's output tensor O (the key by which a plan made again without
+    this attention names it, tiermap/ir/untaken.py; "" in plans written before 2026-12-08).
     """
 
     group: str
@@ -182,6 +190,7 @@ class AttentionGroupPlan:
     q_len: int
     kv_len: int
     head_dim: int
+    output: str = ""
 
 
 @dataclass(frozen=True)
@@ -319,6 +328,9 @@ class Plan:
     recomputes: tuple[Recompute, ...] = ()
     # A partitioned program's communication (tiermap/ir/sharding.py); None for one device.
     sharding: ShardingPlan | None = None
+    # What the applied program makes of each decision (tiermap/ir/decisions.py; v2 key added
+    # 2026-12-08); empty until the applied program is traced (tiermap/as_run.py).
+    decisions: tuple[Decision, ...] = ()
     program: Program | None = field(default=None, compare=False, repr=False)
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
 
@@ -386,7 +398,7 @@ class Plan:
                 {"group": a.group, "backward_group": a.backward_group, "op_ids": list(a.op_ids),
                  "backward_op_ids": list(a.backward_op_ids),
                  "matmul_ordinals": list(a.matmul_ordinals), "q_len": a.q_len,
-                 "kv_len": a.kv_len, "head_dim": a.head_dim}
+                 "kv_len": a.kv_len, "head_dim": a.head_dim, "output": a.output}
                 for a in self.attention
             ],
             "predicted_time_s": self.predicted_time_s,
@@ -403,6 +415,7 @@ class Plan:
             "notes": list(self.notes),
             "warnings": list(self.warnings),
             "recomputes": [r.to_dict() for r in self.recomputes],
+            "decisions": [x.to_dict() for x in self.decisions],
             "loops": [loop.to_dict() for loop in self.loops],
             **({"sharding": self.sharding.to_dict()} if self.sharding else {}),
             "pass_wall_s": dict(self.pass_wall_s),
@@ -495,12 +508,14 @@ class Plan:
                 group=a["group"], backward_group=a.get("backward_group"),
                 op_ids=tuple(a["op_ids"]), backward_op_ids=tuple(a.get("backward_op_ids", [])),
                 matmul_ordinals=(int(a["matmul_ordinals"][0]), int(a["matmul_ordinals"][1])),
-                q_len=int(a["q_len"]), kv_len=int(a["kv_len"]), head_dim=int(a["head_dim"]))
+                q_len=int(a["q_len"]), kv_len=int(a["kv_len"]), head_dim=int(a["head_dim"]),
+                output=str(a.get("output", "")))
                 for a in d.get("attention", [])),  # absent in plans written before 2026-12
             loops=tuple(LoopPlan.from_dict(x) for x in d.get("loops", [])),  # v2
             warnings=tuple(d.get("warnings", [])),  # v2, added 2026-12-07; absent before
             recomputes=tuple(Recompute.from_dict(x) for x in d.get("recomputes", [])),  # ditto
             sharding=ShardingPlan.from_dict(d["sharding"]) if d.get("sharding") else None,
+            decisions=tuple(Decision.from_dict(x) for x in d.get("decisions", [])),  # 2026-12-08
             pass_wall_s=dict(d.get("pass_wall_s", {})),
         )
 

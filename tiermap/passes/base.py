@@ -25,6 +25,7 @@ from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.plan import Plan
 from tiermap.ir.program import Program
+from tiermap.ir.untaken import Untaken
 
 # --- analysis results the state carries (plain data; the passes that compute them are in
 # schedule.py and liveness.py) ---
@@ -74,6 +75,8 @@ class PipelineState:
         pass_wall_s: wall-clock seconds of each pass run so far (not deterministic).
         deadline_s: when planning should be done, as a `time.perf_counter()` value (None: no
             deadline; each pass keeps its own time limits). Set by `plan()`.
+        untaken: decisions the passes must not make because the applied program does not
+            realise them (tiermap/ir/untaken.py; fusion, recompute and placement honour it).
     """
 
     program: Program
@@ -85,6 +88,7 @@ class PipelineState:
     plan: Plan | None = None
     pass_wall_s: Mapping[str, float] = field(default_factory=dict, compare=False)
     deadline_s: float | None = field(default=None, compare=False)
+    untaken: Untaken = field(default_factory=Untaken)
 
     def seconds_left(self) -> float | None:
         """Seconds until `deadline_s` (negative once past), or None without a deadline."""

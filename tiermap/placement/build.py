@@ -105,5 +105,6 @@ def attention_groups(program: Program, fusion: Fusion | None) -> tuple[Attention
             group=g.id, backward_group=bwd.id if bwd is not None else None,
             op_ids=tuple(g.op_ids), backward_op_ids=tuple(bwd.op_ids) if bwd is not None else (),
             matmul_ordinals=(min(matmuls), max(matmuls)), q_len=int(g.attrs.get("q_len", 0)),
-            kv_len=int(g.attrs.get("kv_len", 0)), head_dim=int(g.attrs.get("head_dim", 0))))
+            kv_len=int(g.attrs.get("kv_len", 0)), head_dim=int(g.attrs.get("head_dim", 0)),
+            output=str(g.attrs.get("o", ""))))
     return tuple(sorted(out, key=lambda a: a.matmul_ordinals))

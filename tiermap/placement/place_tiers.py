@@ -143,7 +143,8 @@ class PlaceTiersPass:
         naive_problem: PlacementProblem | None = None
         try:  # unfused, the program may not fit where the fused one does: no naive baseline
             naive_problem = PlacementProblem(program, target, Fusion(), state.liveness,
-                                             state.objective, pin=False)
+                                             state.objective, pin=False,
+                                             untaken=state.untaken)
             naive = naive_assignment(naive_problem)
         except InfeasiblePlacementError:
             if self.strategy == "naive":
@@ -159,7 +160,7 @@ class PlaceTiersPass:
                         "naive", "heuristic", None, time.perf_counter() - t0, None,
                         detail="main memory, spilling in program order")))
         problem = PlacementProblem(program, target, state.fusion, state.liveness,
-                                   state.objective, pin=True)
+                                   state.objective, pin=True, untaken=state.untaken)
         t0 = time.perf_counter()
         greedy = greedy_assignment(problem)
         greedy_parts = problem.to_plan_parts(greedy)

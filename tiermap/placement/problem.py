@@ -60,6 +60,7 @@ from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.plan import Residency, Transfer, alias_pairs
 from tiermap.ir.program import CONSTANT_KIND, Program
+from tiermap.ir.untaken import Untaken
 from tiermap.passes.base import Liveness
 from tiermap.passes.liveness import compute_liveness
 from tiermap.placement.respread import respread_moves
@@ -101,8 +102,11 @@ class PlacementProblem:
 
     def __init__(self, program: Program, target: Target, fusion: Fusion | None = None,
                  liveness: Liveness | None = None, objective: str = "time",
-                 pin: bool = True) -> None:
+                 pin: bool = True, untaken: Untaken | None = None) -> None:
         self.program = program
+        # tensors kept out of host tiers: the applied program does not place their moves
+        self.untaken = untaken if untaken is not None else Untaken()
+        self.device_only: set[str] = set()
         self.target = target
         self.fusion = fusion if fusion is not None else Fusion()
         self.objective = objective
@@ -194,6 +198,15 @@ class PlacementProblem:
                 self.ro_eligible.add(vid)
             tiers = tuple(k for k in self.writable if self.capacity[k] >= nbytes)
             homes = tuple(k for k in self.homes if eligible and self.capacity[k] >= nbytes)
+            if self.untaken.device_only(program.name, vid):
+                self.device_only.add(vid)
+                tiers, homes = tuple(k for k in tiers if k <= self.main), ()
+                if not tiers:
+                    raise InfeasiblePlacementError(
+                        f"tensor {vid} ({value.type}, {nbytes} bytes) must stay in device "
+                        "memory (the applied program does not place its host moves) and fits "
+                        "no device tier; fix: a target with more device memory, or "
+                        "recompute='auto'")
             if not tiers and not homes:
                 self._too_big(vid, first, last, eligible)
             self.segments[vid] = _segments(vid, nbytes, first, last, live.accesses[vid],
@@ -304,6 +317,28 @@ class PlacementProblem:
             f"{value.nbytes - largest} bytes. Fix: a target with a larger tier, or a smaller "
             "program (shard or tile the tensor)")
 
+    def _check_device_only(self, held: np.ndarray) -> None:
+        """The tensors that must stay in device memory fit the device tiers at every step."""
+        if not self.device_only:
+            return
+        n = self.num_steps
+        need = np.zeros(n + 1, dtype=np.int64)
+        for vid in self.device_only:
+            seg = self.segments[vid]
+            need[seg.first] += seg.nbytes
+            need[seg.last + 1] -= seg.nbytes
+        dev = [k for k in self.writable if k <= self.main]
+        cap = int(sum(int(self.capacity[k]) for k in dev))
+        over = np.cumsum(need[:n]) + self.reserved[dev].sum(axis=0) - cap
+        if over.max() > 0:
+            step = int(np.argmax(over))
+            raise InfeasiblePlacementError(
+                f"at step {step} the tensors that must stay in device memory (the applied "
+                f"program does not place their host moves: {len(self.device_only)} tensors) "
+                f"need {int(over[step])} bytes more than the device tiers "
+                f"({', '.join(self.tier_names[k] for k in dev)}, {cap} B) hold; fix: a target "
+                "with more device memory, or recompute='auto'")
+
     def _check_feasible(self) -> None:
         n = self.num_steps
         if n == 0:
@@ -317,6 +352,7 @@ class PlacementProblem:
                 writable_only[seg.first] += seg.nbytes
                 writable_only[seg.last + 1] -= seg.nbytes
         held = self.reserved.sum(axis=0)
+        self._check_device_only(held)
         total = np.cumsum(total[:n]) + held
         writable_only = np.cumsum(writable_only[:n]) + held
         self.live_bytes = total

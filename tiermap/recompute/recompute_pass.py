@@ -51,7 +51,8 @@ class RecomputePass:
         live = state.liveness or compute_liveness(program)
         left = state.seconds_left()
         guard = GUARD_S if left is None else max(min(GUARD_S, 0.2 * left), 0.5)
-        sel = select(program, state.target, state.fusion, live, self.mode, guard, self.seed)
+        sel = select(program, state.target, state.fusion, live, self.mode, guard, self.seed,
+                     state.untaken)
         warnings = (("recompute: the selection MIP stopped at its wall-clock guard; another "
                      "machine may choose otherwise",) if sel.guard_fired else ())
         if not sel.chosen:

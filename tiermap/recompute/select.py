@@ -59,6 +59,7 @@ from tiermap.hardware.target import Target
 from tiermap.ir.fusion import Fusion
 from tiermap.ir.ops import ELEMENTWISE, MOVEMENT, TRANSCENDENTAL
 from tiermap.ir.program import Program
+from tiermap.ir.untaken import Untaken
 from tiermap.mathopt import WorkBudget, guard_fired, load_mathopt, quiet_stdout, solve_parameters
 from tiermap.passes.base import Liveness
 
@@ -237,9 +238,12 @@ def _est_op_s(program: Program, target: Target, fusion: Fusion) -> np.ndarray:
 
 
 def select(program: Program, target: Target, fusion: Fusion, live: Liveness, mode: str,
-           guard_s: float, seed: int = 0) -> Selection:
+           guard_s: float, seed: int = 0, untaken: Untaken | None = None) -> Selection:
     """The recomputations that relieve device memory best (module docstring); `mode` "auto"
-    prices offload beside them (with a host tier), "fit" recomputes without that choice."""
+    prices offload beside them (with a host tier), "fit" recomputes without that choice.
+    `untaken`: tensors the applied program does not recompute (not candidates) or whose host
+    moves it does not place (offload not weighed for them)."""
+    untaken = untaken if untaken is not None else Untaken()
     n = program.num_steps
     dev, host = device_tiers(target)
     cap = int(sum(target.tiers[i].capacity_bytes for i in dev))
@@ -255,7 +259,8 @@ def select(program: Program, target: Target, fusion: Fusion, live: Liveness, mod
         return Selection((), "optimal", "device memory holds the program: nothing to recompute",
                          0)
     cands = [c for c in candidates(program, target, fusion, live)
-             if over[c.idle[0]:c.idle[1] + 1].any()]
+             if over[c.idle[0]:c.idle[1] + 1].any()
+             and untaken.may_recompute(program.name, c.tensor)]
     est = _est_op_s(program, target, fusion)
     total_s = float(est.sum()) or 1.0
     cum = np.concatenate([[0.0], np.cumsum(est)])
@@ -265,7 +270,7 @@ def select(program: Program, target: Target, fusion: Fusion, live: Liveness, mod
         bw = max(target.link_bytes_per_s(main, target.tiers[host[0]].name), 1.0)
         for vid in sorted(stored):
             b = program.values[vid].nbytes
-            if b < MIN_TENSOR_BYTES:
+            if b < MIN_TENSOR_BYTES or untaken.device_only(program.name, vid):
                 continue
             acc = list(live.accesses[vid])
             first, last = live.ranges[vid]
