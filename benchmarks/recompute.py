@@ -12,9 +12,10 @@ tables for docs/benchmarks.md ("## Recomputation").
    (256 MiB of HBM over PCIe) and GPT-12 (d 768, bf16, batch 8) on h100-4g, each planned
    offload-only (recompute="off"), recompute-only ("fit": recompute what device memory needs,
    offload not weighed; placement may still move what is left) and "auto" (the default: the
-   selection weighs recomputation against its estimate of offload, and the recompute-only plan
-   is made too and kept where it predicts less): predicted time, lower bound, tensors
-   recomputed, transfers, planning seconds, warnings, which plan "auto" kept.
+   selection weighs recomputation against its estimate of offload; the recompute-only plan and
+   the plan without recomputation are made too and the one that predicts least is kept):
+   predicted time, lower bound, tensors recomputed, transfers, planning seconds, warnings,
+   which plan "auto" kept.
 
 Every plan is verified by the pipeline (the independent verifier) before it is returned.
 """

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tiermap.errors import InfeasiblePlacementError
 from tiermap.ir.decisions import Decision, decision_counts
 from tiermap.ir.untaken import ANY, Untaken
+from tiermap.pipeline import plan as plan_fn
 from tiermap.plan_views import Plan
 
 # Plans made again at most, after the first (each forbids what the last one's program did not do).
@@ -143,3 +145,22 @@ def plan_as_run(first: Plan, first_decisions: Sequence[Decision],
     kept = Plan.of(replace(plan, decisions=tuple(decisions), notes=tuple(notes),
                            warnings=tuple(warnings)))
     return AsRun(kept, plan, untaken, rounds)
+
+
+def as_run_plan(fn: Callable[..., Any], *args: Any, max_rounds: int = MAX_ROUNDS,
+                **options: Any) -> AsRun:
+    """`plan_as_run` for a JAX function: `tiermap.pipeline.plan(fn, *args, **options)`, traced
+    as `tiermap.jit` runs it (`apply_plan(..., planned_only=True)`) on `args` (arrays or
+    `jax.ShapeDtypeStruct`s). The function's keyword arguments are not supported here; the
+    returned `source` is the plan to apply."""
+    # local import: tiermap.apply imports jax at module level; `import tiermap` stays cheap
+    from tiermap.apply import applied_decisions
+
+    def replan(untaken: Untaken) -> Plan:
+        return plan_fn(fn, *args, untaken=untaken, **options)
+
+    def decide(p: Plan) -> list[Decision]:
+        return applied_decisions(fn, p, *args)
+
+    first = plan_fn(fn, *args, **options)
+    return plan_as_run(first, decide(first), replan, decide, max_rounds)

@@ -32,7 +32,7 @@ from typing import Any
 
 from tiermap.bounds.knapsack import program_lower_bound_s
 from tiermap.costmodel.communication import check_devices, communication_plan
-from tiermap.errors import ChoiceError
+from tiermap.errors import ChoiceError, InfeasiblePlacementError
 from tiermap.frontend.lowering import lower
 from tiermap.fusion.fuse import DEADLINE_SHARE, FusePass
 from tiermap.fusion.tiling import TilePass
@@ -137,9 +137,9 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             kernels does.
         recompute: "auto" (drop stored tensors where device memory is short and compute them
             again where that beats moving them to a host tier, by the selection's estimate of
-            offload; the recompute-only plan is made too and kept if it predicts less;
-            tiermap/recompute/), "fit" (recompute what device memory needs, offload not
-            weighed) or "off".
+            offload; the recompute-only plan and the plan without recomputation are made too
+            and the one that predicts least is kept; tiermap/recompute/), "fit" (recompute what
+            device memory needs, offload not weighed) or "off".
         untaken: decisions not to make because the program as applied does not realise them
             (tiermap/ir/untaken.py; `tiermap.as_run.plan_as_run` finds them); None: none.
         **kwargs: keyword arguments of the function.
@@ -181,20 +181,34 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
             LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT,
             recompute if prog is program else "off")
         planned = _run_passes(prog, planned_on, chosen, objective, share_s, tgt_, untaken)
-        if (pass_list is None and prog is program and recompute == "auto"
-                and any(OFFLOAD_WEIGHED in n for n in planned.notes)):
-            # The selection weighed offload by an estimate; the recompute-only selection,
-            # placed too, is kept where it predicts less (the notes say which and both times).
-            fit = _run_passes(prog, planned_on, build_passes(
-                strategy, share_s, seed, backend, workers, fusion, capacity_bound,
-                SINGLE_WINDOW_NODE_LIMIT, "fit"), objective, share_s, tgt_, untaken)
-            keep, other, names = ((fit, planned, ("recompute-only", "mixed"))
-                                  if fit.predicted_time_s < planned.predicted_time_s
-                                  else (planned, fit, ("mixed", "recompute-only")))
-            planned = Plan.of(replace(keep, notes=keep.notes + (
-                f"recompute: the {names[0]} plan ({keep.predicted_time_s:.6g} s) kept over the "
-                f"{names[1]} one ({other.predicted_time_s:.6g} s)",)))
-        return planned
+        if pass_list is not None or prog is not program or recompute != "auto":
+            return planned
+        # "auto" weighs recomputation by estimates; the plans it is weighed against are made
+        # too and the one that predicts least is kept (the notes say which, with each time):
+        # the recompute-only selection where the selection weighed offload by an estimate,
+        # and the plan without recomputation where the program fits without it.
+        tried = [("mixed" if any(OFFLOAD_WEIGHED in n for n in planned.notes)
+                  else "recomputing", planned)]
+        others = []
+        if any(OFFLOAD_WEIGHED in n for n in planned.notes):
+            others.append(("recompute-only", "fit"))
+        if planned.recomputes or others:
+            others.append(("not recomputing", "off"))
+        for name, mode in others:
+            try:
+                tried.append((name, _run_passes(prog, planned_on, build_passes(
+                    strategy, share_s, seed, backend, workers, fusion, capacity_bound,
+                    SINGLE_WINDOW_NODE_LIMIT, mode), objective, share_s, tgt_, untaken)))
+            except InfeasiblePlacementError:
+                continue  # the program does not fit without recomputing
+        if len(tried) == 1:
+            return planned
+        best_name, best = min(tried, key=lambda x: x[1].predicted_time_s)  # first of ties
+        others_text = ", ".join(f"the {n} one ({p.predicted_time_s:.6g} s)"
+                                for n, p in tried if p is not best)
+        return Plan.of(replace(best, notes=best.notes + (
+            f"recompute: the {best_name} plan ({best.predicted_time_s:.6g} s) kept over "
+            f"{others_text}",)))
 
     def plan_any(prog: Program, tgt_: Target) -> Plan:
         planned = plan_with_loops(prog, tgt_, plan_flat, plan_any, assumed_trip_count,

@@ -172,3 +172,25 @@ def test_applied_training_step_recomputes_as_planned() -> None:
     plain = jax.jit(fn).lower(*args).compile().as_text()
     assert hlo.count(" dot(") + hlo.count(" multiply(") > (
         plain.count(" dot(") + plain.count(" multiply("))
+
+
+def test_auto_keeps_the_plan_without_recomputation_where_it_predicts_less() -> None:
+    """A case hypothesis found (tests/placement/test_property.py): on two equal-speed tiers
+    the recomputing plan predicted more than the one that only spills, so greedy came out
+    above naive. "auto" now also plans without recomputation and keeps the faster, so
+    mip <= greedy <= naive holds again."""
+    def loss(x: jax.Array) -> jax.Array:
+        y = x * (x * x)
+        return jnp.sum(jnp.tanh(y)) + jnp.sum(y * y)
+
+    prog = tiermap.lower(jax.value_and_grad(loss), jax.ShapeDtypeStruct((128, 128), jnp.float32))
+    bw = 1e11
+    target = Target(name="two-equal-tiers", description="hypothesis' target", platform="tpu",
+                    peak_flops_per_s={"f32": 1e11}, units=1,
+                    tiers=(Tier("t0", 196614, bw, bw), Tier("t1", 790552, bw, bw)))
+    got = {s: tiermap.plan(prog, target=target, strategy=s, time_limit_s=2, fusion=False)
+           for s in ("naive", "greedy", "mip")}
+    assert got["greedy"].predicted_time_s <= got["naive"].predicted_time_s * (1 + 1e-9)
+    assert got["mip"].predicted_time_s <= got["greedy"].predicted_time_s * (1 + 1e-9)
+    for p in got.values():
+        verify_plan(p, prog)
