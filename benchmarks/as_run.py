@@ -112,6 +112,8 @@ def row(name: str, fn: Callable[..., Any], args: tuple[Any, ...], target: str,
     print(f"| {name} | {Path(target).stem} | {first.predicted_time_s * 1e3:.4f} | "
           f"{_counts(decided)} | {result.rounds} | {kept.predicted_time_s * 1e3:.4f} | "
           f"{attention} | {len(counted)} | {len(kept.warnings)} | {wall_s:.0f} |", flush=True)
+    for w in kept.warnings:
+        print(f"|  | warning | {w[:300]} |" + " |" * 7, file=sys.stderr)
     for d in kept.decisions:
         if not d.priced:
             print(f"|  | planned away: {d.kind} `{d.subject}` | {d.detail[:140]} |"

@@ -20,7 +20,7 @@ meets an equation the rewriter replaces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,10 @@ class RecomputeRun:
         self._producer: tuple[Any, dict[Any, int]] | None = None
         self._vars = {r.var for r in reruns}
 
-    def fire(self, idx: int, env: dict[Any, Any], jaxpr: Any, skip: set[int]) -> None:
+    def fire(self, idx: int, env: dict[Any, Any], jaxpr: Any, skip: set[int],
+             read: Callable[[Any], Any] | None = None) -> None:
+        """Run the recomputations due before equation `idx`; `read` gives an input's value in
+        device memory (the offload run's, which copies back what the plan holds in host)."""
         for r in self.by_eqn.get(idx, ()):
             if any(e in skip for e in r.eqns):
                 self.failed[r.tensor] = ("its equations are inside a region the rewriter "
@@ -71,7 +74,8 @@ class RecomputeRun:
                 self.failed[r.tensor] = f"an input ({missing[0]}) has no value at equation {idx}"
                 continue
             dep = self._latest(jaxpr, idx, env, r.var)
-            held, _ = lax.optimization_barrier(([env[v] for v in r.inputs], dep))
+            vals = [read(v) if read is not None else env[v] for v in r.inputs]
+            held, _ = lax.optimization_barrier((vals, dep))
             local = dict(zip(r.inputs, held, strict=True))
             for e in r.eqns:
                 eqn = jaxpr.eqns[e]

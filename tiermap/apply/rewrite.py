@@ -276,7 +276,7 @@ class Rewriter:
         read_later = self._reader_index(jaxpr, matches, live, skip) if offload else None
         for idx, eqn in enumerate(jaxpr.eqns):
             if top and self.recompute is not None:
-                self.recompute.fire(idx, env, jaxpr, skip)
+                self.recompute.fire(idx, env, jaxpr, skip, read)
             if offload is not None and read_later is not None:
                 offload.fire(idx, env, read_later, skip, recomputed)
             if idx in at_d2:
