@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="drop stored tensors where device memory is short and compute "
                                 "them again: where it beats moving them to host (auto, the "
                                 "default), whatever device memory needs (fit), or never (off)")
+    p_compile.add_argument("--memory-check", action="store_true",
+                           help="FILE.py:NAME only: compile the program as applied on this "
+                                "machine and compare the plan's peak device memory with XLA's "
+                                "memory analysis (in the report, the summary and --json)")
     p_compile.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan JSON")
     p_compile.add_argument("--mlir", metavar="OUT.mlir", help="write the annotated StableHLO")
     p_compile.add_argument("--trace", metavar="TRACE.json",
@@ -530,6 +535,12 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             plan = plan_as_run(plan, _applied_decisions(traced, plan), replan,
                                lambda p: _applied_decisions(traced, p)).plan
             decisions = list(plan.decisions)
+        memory: Any = None
+        if ns.memory_check:
+            if user is None:
+                raise UsageError("--memory-check needs FILE.py:NAME (a JAX function to apply)")
+            steps.step("compiling the program as applied (its memory analysis)")
+            memory = _memory_check(user, plan)
         compare: dict[str, Plan] = {}
         if "plots" in paths:
             for other in ("naive", "greedy"):
@@ -544,7 +555,8 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         writers: dict[str, Callable[[], str]] = {
             "plan": plan.to_json, "mlir": plan.annotated_mlir,
             "trace": lambda: trace_json(plan, ns.trace_iterations),
-            "report": lambda: plan.report(decisions),
+            "report": lambda: plan.report(
+                decisions, memory.describe() if memory is not None else None),
         }
         for kind, make in writers.items():
             if kind in paths:
@@ -556,7 +568,10 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             for name, chart in save_plots(plan, paths["plots"], compare=compare).items():
                 written[f"plot:{Path(name).stem}"] = str(chart)
     if ns.json:
-        out.write(json.dumps(plan_summary(plan, written, decisions), indent=1) + "\n")
+        summary = plan_summary(plan, written, decisions)
+        if memory is not None:
+            summary["memory_check"] = {**dataclasses.asdict(memory), "ratio": memory.ratio}
+        out.write(json.dumps(summary, indent=1) + "\n")
         return EXIT_OK
     console = _console(out)
     console.print(rich_summary(plan))
@@ -565,9 +580,22 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         parts = [f"{kind} {done} applied, {left} not" for kind, (done, left) in counts.items()]
         console.print("plan decisions as applied: " + ("; ".join(parts) or "none to apply")
                       + (" (the report lists each)" if "report" in written else ""))
+    if memory is not None:
+        console.print(memory.describe())
     for kind, where in written.items():
         console.print(f"wrote {kind:<15} {where}")
     return EXIT_OK
+
+
+def _memory_check(user: _UserProgram, plan: Plan) -> Any:
+    """The plan's peak device memory against XLA's memory analysis of the program as applied
+    (`tiermap.apply.compiled_memory`), compiled on this machine."""
+    # local import: tiermap.apply imports jax at module level; the CLI's start stays cheap
+    from tiermap.apply import lower_applied
+    from tiermap.apply.compiled_memory import memory_check
+
+    return memory_check(plan, lower_applied(user.fn, plan, *user.args, planned_only=True,
+                                            **user.kwargs))
 
 
 def _applied_decisions(user: _UserProgram, plan: Plan) -> list[Decision]:

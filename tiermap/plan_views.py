@@ -44,11 +44,13 @@ class Plan(plan_data.Plan):
             )
         return annotate_mlir(self.program, annotations_for(self))
 
-    def report(self, decisions: Sequence[Decision] | None = None) -> str:
+    def report(self, decisions: Sequence[Decision] | None = None,
+               compiled_memory: str | None = None) -> str:
         """A text table: per-tier peak occupancy, traffic and time; the costliest tensors; with
-        `decisions` (e.g. `tiermap.jit(f).lower(*args).decisions()`), what the applied program
-        realises of the plan."""
-        return plan_report(self, decisions=decisions)
+        `decisions` (default: `Plan.decisions`), what the applied program realises of the plan;
+        with `compiled_memory` (`tiermap.jit(f).lower(*args).memory_check().describe()`), the
+        plan's peak device memory against XLA's."""
+        return plan_report(self, decisions=decisions, compiled_memory=compiled_memory)
 
     def _repr_html_(self) -> str:
         return plan_html(self)

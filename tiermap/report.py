@@ -445,7 +445,8 @@ def _shape(shape: Sequence[int], dtype: str) -> str:
 
 
 def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12,
-                decisions: Sequence[Decision] | None = None) -> str:
+                decisions: Sequence[Decision] | None = None,
+                compiled_memory: str | None = None) -> str:
     """A markdown report: program, target, solver, predicted times against the baselines and the
     lower bound, the per-tier table, the costliest tensors and the fusion/tiling groups; with
     `decisions` (`tiermap.apply`'s record of the program as applied), which plan decisions the
@@ -524,6 +525,12 @@ def plan_report(plan: Plan, top_tensors: int = 10, top_groups: int = 12,
     lines += _loop_lines(plan)
     if decisions is not None:
         lines += decision_lines(decisions)
+    if compiled_memory is not None:
+        lines += ["## Predicted against compiled", "",
+                  "The plan's peak device memory against XLA's `memory_analysis()` of the "
+                  "program as applied, compiled on this machine "
+                  "(tiermap/apply/compiled_memory.py):",
+                  "", f"- {compiled_memory}", ""]
     if plan.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in plan.warnings] + [""]
     lines += _sharding_lines(plan)

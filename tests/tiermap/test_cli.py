@@ -477,3 +477,41 @@ def test_compile_with_the_capacity_bound(user_file: Path, tmp_path: Path) -> Non
         if flag:
             assert any("capacity LP" in note for note in plan["notes"]), plan["notes"]
     assert bounds[True] >= bounds[False]
+
+
+def test_compile_plans_as_it_runs_and_checks_compiled_memory(tmp_path: Path) -> None:
+    """An attention the applied program leaves to XLA (its probabilities are read elsewhere):
+    the CLI keeps the plan made again without it, lists it as planned away in the report and
+    the summary, and with --memory-check compares the plan's peak with XLA's."""
+    model = write(tmp_path / "reg.py", """
+        import jax
+        import jax.numpy as jnp
+
+        def step(ws, x):
+            def loss(w):
+                q, k, v = ((x @ w[i]).reshape(2, 128, 2, 32) for i in range(3))
+                s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(32.0).astype(x.dtype)
+                p = jax.nn.softmax(s, axis=-1)
+                out = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(2, 128, 64)
+                return jnp.sum(out ** 2) + 1e-3 * jnp.sum(p * p)
+            value, grad = jax.value_and_grad(loss)(ws)
+            return value, ws - 1e-2 * grad
+
+        def build():
+            spec = jax.ShapeDtypeStruct
+            return step, (spec((3, 64, 64), jnp.float32), spec((2, 128, 64), jnp.float32))
+        """)
+    report, plan_json = tmp_path / "r.md", tmp_path / "p.json"
+    code, out, err = run("compile", f"{model}:build", "--target", "h100", *FAST,
+                         "--report", str(report), "-o", str(plan_json), "--memory-check",
+                         "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    away = [d for d in summary["decisions"] if not d["priced"]]
+    assert [(d["kind"], d["applied"]) for d in away] == [("attention", False)]
+    assert json.loads(plan_json.read_text())["decisions"] == summary["decisions"]
+    check = summary["memory_check"]
+    assert check["compiled_peak_bytes"] > 0 and check["predicted_peak_bytes"] > 0
+    text = report.read_text()
+    assert "no (planned without it)" in text and "## Predicted against compiled" in text
+    assert any("planned as it runs" in n for n in json.loads(plan_json.read_text())["notes"])

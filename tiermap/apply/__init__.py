@@ -296,8 +296,8 @@ def applied_decisions(fn: Callable[..., Any], plan: Plan, *args: Any,
 
 def lower_applied(fn: Callable[..., Any], plan: Plan | None, *args: Any,
                   static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (),
-                  **kwargs: Any) -> Any:
+                  planned_only: bool = False, **kwargs: Any) -> Any:
     """The jax Compiled of `fn` as `plan` runs it, for these arguments."""
     applied = apply_plan(fn, plan, static_argnums=static_argnums,
-                         static_argnames=static_argnames)
+                         static_argnames=static_argnames, planned_only=planned_only)
     return applied.lower(*args, **kwargs).compile()
