@@ -578,6 +578,9 @@ def cmd_compile(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     if decisions is not None:
         counts = decision_counts(decisions)
         parts = [f"{kind} {done} applied, {left} not" for kind, (done, left) in counts.items()]
+        away = sum(not d.priced for d in decisions)
+        if away:
+            parts.append(f"{away} planned away (the applied program does not realise them)")
         console.print("plan decisions as applied: " + ("; ".join(parts) or "none to apply")
                       + (" (the report lists each)" if "report" in written else ""))
     if memory is not None:
