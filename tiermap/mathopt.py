@@ -84,8 +84,6 @@ class WorkBudget:
     node_limit: int | None
     deterministic_time: float
     guard_s: float
-    # HiGHS presolve: off for a whole program solved at its root node only (`placement/mip.py`)
-    presolve: bool = True
 
 
 def solve_parameters(backend: str, seed: int, workers: int, budget: WorkBudget,
@@ -109,8 +107,6 @@ def solve_parameters(backend: str, seed: int, workers: int, budget: WorkBudget,
         params.highs.bool_options["output_flag"] = False
         if budget.node_limit is not None:
             params.node_limit = budget.node_limit
-        if not budget.presolve:
-            params.highs.string_options["presolve"] = "off"
     elif backend == "scip":
         params.threads = workers
         if budget.node_limit is not None:

@@ -62,12 +62,6 @@ OUTER_SHARE = 0.75
 # scanned GPT and flax training steps on sn40l and the starved a100 (2026-12-07): the same plans
 # as 1000 nodes within 0.3% (one 0.4% better), in half the time.
 LOOP_ROUND_NODE_LIMIT = 1
-# HiGHS' presolve in those rounds: off. Measured 2026-12-08 on the scanned GPT training steps
-# (sn40l, the starved a100): the 96-layer step on sn40l plans in 3.3 s instead of 4.3 s with the
-# same plan, the 12-layer step on the starved a100 in 3.8 s instead of 7.0 s and 0.06% worse.
-# Windows of long programs keep it: without it the unrolled 12-layer step on the starved a100
-# planned 4% worse.
-LOOP_ROUND_PRESOLVE = False
 
 
 def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None = None
@@ -85,7 +79,7 @@ def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 
                  backend: str = "highs", workers: int | None = None,
                  fusion: bool = True, capacity_bound: bool = False,
                  single_window_node_limit: int = SINGLE_WINDOW_NODE_LIMIT,
-                 recompute: str = "auto", presolve: bool = True) -> list[Pass]:
+                 recompute: str = "auto") -> list[Pass]:
     """The pass list of `plan`: schedule, liveness, fusion (unless off or naive), recompute
     (unless off or naive), placement, verification."""
     passes: list[Pass] = [SchedulePass(), LivenessPass()]
@@ -99,8 +93,7 @@ def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 
     passes.append(PlaceTiersPass(strategy=strategy, time_limit_s=time_limit_s, seed=seed,
                                  backend=backend, workers=workers,
                                  capacity_bound=capacity_bound,
-                                 single_window_node_limit=single_window_node_limit,
-                                 presolve=presolve))
+                                 single_window_node_limit=single_window_node_limit))
     passes.append(VerifyPass())
     return passes
 
@@ -186,8 +179,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         chosen = pass_list if pass_list is not None else build_passes(
             strategy, share_s, seed, backend, workers, fusion, capacity_bound,
             LOOP_ROUND_NODE_LIMIT if outer else SINGLE_WINDOW_NODE_LIMIT,
-            recompute if prog is program else "off",
-            LOOP_ROUND_PRESOLVE if outer else True)
+            recompute if prog is program else "off")
         planned = _run_passes(prog, planned_on, chosen, objective, share_s, tgt_, untaken)
         if pass_list is not None or prog is not program or recompute != "auto":
             return planned

@@ -217,10 +217,8 @@ def _shifted(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, seed: int,
               backend: str, workers: int, max_window_binaries: int = MAX_WINDOW_BINARIES,
               max_sweeps: int = MAX_SWEEPS, incumbent_spread_s: float | None = None,
-              single_window_nodes: int = SINGLE_WINDOW_NODE_LIMIT,
-              presolve: bool = True) -> MipOutcome:
-    """Improve `incumbent` (the greedy assignment) with the MIP, window by window (`presolve`:
-    HiGHS' presolve, see `_budget`).
+              single_window_nodes: int = SINGLE_WINDOW_NODE_LIMIT) -> MipOutcome:
+    """Improve `incumbent` (the greedy assignment) with the MIP, window by window.
 
     A program whose MIP has at most `max_window_binaries` binaries is one window: the MIP over
     every decision, warm-started from the incumbent. Longer programs are swept window by window
@@ -283,7 +281,7 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, 
             label = f"window {i + 1}/{len(sweep_windows)} of sweep {sweep + 1}"
             res = _solve_window(p, state, assignment, free, c0, c1, backend,
                                 _budget(backend, weights[i], len(windows) == 1, left_s,
-                                        single_window_nodes, presolve), seed,
+                                        single_window_nodes), seed,
                                 workers, label, RELATIVE_GAP if len(windows) == 1
                                 else WINDOW_RELATIVE_GAP)
             solved_any = solved_any or res.solved
@@ -333,16 +331,13 @@ def solve_mip(problem: PlacementProblem, incumbent: Assignment, guard_s: float, 
 
 
 def _budget(backend: str, binaries: float, whole: bool, guard_s: float,
-            single_window_nodes: int = SINGLE_WINDOW_NODE_LIMIT,
-            presolve: bool = True) -> WorkBudget:
+            single_window_nodes: int = SINGLE_WINDOW_NODE_LIMIT) -> WorkBudget:
     """A window's work limit: WINDOW_NODE_LIMIT nodes (`single_window_nodes` when the window
     is the whole program), or CP-SAT's deterministic time by the window's binaries; the guard
-    is what is left of the MIP's; `presolve` False turns HiGHS' presolve off (the planning
-    rounds of a program with loops, `pipeline.LOOP_ROUND_PRESOLVE`)."""
+    is what is left of the MIP's."""
     nodes = single_window_nodes if whole else WINDOW_NODE_LIMIT
     det = max(CPSAT_DETERMINISTIC_TIME_PER_BINARY * binaries, CPSAT_MIN_DETERMINISTIC_TIME)
-    return WorkBudget(None if backend == "cpsat" else nodes, det, max(guard_s, 0.05),
-                      presolve=presolve)
+    return WorkBudget(None if backend == "cpsat" else nodes, det, max(guard_s, 0.05))
 
 
 def _respread_time_s(problem: PlacementProblem, assignment: Assignment) -> float:

@@ -72,8 +72,6 @@ class PlaceTiersPass:
         single_window_node_limit: the branch-and-bound nodes of a program that is one window
             (SINGLE_WINDOW_NODE_LIMIT; the enclosing program of loops gets fewer, see
             `pipeline.LOOP_ROUND_NODE_LIMIT`).
-        presolve: HiGHS' presolve in the MIP (off for the enclosing program of loops,
-            `pipeline.LOOP_ROUND_PRESOLVE`).
         capacity_bound: also solve the capacity LP (tiermap/bounds/capacity_lp.py) for a lower bound
             that holds tier capacities over time (15-50 s on a 4k-op program where a tier binds;
             off by default).
@@ -89,7 +87,6 @@ class PlaceTiersPass:
     max_sweeps: int = MAX_SWEEPS
     single_window_node_limit: int = SINGLE_WINDOW_NODE_LIMIT
     capacity_bound: bool = False
-    presolve: bool = True
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -220,7 +217,7 @@ class PlaceTiersPass:
         if guard_s >= MIN_MIP_TIME_S:
             outcome = solve_mip(problem, greedy, guard_s, self.seed, self.backend, workers,
                                 self.max_window_binaries, self.max_sweeps, spread_s,
-                                self.single_window_node_limit, self.presolve)
+                                self.single_window_node_limit)
             warnings.extend(outcome.warnings)
         else:
             outcome = MipOutcome(None, "greedy_fallback", None, None, None, 0,
