@@ -56,12 +56,14 @@ from tiermap.recompute.select import OFFLOAD_WEIGHED
 
 # The share of the planning time that the rounds of a program with loops get (pipeline.plan).
 OUTER_SHARE = 0.75
-# Branch-and-bound nodes of each planning round of a program with loops (one MIP window each,
-# planned up to MAX_ROUNDS times), where a program that is one window gets
-# SINGLE_WINDOW_NODE_LIMIT: the root node, as each window of a long program. Measured on the
-# scanned GPT and flax training steps on sn40l and the starved a100 (2026-12-07): the same plans
-# as 1000 nodes within 0.3% (one 0.4% better), in half the time.
-LOOP_ROUND_NODE_LIMIT = 1
+# Branch-and-bound nodes of each planning round of a program with loops (planned up to
+# MAX_ROUNDS times): 0, no MIP. The enclosing program is placed by greedy with its transfers
+# re-spread; the bodies, whose time counts trips times, get the MIP. Measured 2026-12-08 on the
+# scanned GPT training step against 1 node (the root with presolve, cuts and heuristics), one
+# run each on this 2-core VM: 96 layers on sn40l 1.49 s instead of 4.7 s, 0.014% worse; 12
+# layers on sn40l and h100 the same plans; on the starved a100 1.4 s instead of 4.7 s, 0.57%
+# worse. (1 node had measured the same plans as 1000 within 0.3%, in half the time.)
+LOOP_ROUND_NODE_LIMIT = 0
 
 
 def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None = None

@@ -70,6 +70,7 @@ class PlaceTiersPass:
         max_sweeps: at most this many fix-and-optimise sweeps over a decomposed program (more
             may find a better plan, in more time: see MAX_SWEEPS).
         single_window_node_limit: the branch-and-bound nodes of a program that is one window
+            (0: no MIP at all, greedy's placement with its transfers re-spread)
             (SINGLE_WINDOW_NODE_LIMIT; the enclosing program of loops gets fewer, see
             `pipeline.LOOP_ROUND_NODE_LIMIT`).
         capacity_bound: also solve the capacity LP (tiermap/bounds/capacity_lp.py) for a lower bound
@@ -214,7 +215,12 @@ class PlaceTiersPass:
         spread_s = greedy_plan.predicted_time_s if respread is None else respread[2]
         t0 = time.perf_counter()
         guard_s = self.mip_time_limit_s(state, plan_build_s)
-        if guard_s >= MIN_MIP_TIME_S:
+        if self.single_window_node_limit == 0:
+            # the planning rounds of a program with loops (pipeline.LOOP_ROUND_NODE_LIMIT)
+            outcome = MipOutcome(None, "heuristic", None, None, None, 0,
+                                 "no MIP for this program (node limit 0: the enclosing program "
+                                 "of loops, whose bodies the MIP places)")
+        elif guard_s >= MIN_MIP_TIME_S:
             outcome = solve_mip(problem, greedy, guard_s, self.seed, self.backend, workers,
                                 self.max_window_binaries, self.max_sweeps, spread_s,
                                 self.single_window_node_limit)
