@@ -154,3 +154,28 @@ def test_untaken_round_trips_and_matches_wildcards() -> None:
     assert u.device_only("body", "t9") and not u.device_only("p", "t9")
     assert not u.may_recompute("anything", "t3")
     assert not Untaken() and u.count() == 3
+
+
+def test_a_loop_body_whose_moves_are_not_applied_must_stay_in_device_memory() -> None:
+    """A `loop` decision not applied (a body plan's host moves) forbids host tiers to every
+    tensor of that body when the plan is made again: with HBM at half the step's peak the
+    first plan's body holds tensors in host, and without host the body no longer fits beside
+    the enclosing plan, which the error says (plan_as_run then keeps the first plan, warned)."""
+    fn, args = models.transformer_train(layers=2, d_model=64, heads=2, seq=64, batch=2,
+                                        vocab=128, scan=True)
+    h100 = tiermap.target("h100")
+    peak = max(occupancy_bytes(tiermap.plan(fn, *args, target=h100, time_limit_s=10))["hbm"])
+    tight = with_capacity(h100, "hbm", peak // 2)
+    plan = tiermap.plan(fn, *args, target=tight, time_limit_s=10)
+    loop = next(lp for lp in plan.loops
+                if any(r.tier in host_tiers(lp.body) for t in lp.body.tensors
+                       for r in t.residency))
+    decisions = [Decision("loop", loop.op_id, False, "test")]
+    untaken = untaken_of(plan, decisions)
+    assert untaken.on_device == {(loop.body.program_name, ANY)}
+    with pytest.raises(InfeasiblePlacementError, match="must stay in device memory"):
+        tiermap.plan(fn, *args, target=tight, time_limit_s=10, untaken=untaken)
+    result = plan_as_run(plan, decisions, lambda u: tiermap.plan(
+        fn, *args, target=tight, time_limit_s=10, untaken=u), lambda p: decisions)
+    assert result.plan.predicted_time_s == plan.predicted_time_s
+    assert any("does not fit" in w for w in result.plan.warnings)
