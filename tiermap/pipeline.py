@@ -62,7 +62,8 @@ OUTER_SHARE = 0.75
 # scanned GPT training step against 1 node (the root with presolve, cuts and heuristics), one
 # run each on this 2-core VM: 96 layers on sn40l 1.49 s instead of 4.7 s, 0.014% worse; 12
 # layers on sn40l and h100 the same plans; on the starved a100 1.4 s instead of 4.7 s, 0.57%
-# worse. (1 node had measured the same plans as 1000 within 0.3%, in half the time.)
+# worse; benchmarks/loops.py's flax nn.scan step on sn40l 1.3% worse, the same on h100.
+# (1 node had measured the same plans as 1000 within 0.3%, in half the time.)
 LOOP_ROUND_NODE_LIMIT = 0
 
 
