@@ -24,6 +24,7 @@ from tiermap.frontend.lowering import lower_mlir as _lower_mlir
 from tiermap.hardware.loader import builtin_target_names, load_target
 from tiermap.hardware.target import Target
 from tiermap.ir.program import Op, Program, TensorType, Value
+from tiermap.options import DEFAULT_TIME_LIMIT_S
 from tiermap.pipeline import plan as _plan
 from tiermap.plan_views import Plan
 
@@ -51,7 +52,7 @@ def lower_mlir(text_or_path: str, name: str | None = None, platform: str = "cpu"
 
 
 def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target = "cpu",
-         strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+         strategy: str = "mip", time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
          objective: str = "time", **kwargs: Any) -> Plan:
     """Plan where every tensor lives on `target`: strategy "mip" | "greedy" | "naive"."""
     return _plan(fn_or_program, *args, target=target, strategy=strategy,

@@ -52,7 +52,7 @@ from tiermap.formatting import (
 )
 from tiermap.ir.decisions import Decision, decision_counts
 from tiermap.ir.untaken import Untaken
-from tiermap.options import OBJECTIVES, RECOMPUTE_MODES, STRATEGIES
+from tiermap.options import DEFAULT_TIME_LIMIT_S, OBJECTIVES, RECOMPUTE_MODES, STRATEGIES
 from tiermap.plots import fidelity as fidelity_plot
 from tiermap.plots import save_figure, save_plots
 from tiermap.report import plan_summary, rich_summary
@@ -128,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_compile.add_argument("--target", "-t", required=True, metavar="T",
                            help="built-in target name or a .toml target file")
     p_compile.add_argument("--strategy", choices=STRATEGIES, default="mip")
-    p_compile.add_argument("--time-limit-s", type=_positive_float, default=30.0, metavar="S",
-                           help="solver time limit in seconds (default 30)")
+    p_compile.add_argument("--time-limit-s", type=_positive_float, default=DEFAULT_TIME_LIMIT_S,
+                           metavar="S",
+                           help="planning time limit in seconds, the solvers' wall-clock guard "
+                                f"(default {DEFAULT_TIME_LIMIT_S:g}; their work limits decide "
+                                "the plan)")
     p_compile.add_argument("--seed", type=int, default=0)
     p_compile.add_argument("--capacity-bound", action="store_true",
                            help="also solve the capacity LP for a lower bound that holds tier "

@@ -38,7 +38,12 @@ from tiermap.errors import TiermapError
 from tiermap.hardware.loader import load_target
 from tiermap.ir.decisions import Decision
 from tiermap.ir.untaken import Untaken
-from tiermap.options import check_plan_options, check_positive_int, check_recompute_mode
+from tiermap.options import (
+    DEFAULT_TIME_LIMIT_S,
+    check_plan_options,
+    check_positive_int,
+    check_recompute_mode,
+)
 
 if TYPE_CHECKING:
     import jax
@@ -164,7 +169,7 @@ class TiermapJitted:
     """A function planned for a target; see `jit`."""
 
     def __init__(self, fn: Callable[..., Any], *, target: str | Target = "cpu",
-                 strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+                 strategy: str = "mip", time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
                  objective: str = "time", static_argnums: int | Sequence[int] = (),
                  static_argnames: str | Sequence[str] = (), assumed_trip_count: int = 1,
                  recompute: str = "auto") -> None:

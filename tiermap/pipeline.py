@@ -42,7 +42,12 @@ from tiermap.ir.fusion import Fusion
 from tiermap.ir.program import Program
 from tiermap.ir.untaken import Untaken
 from tiermap.loop_planning import MAX_ROUNDS, loop_bodies, plan_with_loops
-from tiermap.options import check_plan_options, check_positive_int, check_recompute_mode
+from tiermap.options import (
+    DEFAULT_TIME_LIMIT_S,
+    check_plan_options,
+    check_positive_int,
+    check_recompute_mode,
+)
 from tiermap.passes.base import Pass, PipelineState
 from tiermap.passes.liveness import LivenessPass
 from tiermap.passes.manager import PassManager
@@ -78,7 +83,7 @@ def fusion_passes(time_limit_s: float = 10.0, seed: int = 0, workers: int | None
             TilePass()]
 
 
-def build_passes(strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+def build_passes(strategy: str = "mip", time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
                  backend: str = "highs", workers: int | None = None,
                  fusion: bool = True, capacity_bound: bool = False,
                  single_window_node_limit: int = SINGLE_WINDOW_NODE_LIMIT,
@@ -108,7 +113,7 @@ def _load_target(target: str | Target) -> Target:
 
 
 def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | Target = "cpu",
-         strategy: str = "mip", time_limit_s: float = 30.0, seed: int = 0,
+         strategy: str = "mip", time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
          objective: str = "time", backend: str = "highs", workers: int | None = None,
          fusion: bool = True, passes: Sequence[Pass] | None = None,
          capacity_bound: bool = False, assumed_trip_count: int = 1,

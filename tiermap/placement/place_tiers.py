@@ -18,6 +18,7 @@ from tiermap.ir.fusion import Fusion
 from tiermap.ir.plan import Plan, SolverInfo
 from tiermap.options import (
     BACKENDS,
+    DEFAULT_TIME_LIMIT_S,
     OBJECTIVES,
     STRATEGIES,
     check_choice,
@@ -80,7 +81,7 @@ class PlaceTiersPass:
 
     name: ClassVar[str] = "place-tiers"
     strategy: str = "mip"
-    time_limit_s: float = 30.0
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
     seed: int = 0
     backend: str = "highs"
     workers: int | None = None
