@@ -598,6 +598,7 @@ def _memory_check(user: _UserProgram, plan: Plan) -> Any:
     (`tiermap.apply.compiled_memory`), compiled on this machine."""
     # local import: tiermap.apply imports jax at module level; the CLI's start stays cheap
     from tiermap.apply import lower_applied
+
     # local import: the same package (tiermap.apply)
     from tiermap.apply.compiled_memory import memory_check
 

@@ -200,7 +200,7 @@ def plan(fn_or_program: Callable[..., Any] | Program, *args: Any, target: str | 
         others = []
         if any(OFFLOAD_WEIGHED in n for n in planned.notes):
             others.append(("recompute-only", "fit"))
-        if planned.recomputes or others:
+        if planned.recomputes:  # (without any, the plan is the one without recomputation)
             others.append(("not recomputing", "off"))
         for name, mode in others:
             try:
