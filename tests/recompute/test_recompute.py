@@ -194,3 +194,44 @@ def test_auto_keeps_the_plan_without_recomputation_where_it_predicts_less() -> N
     assert got["mip"].predicted_time_s <= got["greedy"].predicted_time_s * (1 + 1e-9)
     for p in got.values():
         verify_plan(p, prog)
+
+
+def test_a_chain_may_read_a_later_copy_than_its_original_op() -> None:
+    """X is recomputed twice (before steps 10 and 20); Y = P(X) is recomputed before step 30,
+    so the repeated P reads X's second copy where the original P (at step 10) read the first.
+    Both are copies of X: the verifier accepts it (found on a flax 8-layer training step on
+    h100-4g, where planning failed with "reads t11578~rc50 where op11264 read t11578~rc49")."""
+    from tiermap.recompute.select import Candidate
+    from tiermap.recompute.transform import rewrite
+
+    sizes = {"x": MIB, "X": 4 * MIB, "Y": 4 * MIB, "Z": MIB, "out": MIB}
+    ops: list[tuple[list[str], list[str], float]] = [(["x"], ["X"], 1e3)]
+    prev = "x"
+    for k in range(1, 10):
+        sizes[f"f{k}"] = MIB
+        ops.append(([prev], [f"f{k}"], 1e3))
+        prev = f"f{k}"
+    ops.append((["X", "f9"], ["Y"], 1e3))  # step 10: P
+    prev = "Y"
+    for k in range(1, 10):
+        sizes[f"g{k}"] = MIB
+        ops.append(([prev if k > 1 else "f9"], [f"g{k}"], 1e3))
+        prev = f"g{k}"
+    ops.append((["X", "g9"], ["Z"], 1e3))  # step 20
+    prev = "Z"
+    for k in range(1, 10):
+        sizes[f"h{k}"] = MIB
+        ops.append(([prev], [f"h{k}"], 1e3))
+        prev = f"h{k}"
+    ops.append((["Y", "h9", "f9"], ["out"], 1e3))  # step 30
+    prog = program(sizes, ["x"], ops, ["out"], name="copies")
+    chosen = [Candidate("X", 10, (1, 9), (0,), ("x",), 4 * MIB, 0.0),
+              Candidate("X", 20, (11, 19), (0,), ("x",), 4 * MIB, 0.0),
+              Candidate("Y", 30, (11, 29), (10,), ("X", "f9"), 4 * MIB, 0.0)]
+    rewritten = rewrite(prog, chosen)
+    p_clone = rewritten.ops[rewritten.recomputes[2].step]
+    p_orig = rewritten.ops[int(rewritten.recomputes[2].of_ops[0][2:])]
+    assert p_clone.inputs[0] != p_orig.inputs[0]  # two different copies of X
+    plan = tiermap.plan(rewritten, target=one_tier(256 * MIB), recompute="off", fusion=False)
+    assert len(plan.recomputes) == 3
+    verify_plan(plan)

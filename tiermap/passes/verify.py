@@ -437,6 +437,13 @@ def verify_plan(plan: Plan, program: Program | None = None, bodies: bool = True)
     _check_round_trip(plan)
 
 
+def _root(vid: str, origin: dict[str, str]) -> str:
+    """The tensor that `vid` is a copy of (following copies of copies), or `vid` itself."""
+    while vid in origin:
+        vid = origin[vid]
+    return vid
+
+
 def _check_recomputes(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
     ops = {o.id: o for o in plan.ops}
     origin: dict[str, str] = {}  # a repeated op's result -> the tensor it computes again
@@ -458,7 +465,9 @@ def _check_recomputes(plan: Plan, by_id: dict[str, TensorPlan]) -> None:
                 _fail(f"recomputation of {rc.tensor}: {cid} ({c.kind}) does not repeat {oid} "
                       f"({o.kind})")
             for ci, oi in zip(c.inputs, o.inputs, strict=True):
-                if ci != oi and origin.get(ci) != oi:
+                # the same tensor, or copies of one (a recomputed tensor read again later may
+                # be read from a later copy of it than the original op read)
+                if _root(ci, origin) != _root(oi, origin):
                     _fail(f"recomputation of {rc.tensor}: {cid} reads {ci} where {oid} read {oi}")
             for co, oo in zip(c.outputs, o.outputs, strict=True):
                 origin[co] = oo
