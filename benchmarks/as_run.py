@@ -7,8 +7,9 @@ realise. Prints a markdown table for docs/benchmarks.md ("## The plan of the pro
                                             # keras-hub installed; KERAS_BACKEND=jax is set)
 
 Programs:
-- `p_regularised`: an attention training step whose loss also reads the probabilities (the
-  backward reads P from outside the attention, as keras-hub's GPT-2 does), on h100;
+- `p_regularised`: `models.regularised_attention_train` (512 tokens, d 64, 4 heads, width 256,
+  batch 4), an attention training step whose loss also reads the probabilities (the backward
+  reads P from outside the attention, as keras-hub's GPT-2 was reported to), on h100;
 - `gpt12_d1024_b16` on h100-4g (benchmarks/gpu_offload.py's program): the plan moves softmax
   row sums to host that the tiled kernel never materialises;
 - `gpt12_scan` on the starved a100: the scanned 12-layer step (`make run`'s model with
@@ -40,32 +41,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import tiermap  # noqa: E402
-from tiermap.apply import applied_decisions  # noqa: E402
-from tiermap.as_run import plan_as_run  # noqa: E402
+from tiermap.as_run import as_run_plan  # noqa: E402
 from tiermap.examples import models  # noqa: E402
 from tiermap.ir.decisions import Decision, decision_counts  # noqa: E402
-from tiermap.ir.untaken import Untaken  # noqa: E402
 
 TARGETS = ROOT / "benchmarks" / "targets"
-
-
-def p_regularised() -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    n, d, heads, width = 512, 64, 4, 256
-
-    def step(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        def loss(w: jax.Array) -> jax.Array:
-            q, k, v = ((x @ w[i]).reshape(4, n, heads, d) for i in range(3))
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d).astype(x.dtype)
-            p = jax.nn.softmax(s, axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(4, n, heads * d)
-            return jnp.sum(out ** 2) + 1e-3 * jnp.sum(p * p)
-
-        value, grad = jax.value_and_grad(loss)(ws)
-        return value, ws - 1e-2 * grad
-
-    return step, (jax.ShapeDtypeStruct((3, width, width), jnp.float32),
-                  jax.ShapeDtypeStruct((4, n, width), jnp.float32))
 
 
 def keras_gpt2() -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -98,13 +78,8 @@ def _counts(decisions: list[Decision]) -> str:
 def row(name: str, fn: Callable[..., Any], args: tuple[Any, ...], target: str,
         **options: Any) -> None:
     t0 = time.perf_counter()
-    first = tiermap.plan(fn, *args, target=target, **options)
-    decided = applied_decisions(fn, first, *args)
-
-    def replan(untaken: Untaken) -> tiermap.Plan:
-        return tiermap.plan(fn, *args, target=target, untaken=untaken, **options)
-
-    result = plan_as_run(first, decided, replan, lambda p: applied_decisions(fn, p, *args))
+    result = as_run_plan(fn, *args, target=target, **options)
+    first, decided = result.first, list(result.first_decisions)
     wall_s = time.perf_counter() - t0
     kept = result.plan
     counted = [d for d in kept.decisions if d.priced and not d.applied]
@@ -132,7 +107,7 @@ def main() -> None:
     if ns.keras:
         fn, args = keras_gpt2()
         row("keras_gpt2", fn, args, "h100", time_limit_s=10)
-    fn, args = p_regularised()
+    fn, args = models.regularised_attention_train(n=512, d=64, heads=4, width=256, batch=4)
     row("p_regularised", fn, args, "h100", time_limit_s=10)
     fn, args = models.transformer_train(layers=12, d_model=1024, heads=16, seq=512, batch=16)
     row("gpt12_d1024_b16", fn, args, str(TARGETS / "h100-4g.toml"))

@@ -74,12 +74,15 @@ def untaken_of(plan: Plan, decisions: Sequence[Decision]) -> Untaken:
 @dataclass(frozen=True)
 class AsRun:
     """The kept plan (with its decisions, notes and warnings) and the plan it was made from
-    (`source`, the object `decide` was called with: the caller's applied program is its)."""
+    (`source`, the object `decide` was called with: the caller's applied program is its); the
+    first plan and its decisions as applied, for comparison."""
 
     plan: Plan
     source: Plan
     untaken: Untaken
     rounds: int
+    first: Plan
+    first_decisions: tuple[Decision, ...]
 
 
 def _counts(decisions: Sequence[Decision]) -> str:
@@ -144,7 +147,7 @@ def plan_as_run(first: Plan, first_decisions: Sequence[Decision],
     decisions += [d for key, d in dropped.items() if key not in listed]
     kept = Plan.of(replace(plan, decisions=tuple(decisions), notes=tuple(notes),
                            warnings=tuple(warnings)))
-    return AsRun(kept, plan, untaken, rounds)
+    return AsRun(kept, plan, untaken, rounds, first, tuple(first_decisions))
 
 
 def as_run_plan(fn: Callable[..., Any], *args: Any, max_rounds: int = MAX_ROUNDS,

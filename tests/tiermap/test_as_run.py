@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,31 +21,17 @@ from tiermap.sweep import with_capacity
 
 REPO = Path(__file__).resolve().parents[2]
 H100_4G = REPO / "benchmarks" / "targets" / "h100-4g.toml"
-N, D, HEADS, WIDTH = 128, 32, 2, 64
-
-
-def _step(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A training step whose loss also reads the attention's probabilities (a regulariser on
-    them): jax.grad's backward then reads P from outside the attention, the shape keras-hub's
-    GPT-2 backward has, which the jaxpr matcher leaves to XLA."""
-    def loss(w: jax.Array) -> jax.Array:
-        q, k, v = ((x @ w[i]).reshape(2, N, HEADS, D) for i in range(3))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(D).astype(x.dtype)
-        p = jax.nn.softmax(s, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(2, N, HEADS * D)
-        return jnp.sum(out ** 2) + 1e-3 * jnp.sum(p * p)
-
-    value, grad = jax.value_and_grad(loss)(ws)
-    return value, ws - 1e-2 * grad
-
-
 def test_attention_left_to_xla_is_planned_as_not_taken() -> None:
-    ws = jax.random.normal(jax.random.key(0), (3, WIDTH, WIDTH)) * 0.1
-    x = jax.random.normal(jax.random.key(1), (2, N, WIDTH))
-    first = tiermap.plan(_step, ws, x, target="h100", time_limit_s=10)
+    """The loss also reads the attention's probabilities (models.regularised_attention_train):
+    jax.grad's backward reads P from outside the attention, the shape keras-hub's GPT-2
+    backward has, which the jaxpr matcher leaves to XLA."""
+    step, (ws_spec, x_spec) = models.regularised_attention_train()
+    ws = jax.random.normal(jax.random.key(0), ws_spec.shape) * 0.1
+    x = jax.random.normal(jax.random.key(1), x_spec.shape)
+    first = tiermap.plan(step, ws, x, target="h100", time_limit_s=10)
     assert [a.group for a in first.attention] == ["attn0"]
     assert first.attention[0].output  # the key a plan made again names it by
-    fast = tiermap.jit(_step, target="h100", time_limit_s=10)
+    fast = tiermap.jit(step, target="h100", time_limit_s=10)
     plan = fast.lower(ws, x).plan()
     assert plan.attention == ()
     assert any("planned as it runs: 1 plan(s) made again" in n for n in plan.notes)
@@ -60,7 +45,7 @@ def test_attention_left_to_xla_is_planned_as_not_taken() -> None:
     assert "no (planned without it)" in report
     again = tiermap.Plan.from_json(plan.to_json())
     assert again.decisions == plan.decisions
-    got, want = fast(ws, x), jax.jit(_step)(ws, x)
+    got, want = fast(ws, x), jax.jit(step)(ws, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 

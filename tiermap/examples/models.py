@@ -293,3 +293,25 @@ def attention(n: int = 1024, d: int = 64, heads: int = 8, batch: int = 1,
         return scaled_dot_product_attention(q, k, v, causal=causal, impl=impl)
 
     return attention_forward, (spec, spec, spec)
+
+
+def regularised_attention_train(n: int = 128, d: int = 32, heads: int = 2, width: int = 64,
+                                batch: int = 2) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """An attention training step whose loss also reads the probabilities (a regulariser on
+    them): jax.grad's backward then reads P from outside the attention, the backward shape
+    keras-hub's GPT-2 was reported with. fn(ws [3, width, width], x [batch, n, width]) ->
+    (loss, updated ws)."""
+
+    def regularised_attention_step(ws: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def loss_of(w: jax.Array) -> jax.Array:
+            q, k, v = ((x @ w[i]).reshape(batch, n, heads, d) for i in range(3))
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d).astype(x.dtype)
+            p = jax.nn.softmax(s, axis=-1)
+            out = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(batch, n, heads * d)
+            return jnp.sum(out ** 2) + 1e-3 * jnp.sum(p * p)
+
+        value, grad = jax.value_and_grad(loss_of)(ws)
+        return value, ws - 1e-2 * grad
+
+    return regularised_attention_step, (jax.ShapeDtypeStruct((3, width, width), jnp.float32),
+                                        jax.ShapeDtypeStruct((batch, n, width), jnp.float32))
